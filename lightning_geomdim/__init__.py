@@ -1,0 +1,34 @@
+"""lightning_geomdim: watch the local geometry of a network while it trains.
+
+Pure-torch core (no Lightning import): batch functional dimension, numerical rank, activation patterns,
+linear regions, computable full functional dimension.
+"""
+
+from lightning_geomdim.activation_patterns import UnitActivity, activation_patterns, linear_regions, unit_activity
+from lightning_geomdim.cffd import CFFDResult, computable_full_functional_dimension, gaussian_sampler
+from lightning_geomdim.dimension import DimensionResult, batch_functional_dimension
+from lightning_geomdim.errors import (
+    GeometryError,
+    MemoryBudgetError,
+    NonFiniteError,
+    NotApplicableError,
+    ProbeError,
+)
+
+__all__ = [
+    "CFFDResult",
+    "DimensionResult",
+    "GeometryError",
+    "MemoryBudgetError",
+    "NonFiniteError",
+    "NotApplicableError",
+    "ProbeError",
+    "UnitActivity",
+    "activation_patterns",
+    "batch_functional_dimension",
+    "computable_full_functional_dimension",
+    "gaussian_sampler",
+    "linear_regions",
+    "unit_activity",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,54 @@
+"""Memory budget: refuse a computation before allocating it, with the numbers and the remedies.
+
+The budget is, in order: the ``max_memory_bytes`` argument of a measure; the environment variable
+``GEOMDIM_MAX_MEMORY_BYTES``; otherwise half of the memory currently available on the device (CPU:
+``MemAvailable`` of ``/proc/meminfo``; CUDA: free memory reported by ``torch.cuda.mem_get_info``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lightning_geomdim.errors import MemoryBudgetError
+
+_FALLBACK_BYTES = 8 * 1024**3
+
+
+def available_bytes(device: torch.device) -> int:
+    """Memory currently available on ``device`` (best effort; 8 GiB when it cannot be read)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return _FALLBACK_BYTES
+
+
+def memory_budget(device: torch.device, max_memory_bytes: int | None = None) -> int:
+    """The budget in bytes (rule in the module docstring)."""
+    if max_memory_bytes is not None:
+        return int(max_memory_bytes)
+    env = os.environ.get("GEOMDIM_MAX_MEMORY_BYTES")
+    if env:
+        return int(float(env))
+    return available_bytes(device) // 2
+
+
+def _gib(n: float) -> str:
+    return f"{n / 1024**3:.2f} GiB"
+
+
+def check_memory(needed: int, budget: int, *, what: str, remedies: str) -> None:
+    """Raise :class:`MemoryBudgetError` when ``needed`` bytes exceed ``budget``."""
+    if needed > budget:
+        raise MemoryBudgetError(
+            f"{what} needs about {_gib(needed)} but the memory budget is {_gib(budget)}: {remedies}; "
+            "or raise the budget with max_memory_bytes=... / GEOMDIM_MAX_MEMORY_BYTES"
+        )
