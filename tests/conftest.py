@@ -1,0 +1,64 @@
+"""Shared fixtures: tiny networks and the explicit float64 dense references every measure is tested against."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+#: Engines of batch_functional_dimension that every core test runs against.
+ENGINES = ["jacrev"]
+
+
+@pytest.fixture(params=ENGINES)
+def engine(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def mlp(widths: list[int], *, seed: int = 0, dtype: torch.dtype = torch.float32, softmax: bool = False) -> nn.Sequential:
+    """Linear/ReLU MLP with the given layer widths, deterministic initialisation."""
+    torch.manual_seed(seed)  # only in test set-up, never inside library code
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(widths) - 2:
+            layers.append(nn.ReLU())
+    if softmax:
+        layers.append(nn.Softmax(dim=-1))
+    return nn.Sequential(*layers).to(dtype)
+
+
+def small_cnn(seed: int = 0) -> nn.Sequential:
+    """Conv/ReLU/MaxPool/Flatten/Linear network on 1×6×6 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(3 * 2 * 2, 4), nn.ReLU(),
+        nn.Linear(4, 3),
+    )
+
+
+def dense_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Explicit float64 Jacobian (M, P) with torch.autograd.functional.jacobian over all trainable params."""
+    ref = copy.deepcopy(model).double().eval()
+    names = [n for n, p in ref.named_parameters() if p.requires_grad]
+    values = tuple(p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad)
+    x64 = x.double()
+
+    def f(*ps: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(ref, dict(zip(names, ps, strict=True)), (x64,)).reshape(-1)
+
+    blocks = torch.autograd.functional.jacobian(f, values)
+    m = blocks[0].shape[0]
+    return torch.cat([b.reshape(m, -1) for b in blocks], dim=1)
+
+
+def numpy_rank(jac: torch.Tensor) -> int:
+    """numpy's matrix_rank rule on float64: σ > σ_max · max(M, P) · eps."""
+    return int(np.linalg.matrix_rank(jac.double().numpy()))
