@@ -29,7 +29,7 @@ class CFFDResult:
         sizes: probe sizes N that were evaluated, increasing.
         ranks: batch functional dimension at each size.
         estimate: the largest rank seen (the CFFD estimate).
-        upper_bound: the bound min(M, P − hidden) at the last size.
+        upper_bound: P − hidden neurons, the bound no input batch can exceed.
         saturated: the estimate reached ``upper_bound`` or stopped increasing between two sizes.
         results: the full :class:`DimensionResult` per size.
     """
@@ -52,9 +52,13 @@ def gaussian_sampler(input_shape: Sequence[int], *, mean: float = 0.5, std: floa
     return sample
 
 
-def default_sizes(num_params: int, num_outputs_per_sample: int) -> list[int]:
-    """Doubling sizes from 8 up to the first N with N · K ≥ P (enough rows to reach P − hidden)."""
-    needed = -(-num_params // max(1, num_outputs_per_sample))
+def default_sizes(num_params: int, num_outputs_per_sample: int, *, oversampling: int = 4) -> list[int]:
+    """Doubling sizes from 8 until N · K ≥ ``oversampling`` · P.
+
+    N · K ≥ P − hidden rows are necessary to reach the bound; the margin lets a few random inputs fall in
+    regions where some unit is inactive without stopping the estimate short.
+    """
+    needed = -(-oversampling * num_params // max(1, num_outputs_per_sample))
     sizes, n = [], 8
     while n < needed:
         sizes.append(n)
@@ -86,12 +90,12 @@ def computable_full_functional_dimension(
         model: the network; state restored afterwards as in ``batch_functional_dimension``.
         input_shape_or_sampler: per-sample input shape (e.g. ``(784,)``) for i.i.d. Gaussian
             N(``mean``, ``std``²) inputs, or a :data:`Sampler` ``(n, generator) -> batch``.
-        sizes: increasing probe sizes; default :func:`default_sizes` (doubling from 8 until N·K ≥ P).
+        sizes: increasing probe sizes; default :func:`default_sizes` (doubling from 8 until N·K ≥ 4·P).
         generator: source of randomness; default a fresh ``torch.Generator`` seeded with ``seed``. The
             global RNG is never used.
         Remaining arguments are passed to :func:`~lightning_geomdim.batch_functional_dimension`.
 
-    Stops early once the rank reaches the upper bound, or did not increase from one size to the next
+    Stops early once the rank reaches P − hidden neurons, or did not increase from one size to the next
     (saturation). Each size draws a fresh batch from the generator.
 
     Raises:
@@ -116,11 +120,16 @@ def computable_full_functional_dimension(
     for n in sizes:
         res = batch_functional_dimension(model, sampler(n, generator), **kwargs)
         results.append(res)
-        if res.rank >= res.upper_bound or (len(results) > 1 and res.rank <= results[-2].rank):
+        if res.rank >= _parameter_bound(res) or (len(results) > 1 and res.rank <= results[-2].rank):
             saturated = True
             break
     ranks = tuple(r.rank for r in results)
     return CFFDResult(
         sizes=tuple(sizes[: len(results)]), ranks=ranks, estimate=max(ranks),
-        upper_bound=results[-1].upper_bound, saturated=saturated, results=tuple(results),
+        upper_bound=_parameter_bound(results[-1]), saturated=saturated, results=tuple(results),
     )
+
+
+def _parameter_bound(res: DimensionResult) -> int:
+    # The bound no input can beat: P − hidden (the row bound M only limits one probe size).
+    return res.num_params - res.num_hidden_neurons

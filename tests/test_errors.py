@@ -1,0 +1,84 @@
+"""Every refusal names the problem and the fix."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import gen, mlp
+from torch import nn
+
+from lightning_geomdim import MemoryBudgetError, NonFiniteError, ProbeError, batch_functional_dimension
+
+
+def test_no_trainable_parameters() -> None:
+    model = mlp([3, 2]).requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters.*unfreeze"):
+        batch_functional_dimension(model, torch.randn(4, 3))
+
+
+def test_empty_probe() -> None:
+    with pytest.raises(ProbeError, match="0 samples.*N >= 1"):
+        batch_functional_dimension(mlp([3, 2]), torch.randn(0, 3))
+
+
+def test_wrong_probe_type() -> None:
+    with pytest.raises(ProbeError, match="type str"):
+        batch_functional_dimension(mlp([3, 2]), "images")
+
+
+def test_wrongly_shaped_probe_wraps_the_model_error() -> None:
+    with pytest.raises(ProbeError, match=r"forward failed on the probe batch \(input shapes \[\(4, 5\)\]\)") as info:
+        batch_functional_dimension(mlp([3, 2]), torch.randn(4, 5))
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_non_finite_parameters() -> None:
+    model = mlp([3, 2])
+    with torch.no_grad():
+        model[0].weight[0, 0] = math.nan
+    with pytest.raises(NonFiniteError, match=r"\['0.weight'\] contain NaN or inf"):
+        batch_functional_dimension(model, torch.randn(4, 3))
+
+
+def test_non_finite_outputs() -> None:
+    with pytest.raises(NonFiniteError, match="outputs on the probe batch contain NaN or inf"):
+        batch_functional_dimension(mlp([3, 2]), torch.full((4, 3), math.inf))
+
+
+def test_unknown_param_names_suggest_close_matches() -> None:
+    with pytest.raises(ValueError, match=r"'0.weigth' \(did you mean '0.weight'\?\)"):
+        batch_functional_dimension(mlp([3, 2]), torch.randn(4, 3), params=["0.weigth"])
+
+
+def test_unknown_engine() -> None:
+    with pytest.raises(ValueError, match="unknown engine 'svd'"):
+        batch_functional_dimension(mlp([3, 2]), torch.randn(4, 3), engine="svd")
+
+
+def test_output_that_is_not_a_tensor_asks_for_output_fn() -> None:
+    class Pair(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.lin(x), x
+
+    with pytest.raises(ProbeError, match="output_fn"):
+        batch_functional_dimension(Pair(), torch.randn(4, 3))
+
+
+def test_memory_budget_refuses_before_allocating() -> None:
+    model = mlp([784, 30, 10])
+    x = torch.rand(200, 784, generator=gen(0))
+    # J would be 2000 x 23,860 float64 = 0.36 GiB, ~1.07 GiB at peak
+    with pytest.raises(MemoryBudgetError, match=r"2000 × 23860 Jacobian.*needs about 1\.07 GiB.*budget is 0\.10 GiB"):
+        batch_functional_dimension(model, x, engine="jacrev", max_memory_bytes=100 * 1024**2)
+
+
+def test_memory_budget_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOMDIM_MAX_MEMORY_BYTES", "1000")
+    with pytest.raises(MemoryBudgetError, match="GEOMDIM_MAX_MEMORY_BYTES"):
+        batch_functional_dimension(mlp([3, 4, 2]), torch.randn(10, 3), engine="jacrev")
