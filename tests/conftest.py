@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -22,11 +23,13 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def mlp(widths: list[int], *, seed: int = 0, dtype: torch.dtype = torch.float32, softmax: bool = False) -> nn.Sequential:
+def mlp(
+    widths: list[int], *, seed: int = 0, dtype: torch.dtype = torch.float32, softmax: bool = False
+) -> nn.Sequential:
     """Linear/ReLU MLP with the given layer widths, deterministic initialisation."""
     torch.manual_seed(seed)  # only in test set-up, never inside library code
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())

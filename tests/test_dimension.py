@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
@@ -174,7 +176,7 @@ def test_batchnorm_model_measured_in_eval_mode_matches_dense(engine: str) -> Non
     model.train()
     model(torch.randn(64, 3))  # non-trivial running statistics
     x = torch.randn(12, 3, generator=gen(15))
-    res = check_against_dense(model, x, engine)  # dense_jacobian evaluates in eval mode
+    check_against_dense(model, x, engine)  # dense_jacobian evaluates in eval mode
     assert model.training
 
 
@@ -218,7 +220,7 @@ def permute_and_rescale(model: nn.Sequential, generator: torch.Generator) -> nn.
     out = copy.deepcopy(model).double()
     linears = [m for m in out if isinstance(m, nn.Linear)]
     with torch.no_grad():
-        for a, b in zip(linears[:-1], linears[1:], strict=True):
+        for a, b in pairwise(linears):
             n = a.out_features
             perm = torch.randperm(n, generator=generator)
             scale = torch.exp(torch.randn(n, generator=generator, dtype=torch.float64))
@@ -234,7 +236,9 @@ def permute_and_rescale(model: nn.Sequential, generator: torch.Generator) -> nn.
     num_samples=st.integers(1, 12),
     seed=st.integers(0, 2**16),
 )
-def test_rank_invariant_under_permutation_and_positive_rescaling(widths: list[int], num_samples: int, seed: int) -> None:
+def test_rank_invariant_under_permutation_and_positive_rescaling(
+    widths: list[int], num_samples: int, seed: int
+) -> None:
     model = mlp([3, *widths, 2], seed=seed).double()
     x = torch.randn(num_samples, 3, generator=gen(seed), dtype=torch.float64)
     base = batch_functional_dimension(model, x)
