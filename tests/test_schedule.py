@@ -1,0 +1,86 @@
+"""The measurement schedule: intervals, log-spaced steps, step 0, per-measure schedules, dedupe, state."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+from lightning_geomdim.schedule import MeasurementClock, Schedule, is_log_spaced, log_spaced_steps
+
+
+def test_log_spaced_steps_are_rounded_powers_of_ten() -> None:
+    assert log_spaced_steps(10, 130) == [1, 2, 3, 4, 5, 6, 8, 10, 13, 16, 20, 25, 32, 40, 50, 63, 79, 100, 126]
+    assert log_spaced_steps(1, 10_000) == [1, 10, 100, 1000, 10_000]
+    assert log_spaced_steps(4, 20) == [1, 2, 3, 6, 10, 18]
+    # the explicit definition, for many densities and a long range
+    for d in (1, 2, 3, 5, 7, 10, 20):
+        expected = sorted({round(10 ** (k / d)) for k in range(0, 4 * d + 1)} & set(range(1, 10_001)))
+        assert log_spaced_steps(d, 10_000) == expected
+    assert not is_log_spaced(0, 10) and not is_log_spaced(-3, 10)
+
+
+def test_log_spacing_is_dense_early_and_sparse_later() -> None:
+    steps = log_spaced_steps(10, 100_000)
+    assert steps[:5] == [1, 2, 3, 4, 5]
+    # about per_decade points per factor of 10 once past the first decade
+    for lo in (100, 1000, 10_000):
+        assert len([s for s in steps if lo <= s < 10 * lo]) == 10
+    assert math.isclose(steps[-2] / steps[-3], 10 ** 0.1, rel_tol=1e-3)
+
+
+def test_due_per_event() -> None:
+    s = Schedule(every_n_steps=3, every_n_epochs=2, log_spaced=None, at_start=True)
+    assert s.due("start", step=0, epoch=0)
+    assert not s.due("start", step=12, epoch=3)  # resuming: no second "step 0"
+    assert [k for k in range(0, 10) if s.due("step", step=k, epoch=0)] == [3, 6, 9]
+    assert [e for e in range(6) if s.due("epoch", step=0, epoch=e)] == [1, 3, 5]
+    off = Schedule(every_n_steps=None, every_n_epochs=None, at_start=False)
+    assert not any(off.due(ev, step=k, epoch=k) for ev in ("start", "step", "epoch") for k in range(20))
+    logs = Schedule(every_n_epochs=None, log_spaced=4, at_start=False)
+    assert [k for k in range(25) if logs.due("step", step=k, epoch=0)] == [1, 2, 3, 6, 10, 18]
+    with pytest.raises(ValueError, match="unknown event"):
+        s.due("batch", step=1, epoch=0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"every_n_steps": 0}, {"every_n_epochs": -1}, {"log_spaced": 2.5}, {"every_n_steps": True},
+               {"at_start": "yes"}],
+)
+def test_invalid_schedules_are_refused(kwargs: dict) -> None:
+    with pytest.raises(MisconfigurationException, match="invalid"):
+        Schedule(**kwargs)
+
+
+def test_from_config_overrides_the_base() -> None:
+    base = Schedule(every_n_steps=5, every_n_epochs=1, log_spaced=None, at_start=True)
+    s = Schedule.from_config({"every_n_epochs": 3, "at_start": False}, base)
+    assert s == Schedule(every_n_steps=5, every_n_epochs=3, log_spaced=None, at_start=False)
+    assert Schedule.from_config({}, base) == base
+    with pytest.raises(MisconfigurationException, match="unknown schedule keys"):
+        Schedule.from_config({"every_n_batches": 3}, base)
+    with pytest.raises(MisconfigurationException, match="must be a dict"):
+        Schedule.from_config(3, base)  # type: ignore[arg-type]
+
+
+def test_clock_dedupes_steps_and_keeps_per_measure_schedules() -> None:
+    clock = MeasurementClock({
+        "dimension": Schedule(every_n_steps=2, every_n_epochs=1),
+        "flatness": Schedule(every_n_steps=None, every_n_epochs=2, at_start=False),
+    })
+    assert clock.due("start", step=0, epoch=0) == ["dimension"]
+    clock.mark(["dimension"], 0)
+    assert clock.due("step", step=2, epoch=0) == ["dimension"]
+    clock.mark(["dimension"], 2)
+    # the epoch ends at step 2: dimension already measured there, flatness not due in epoch 0
+    assert clock.due("epoch", step=2, epoch=0) == []
+    # gradient accumulation: several batches end at the same global step
+    assert clock.due("step", step=2, epoch=0) == []
+    assert clock.due("epoch", step=5, epoch=1) == ["dimension", "flatness"]
+    clock.mark(["dimension", "flatness"], 5)
+
+    restored = MeasurementClock({"dimension": Schedule(), "flatness": Schedule()})
+    restored.load_state_dict(clock.state_dict())
+    assert restored.last_step == {"dimension": 5, "flatness": 5}
+    assert restored.due("epoch", step=5, epoch=1) == []
