@@ -1,12 +1,18 @@
 """The dense Jacobian engine: J = ∂ vec f_θ(X) / ∂θ with ``torch.func.jacrev``, then its SVD.
 
-Works for any model ``torch.func`` can differentiate (vmap over reverse-mode VJPs). Memory is dominated
+Works for any model ``torch.func`` can differentiate (vmap over reverse-mode VJPs). A model that
+``torch.func`` cannot transform (e.g. an old-style ``autograd.Function`` without ``setup_context``, an op
+without a batching rule) falls back, with a warning, to one plain ``torch.autograd.grad`` per output
+coordinate: M backward passes, same result, slower. Memory is dominated
 by J itself: about 3 · M · P · itemsize bytes at peak (the per-parameter blocks, their concatenation and
 the SVD's working copy). ``chunk_size`` bounds how many VJPs are vmapped at once, which bounds the
 backward intermediates but not J.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -32,9 +38,29 @@ def jacobian_matrix(fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int
     def flat_output(params: dict[str, Tensor]) -> Tensor:
         return fm(params, inputs).reshape(-1)
 
-    blocks = jacrev(flat_output, chunk_size=chunk_size)(fm.params)
+    try:
+        blocks = jacrev(flat_output, chunk_size=chunk_size)(fm.params)
+    except RuntimeError as err:  # torch.func cannot transform this model: plain autograd, row by row
+        warnings.warn(
+            f"torch.func could not differentiate {type(fm.module).__name__} ({str(err).splitlines()[0][:160]}); "
+            "computing the Jacobian with one torch.autograd.grad call per output instead (slower)",
+            RuntimeWarning, stacklevel=3,
+        )
+        return _jacobian_by_rows(flat_output, fm.params)
     num_outputs = next(iter(blocks.values())).shape[0]
     return torch.cat([blocks[name].reshape(num_outputs, -1) for name in fm.params], dim=1)
+
+
+def _jacobian_by_rows(flat_output: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor]) -> Tensor:
+    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
+    out = flat_output(leaves)
+    rows = []
+    for i in range(out.numel()):
+        grads = torch.autograd.grad(out[i], list(leaves.values()), retain_graph=True, allow_unused=True)
+        rows.append(torch.cat([
+            (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves.values(), strict=True)
+        ]))
+    return torch.stack(rows)
 
 
 def jacobian_spectrum(

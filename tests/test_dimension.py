@@ -295,3 +295,36 @@ def test_reused_relu_module_and_shared_weights() -> None:
     shared = batch_functional_dimension(Reuse(share=True), x)
     assert shared.num_hidden_neurons == 0  # tied weights: no symmetry recognised
     assert shared.num_params == 12 + 4
+
+
+class _OldStyleSquare(torch.autograd.Function):
+    """An autograd.Function without setup_context: torch.func cannot transform it."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_model_torch_func_cannot_transform_falls_back_with_warning() -> None:
+    class Squared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _OldStyleSquare.apply(self.lin(x))
+
+    torch.manual_seed(22)
+    model = Squared()
+    x = torch.randn(5, 3, generator=gen(22))
+    with pytest.warns(RuntimeWarning, match="one torch.autograd.grad call per output"):
+        res = batch_functional_dimension(model, x, engine="jacrev")
+    jac = dense_jacobian(model, x)
+    assert res.rank == numpy_rank(jac)
+    torch.testing.assert_close(res.singular_values, torch.linalg.svdvals(jac))
