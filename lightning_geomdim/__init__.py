@@ -5,6 +5,7 @@ linear regions, computable full functional dimension.
 """
 
 from lightning_geomdim.activation_patterns import UnitActivity, activation_patterns, linear_regions, unit_activity
+from lightning_geomdim.alignment import AlignmentStats, neuron_alignment
 from lightning_geomdim.cffd import CFFDResult, computable_full_functional_dimension, gaussian_sampler
 from lightning_geomdim.dimension import DimensionResult, batch_functional_dimension
 from lightning_geomdim.errors import (
@@ -14,10 +15,13 @@ from lightning_geomdim.errors import (
     NotApplicableError,
     ProbeError,
 )
+from lightning_geomdim.flatness import FlatnessResult, flatness
 
 __all__ = [
+    "AlignmentStats",
     "CFFDResult",
     "DimensionResult",
+    "FlatnessResult",
     "GeometryError",
     "MemoryBudgetError",
     "NonFiniteError",
@@ -27,8 +31,10 @@ __all__ = [
     "activation_patterns",
     "batch_functional_dimension",
     "computable_full_functional_dimension",
+    "flatness",
     "gaussian_sampler",
     "linear_regions",
+    "neuron_alignment",
     "unit_activity",
 ]
 __version__ = "0.1.0"

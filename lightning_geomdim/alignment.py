@@ -1,0 +1,263 @@
+"""Neuron alignment: how the hyperplanes of the hidden ReLU units of each layer cluster (SCIENCE.md).
+
+A neuron j of a Linear layer feeding a ReLU is u_j = (w_j, b_j) / ‖(w_j, b_j)‖ (row j of the weight, its
+bias); for a convolution it is one filter per output channel (``weight[c]`` flattened, ``bias[c]`` appended).
+Two neurons with cos(u_i, u_j) = 1 cut the input space along the same hyperplane, on the same side
+(positive multiples of each other); cos = −1 is the same hyperplane with the opposite side, not aligned.
+
+Which layers: an ``nn.Linear`` / ``nn.Conv{1,2,3}d`` whose output reaches an ``nn.ReLU`` / ``nn.LeakyReLU``
+directly or through ``nn.Identity`` / dropout modules only (identity in eval mode), so that the ReLU's
+pattern is 1[u_j · (x, 1) > 0]. Anything else in between (BatchNorm, pooling, a residual addition,
+functional code) breaks the link and the layer is not reported. With ``x`` the data flow is traced on one
+sample tensor by tensor (:mod:`lightning_geomdim.tracing`); without ``x`` it is read from the children order
+of the model's ``nn.Sequential`` containers (exactly how a Sequential runs).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_geomdim.activation_patterns import activation_patterns, unit_activity
+from lightning_geomdim.errors import NotApplicableError
+from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.rank import stable_rank
+from lightning_geomdim.symmetries import AFFINE
+from lightning_geomdim.tracing import RELU_LIKE, LeafCall, call_keys, trace_leaf_calls
+
+#: Modules between an affine layer and its ReLU that leave the pre-activation unchanged (in eval mode).
+PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+)
+
+
+@dataclass(frozen=True)
+class AlignmentStats:
+    """Alignment of the neurons of one layer (n = number of neurons: out_features, or out_channels).
+
+    Attributes:
+        num_neurons: n.
+        num_clusters: connected components of the graph {cos(u_i, u_j) > threshold}.
+        mean_max_cosine: mean over neurons of their best match max_{j≠i} cos(u_i, u_j); ``nan`` if n = 1.
+        max_cosines: shape (n,), float64, each neuron's best match (for histograms); ``nan`` if n = 1.
+        cosines: shape (n, n), float64, pairwise cosines (a neuron with zero weights and bias has cosine 0
+            with every neuron, itself included).
+        cluster_labels: shape (n,), int64, cluster index of each neuron, 0..num_clusters − 1 in order of first
+            appearance.
+        stable_rank: ‖W‖_F² / ‖W‖_2² of the weight matrix W, shape (n, fan_in) (bias excluded).
+        dead: shape (n,), bool, never active on x (conv: at no position of any input); ``None`` without x.
+        always_active: shape (n,), bool, active on every input (and every position); ``None`` without x.
+        duplicate_patterns: shape (n,), bool, the unit's activation column on x (conv: over inputs ×
+            positions) equals another unit's; ``None`` without x. Two dead units duplicate each other.
+    """
+
+    num_neurons: int
+    num_clusters: int
+    mean_max_cosine: float
+    max_cosines: Tensor
+    cosines: Tensor
+    cluster_labels: Tensor
+    stable_rank: float
+    dead: Tensor | None = None
+    always_active: Tensor | None = None
+    duplicate_patterns: Tensor | None = None
+
+    @property
+    def num_dead(self) -> int | None:
+        return None if self.dead is None else int(self.dead.sum())
+
+    @property
+    def num_always_active(self) -> int | None:
+        return None if self.always_active is None else int(self.always_active.sum())
+
+    @property
+    def num_duplicate_patterns(self) -> int | None:
+        return None if self.duplicate_patterns is None else int(self.duplicate_patterns.sum())
+
+    def scalars(self) -> dict[str, float]:
+        """The scalar statistics, for logging: counts as floats; the x-dependent ones only when computed."""
+        out = {
+            "num_neurons": float(self.num_neurons),
+            "num_clusters": float(self.num_clusters),
+            "mean_max_cosine": self.mean_max_cosine,
+            "stable_rank": self.stable_rank,
+        }
+        for key in ("num_dead", "num_always_active", "num_duplicate_patterns"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = float(value)
+        return out
+
+
+def neuron_alignment(
+    model: nn.Module, x: Any = None, *, threshold: float = 0.99, dtype: torch.dtype = torch.float64,
+    output_fn: OutputFn | None = None,
+) -> dict[str, AlignmentStats]:
+    """Alignment statistics of every Linear/Conv layer that feeds a ReLU, keyed by module name.
+
+    Args:
+        model: the network; only read (mode, flags, grads and the global RNG are left as they were).
+        x: optional probe batch (Tensor (N, ...), tuple or dict, as in ``batch_functional_dimension``): traces
+            the data flow and gives ``dead``, ``always_active`` and ``duplicate_patterns``.
+        threshold: two neurons are linked when cos(u_i, u_j) > threshold, −1 ≤ threshold < 1.
+        dtype: computation dtype of the cosines and of the forward pass on x (float64 by default).
+        output_fn: only needed when the model returns a non-tensor.
+
+    Returns:
+        Module name → :class:`AlignmentStats`, in execution (with x) or registration (without x) order.
+        A layer called several times (shared weights) is reported once; its activity statistics pool the
+        calls. Cost: one forward on one sample and one on x, plus O(n² · fan_in) per layer.
+
+    Raises:
+        NotApplicableError: the model has no ``nn.ReLU`` / ``nn.LeakyReLU`` module, or no Linear/Conv layer
+            feeds one as described in the module docstring.
+        ValueError: threshold outside [−1, 1).
+    """
+    if not -1.0 <= threshold < 1.0:
+        raise ValueError(f"threshold must be in [-1, 1), got {threshold}: e.g. 0.99 links neurons within ~8°")
+    if not any(isinstance(m, RELU_LIKE) for m in model.modules()):
+        raise NotApplicableError(
+            f"{type(model).__name__} has no nn.ReLU / nn.LeakyReLU module, so neuron alignment is not defined "
+            "(functional relu calls are not seen: use nn.ReLU modules to have them measured)"
+        )
+    if x is None:
+        feeding = {name: [] for name in _sequential_feeding(model)}
+        patterns: dict[str, Tensor] = {}
+    else:
+        feeding = _traced_feeding(model, x, dtype, output_fn)
+        patterns = activation_patterns(model, x, dtype=dtype, output_fn=output_fn)
+    if not feeding:
+        how = "in the traced forward" if x is not None else "in the children order of its nn.Sequential containers"
+        raise NotApplicableError(
+            f"no nn.Linear / nn.Conv layer of {type(model).__name__} feeds a ReLU directly (only through "
+            f"Identity/Dropout) {how}, so neuron alignment is not defined for it"
+            + ("" if x is not None else ": pass a probe batch x=... to trace the data flow of a custom forward")
+        )
+    modules = dict(model.named_modules())
+    return {
+        name: _layer_stats(modules[name], [patterns[k] for k in keys], threshold, dtype)
+        for name, keys in feeding.items()
+    }
+
+
+def _sequential_feeding(model: nn.Module) -> list[str]:
+    """Affine children of nn.Sequential containers followed by a ReLU (through pass-through modules only)."""
+    found = []
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for i, (name, child) in enumerate(children):
+            if not isinstance(child, AFFINE):
+                continue
+            for _, nxt in children[i + 1 :]:
+                if isinstance(nxt, RELU_LIKE):
+                    found.append(f"{prefix}.{name}" if prefix else name)
+                    break
+                if not isinstance(nxt, PASS_THROUGH):
+                    break
+    return list(dict.fromkeys(found))
+
+
+def _traced_feeding(model: nn.Module, x: Any, dtype: torch.dtype, output_fn: OutputFn | None) -> dict[str, list[str]]:
+    """Affine module name → keys (as in :func:`activation_patterns`) of the ReLU calls it feeds, traced on x[:1]."""
+    with measurement_mode(model):
+        names = [n for n, _ in model.named_parameters()]
+        fm = FunctionalModel.from_module(model, params=names, dtype=dtype, output_fn=output_fn)
+        inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
+        fm.probe_outputs(inputs.select(slice(0, 1)))  # wraps the model's own errors with the probe's shapes
+        calls, _ = trace_leaf_calls(fm, inputs.select(slice(0, 1)))
+    relu_calls = [c for c in calls if isinstance(c.module, RELU_LIKE)]
+    keys = dict(zip((id(c) for c in relu_calls), call_keys(relu_calls), strict=True))
+    feeding: dict[str, list[str]] = {}
+    for i, call in enumerate(calls):
+        if isinstance(call.module, RELU_LIKE):
+            source = _producer(calls, i, call)
+            if source is not None:
+                feeding.setdefault(source.name, []).append(keys[id(call)])
+    return feeding
+
+
+def _producer(calls: list[LeafCall], index: int, relu: LeafCall) -> LeafCall | None:
+    """The affine call whose output is the ReLU's input, through pass-through calls only; else None."""
+    tensor = relu.input
+    for j in range(index - 1, -1, -1):
+        c = calls[j]
+        if not (isinstance(tensor, Tensor) and c.output is tensor):
+            continue
+        if isinstance(c.module, AFFINE):
+            return c
+        if not isinstance(c.module, PASS_THROUGH):
+            return None
+        tensor = c.input
+    return None
+
+
+def _neurons(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(W, U): weight as (n, fan_in) and the neurons (w_j, b_j), shape (n, fan_in + 1) (or fan_in without bias)."""
+    w = module.weight.detach().to(dtype=dtype, copy=True)
+    w = w.reshape(w.shape[0], -1)
+    bias = getattr(module, "bias", None)
+    if bias is None:
+        return w, w
+    return w, torch.cat([w, bias.detach().to(dtype=dtype).reshape(-1, 1)], dim=1)
+
+
+def _clusters(adjacency: Tensor) -> Tensor:
+    """Connected components of a symmetric boolean (n, n) graph: each node's smallest node index."""
+    n = adjacency.shape[0]
+    adjacency = adjacency | torch.eye(n, dtype=torch.bool, device=adjacency.device)
+    labels = torch.arange(n, device=adjacency.device)
+    while True:  # min-label propagation: at most (component diameter) rounds
+        new = torch.where(adjacency, labels.unsqueeze(0), n).min(dim=1).values
+        if torch.equal(new, labels):
+            return labels
+        labels = new
+
+
+def _layer_stats(module: nn.Module, patterns: list[Tensor], threshold: float, dtype: torch.dtype) -> AlignmentStats:
+    w, u = _neurons(module, dtype)
+    n = u.shape[0]
+    norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
+    u = torch.where(norms > 0, u / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(u))
+    cosines = (u @ u.T).clamp(-1.0, 1.0).to(torch.float64)
+    if n > 1:
+        others = cosines.masked_fill(torch.eye(n, dtype=torch.bool, device=cosines.device), -math.inf)
+        max_cosines = others.max(dim=1).values
+    else:
+        max_cosines = torch.full((1,), math.nan, dtype=torch.float64)
+    labels = _clusters(cosines > threshold)
+    _, cluster_labels = torch.unique(labels, return_inverse=True)
+    stats: dict[str, Any] = {}
+    if patterns:
+        columns = torch.cat([_unit_columns(module, p) for p in patterns], dim=0)  # (rows, n)
+        activity = unit_activity({"layer": columns})["layer"]
+        _, inverse, counts = torch.unique(columns.T, dim=0, return_inverse=True, return_counts=True)
+        stats = {
+            "dead": activity.dead.cpu(),
+            "always_active": activity.always_active.cpu(),
+            "duplicate_patterns": (counts[inverse] > 1).cpu(),
+        }
+    return AlignmentStats(
+        num_neurons=n,
+        num_clusters=int(cluster_labels.max()) + 1,
+        mean_max_cosine=float(max_cosines.mean()),
+        max_cosines=max_cosines.cpu(),
+        cosines=cosines.cpu(),
+        cluster_labels=cluster_labels.cpu(),
+        stable_rank=stable_rank(torch.linalg.svdvals(w)),
+        **stats,
+    )
+
+
+def _unit_columns(module: nn.Module, pattern: Tensor) -> Tensor:
+    """A ReLU pattern (N, units) as (rows, n): one column per neuron (Linear: last dim; conv: channel dim)."""
+    num = pattern.shape[0]
+    if isinstance(module, nn.Linear):
+        return pattern.reshape(-1, module.out_features)
+    channels = module.out_channels
+    return pattern.reshape(num, channels, -1).transpose(1, 2).reshape(-1, channels)

@@ -1,0 +1,207 @@
+"""Flatness of the loss at the current parameters: Hessian top eigenvalues, trace, flat dimension.
+
+* ``max_eigenvalue`` / ``top_eigenvalues``: largest algebraic eigenvalues of H = ∇²_θ L, by Lanczos with full
+  reorthogonalisation on Hessian-vector products (:mod:`lightning_geomdim.lanczos`), or exactly from the dense
+  H for small P (rule in :mod:`lightning_geomdim.hessian`: P ≤ 199 with the default budgets).
+* ``trace``: tr H by Hutch++ (or Hutchinson) on Rademacher probes (:mod:`lightning_geomdim.trace_estimation`),
+  exact on the dense path.
+* ``flat_dimension``: P − batch functional dimension on x. At an interpolating minimum of a squared loss
+  H = (2/N) JᵀJ, so this is the dimension of the manifold of nearby minimisers (SCIENCE.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lightning_geomdim.dimension import DimensionResult, batch_functional_dimension
+from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.hessian import HessianOperator, LossFn, convert_targets, use_dense_hessian
+from lightning_geomdim.lanczos import lanczos
+from lightning_geomdim.memory import memory_budget
+from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
+
+Method = Literal["auto", "dense", "lanczos"]
+TraceMethod = Literal["hutch++", "hutchinson"]
+
+#: Default number of HVPs spent on the trace: Hutch++ with 33 sketch vectors, 33 products, 33 probes.
+DEFAULT_TRACE_SAMPLES = 99
+
+#: Seed of the generator used when the caller passes none (results are then reproducible run to run).
+DEFAULT_SEED = 0
+
+
+@dataclass(frozen=True)
+class FlatnessResult:
+    """Curvature of the loss at the current parameters.
+
+    Attributes:
+        max_eigenvalue: λ_max(H), the largest (algebraic) eigenvalue of the Hessian.
+        top_eigenvalues: shape (top_k,), float64, the top_k largest eigenvalues, descending.
+        eigenvalue_residuals: shape (top_k,), float64, ‖H v − λ v‖ of each Ritz pair (each λ is within its
+            residual of a true eigenvalue); zeros on the dense path.
+        trace: tr H (exact on the dense path, else the Hutch++/Hutchinson estimate).
+        trace_std_error: estimated standard error of ``trace``; 0.0 when exact.
+        flat_dimension: P − ``functional_dimension``, the dimension of the flat directions.
+        functional_dimension: batch functional dimension (rank of ∂ vec f_θ(x) / ∂θ) on x.
+        num_params: P, the number of trainable parameters measured.
+        loss: L(θ) on (x, y).
+        num_hvps: Hessian-vector products spent (P on the dense path).
+        method: "dense" or "lanczos", the path that ran.
+        converged: Lanczos met its tolerance (always True on the dense path).
+    """
+
+    max_eigenvalue: float
+    top_eigenvalues: Tensor
+    eigenvalue_residuals: Tensor
+    trace: float
+    trace_std_error: float
+    flat_dimension: int
+    functional_dimension: int
+    num_params: int
+    loss: float
+    num_hvps: int
+    method: str
+    converged: bool
+
+
+def flatness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    x: Any,
+    y: Any,
+    *,
+    top_k: int = 1,
+    trace_samples: int = DEFAULT_TRACE_SAMPLES,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    method: Method = "auto",
+    trace_method: TraceMethod = "hutch++",
+    lanczos_iterations: int = 100,
+    lanczos_tol: float | None = None,
+    params: Sequence[str] | None = None,
+    output_fn: OutputFn | None = None,
+    chunk_size: int | None = 32,
+    dimension: DimensionResult | None = None,
+    max_memory_bytes: int | None = None,
+) -> FlatnessResult:
+    """Hessian top eigenvalues, trace and flat dimension of ``loss_fn(model(x), y)`` w.r.t. the parameters.
+
+    Args:
+        model: any ``nn.Module``, evaluated in eval mode; its mode, dtype, ``requires_grad`` flags, grads,
+            parameters and the global RNG are left exactly as they were.
+        loss_fn: ``loss_fn(outputs, y) -> scalar tensor``; outputs are ``model(x)`` (after ``output_fn``) in
+            ``dtype``, e.g. ``torch.nn.functional.cross_entropy`` or ``mse_loss`` (mean reduction).
+        x: inputs, shape (N, ...) (or a tuple/dict of tensors, as in ``batch_functional_dimension``).
+        y: targets passed to ``loss_fn``: class indices (N,) int64 are kept, floating targets cast to ``dtype``.
+        top_k: number of largest eigenvalues, 1 ≤ top_k ≤ P.
+        trace_samples: HVPs spent on the trace on the Lanczos path (default 99: Hutch++ with 33 sketch
+            vectors, 33 products and 33 probes; Hutchinson: the number of probes).
+        generator: source of every random vector (Lanczos start, probes); default a fresh CPU generator
+            seeded with :data:`DEFAULT_SEED`. The global RNG is never used.
+        dtype: computation dtype (float64 by default).
+        method: "dense" forms H (P HVPs, exact eigenvalues and trace), "lanczos" never forms it; "auto"
+            picks "dense" when that costs no more HVPs than the Lanczos path may, P ≤ lanczos_iterations +
+            trace_samples (199 by default), and P ≤ :data:`~lightning_geomdim.hessian.DENSE_HESSIAN_MAX_PARAMS`.
+        trace_method: "hutch++" (default) or "hutchinson", on the Lanczos path.
+        lanczos_iterations: at most this many Lanczos HVPs (a warning is emitted when it did not converge).
+        lanczos_tol: relative residual for Lanczos convergence, default √eps(dtype).
+        params: names of the parameters θ; default every parameter with ``requires_grad``.
+        output_fn: maps the model's raw output to the tensor given to ``loss_fn``.
+        chunk_size: HVPs vmapped at once (dense Hessian and trace probes).
+        dimension: a :class:`DimensionResult` already computed for the same model, x and params, to reuse
+            for ``flat_dimension`` instead of recomputing it.
+        max_memory_bytes: memory budget for the dense Hessian and the functional dimension.
+
+    Returns:
+        A :class:`FlatnessResult`. Cost: dense path P HVPs; Lanczos path at most ``lanczos_iterations`` +
+        ``trace_samples`` HVPs; plus one batch functional dimension (unless ``dimension`` is given).
+
+    Raises:
+        ValueError: invalid top_k, trace_samples, method; ``loss_fn`` not returning a scalar; a ``dimension``
+            with a different number of parameters.
+        ProbeError, NonFiniteError, MemoryBudgetError: as in ``batch_functional_dimension``.
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x, y = torch.randn(8, 3, generator=g), torch.randint(0, 2, (8,), generator=g)
+        >>> res = flatness(net, torch.nn.functional.cross_entropy, x, y, top_k=2)
+        >>> res.num_params, res.method, res.top_eigenvalues.shape
+        (26, 'dense', torch.Size([2]))
+    """
+    if method not in ("auto", "dense", "lanczos"):
+        raise ValueError(f"unknown method {method!r}: choose 'auto', 'dense' or 'lanczos'")
+    if trace_method not in ("hutch++", "hutchinson"):
+        raise ValueError(f"unknown trace_method {trace_method!r}: choose 'hutch++' or 'hutchinson'")
+    minimum = 3 if trace_method == "hutch++" else 1
+    if trace_samples < minimum:
+        raise ValueError(f"trace_samples must be >= {minimum} for {trace_method}, got {trace_samples}")
+    generator = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
+    budget = memory_budget(next((p.device for p in model.parameters()), torch.device("cpu")), max_memory_bytes)
+
+    with measurement_mode(model):
+        fm = FunctionalModel.from_module(model, params=params, dtype=dtype, output_fn=output_fn)
+        inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
+        fm.probe_outputs(inputs)  # wraps shape errors with the probe's description
+        op = HessianOperator(fm, loss_fn, inputs, convert_targets(y, dtype=dtype, device=fm.device), chunk_size)
+        num_params = op.num_params
+        if not 1 <= top_k <= num_params:
+            raise ValueError(f"top_k must be between 1 and the number of parameters P={num_params}, got {top_k}")
+        if dimension is not None and dimension.num_params != num_params:
+            raise ValueError(
+                f"dimension was computed for P={dimension.num_params} parameters but the loss has P={num_params}: "
+                "pass the DimensionResult of the same model and params, or dimension=None"
+            )
+        loss = op.loss_value()
+        dense = use_dense_hessian(num_params, lanczos_iterations + trace_samples)
+        resolved = method if method != "auto" else ("dense" if dense else "lanczos")
+        if resolved == "dense":
+            eigenvalues = torch.linalg.eigvalsh(op.dense(budget=budget)).to(torch.float64)
+            top = eigenvalues[-top_k:].flip(0)
+            residuals = torch.zeros(top_k, dtype=torch.float64)
+            trace, trace_std_error, converged = float(eigenvalues.sum()), 0.0, True
+        else:
+            result = lanczos(
+                op.matvec, num_params, k=top_k, max_iterations=max(lanczos_iterations, top_k), tol=lanczos_tol,
+                generator=generator, dtype=dtype, device=fm.device,
+            )
+            top, residuals, converged = result.eigenvalues, result.residuals, result.converged
+            if not converged:
+                warnings.warn(
+                    f"Lanczos did not converge in {result.num_matvecs} iterations (largest residual "
+                    f"{float(residuals.max()):.3g}): raise lanczos_iterations for accurate eigenvalues",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+            estimator = hutch_plus_plus if trace_method == "hutch++" else hutchinson
+            estimate = estimator(op.matmat, num_params, trace_samples, generator=generator, dtype=dtype,
+                                 device=fm.device)
+            trace, trace_std_error = estimate.value, estimate.std_error
+        num_hvps = op.num_hvps
+
+    if dimension is None:
+        dimension = batch_functional_dimension(
+            model, x, output_fn=output_fn, params=params, dtype=dtype, max_memory_bytes=max_memory_bytes,
+        )
+    return FlatnessResult(
+        max_eigenvalue=float(top[0]),
+        top_eigenvalues=top.cpu(),
+        eigenvalue_residuals=residuals.cpu(),
+        trace=float(trace),
+        trace_std_error=float(trace_std_error),
+        flat_dimension=num_params - dimension.rank,
+        functional_dimension=dimension.rank,
+        num_params=num_params,
+        loss=loss,
+        num_hvps=num_hvps,
+        method=resolved,
+        converged=converged,
+    )
