@@ -16,17 +16,26 @@ from lightning_geomdim.errors import (
     ProbeError,
 )
 from lightning_geomdim.flatness import FlatnessResult, flatness
+from lightning_geomdim.metrics import BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
+from lightning_geomdim.monitor import GeometryMonitor
+from lightning_geomdim.schedule import Schedule
 
 __all__ = [
     "AlignmentStats",
+    "BatchFunctionalDimension",
     "CFFDResult",
     "DimensionResult",
+    "Flatness",
     "FlatnessResult",
     "GeometryError",
+    "GeometryMonitor",
+    "LinearRegions",
     "MemoryBudgetError",
+    "NeuronAlignment",
     "NonFiniteError",
     "NotApplicableError",
     "ProbeError",
+    "Schedule",
     "UnitActivity",
     "activation_patterns",
     "batch_functional_dimension",

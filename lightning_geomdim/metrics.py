@@ -1,0 +1,275 @@
+"""torchmetrics wrappers: ``update`` accumulates probe inputs, ``compute`` measures the current weights on them.
+
+Each metric holds a reference to the measured module (not registered as a submodule, so it can live inside
+the LightningModule it measures, and ``.to()`` on the metric never moves the model). ``update(x)`` only
+appends the inputs to list states with ``dist_reduce_fx="cat"``: under DDP ``compute()`` sees the inputs of
+every process. ``compute()`` returns one scalar tensor (so ``self.log(name, metric)`` works) and keeps the
+full result in ``metric.result`` until the next ``reset()``.
+
+Example, logged from a LightningModule's own validation loop::
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+            self.val_bfd = BatchFunctionalDimension(self.net, max_samples=256)
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            self.val_bfd.update(x)
+            self.log("val_bfd", self.val_bfd, on_epoch=True)
+
+Inputs may be a Tensor (N, ...) or a tuple/dict of tensors (positional/keyword model inputs); the structure
+must be the same in every ``update`` and on every process, and ``update`` must be called on every process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import Metric
+from torchmetrics.utilities.data import dim_zero_cat
+
+from lightning_geomdim.activation_patterns import activation_patterns
+from lightning_geomdim.alignment import AlignmentStats, neuron_alignment
+from lightning_geomdim.dimension import DimensionResult, batch_functional_dimension
+from lightning_geomdim.errors import NotApplicableError
+from lightning_geomdim.flatness import FlatnessResult, flatness
+from lightning_geomdim.functional_model import OutputFn
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+LOSSES: tuple[str, ...] = ("cross_entropy", "mse")
+
+
+def resolve_loss_fn(loss_fn: LossFn | str | None, y: Tensor) -> LossFn:
+    """The loss used for flatness: the user's, ``"cross_entropy"``, ``"mse"``, or by default cross-entropy
+    for integer targets and mean squared error (targets reshaped to the output's shape) otherwise."""
+    if callable(loss_fn):
+        return loss_fn
+    if loss_fn is None:
+        loss_fn = "mse" if y.is_floating_point() else "cross_entropy"
+    if loss_fn == "cross_entropy":
+        return F.cross_entropy
+    if loss_fn == "mse":
+        return _mse
+    raise ValueError(f"loss_fn={loss_fn!r} is invalid: pass a callable (output, target) -> scalar, or one of {LOSSES}")
+
+
+def _mse(output: Tensor, target: Tensor) -> Tensor:
+    if target.numel() == output.numel():
+        target = target.reshape(output.shape)
+    return F.mse_loss(output, target.to(output.dtype))
+
+
+def _flatten(x: Any) -> tuple[list[Tensor], tuple[Any, ...]]:
+    if isinstance(x, Tensor):
+        return [x], ("tensor",)
+    if isinstance(x, (tuple, list)) and all(isinstance(v, Tensor) for v in x):
+        return list(x), ("tuple", len(x))
+    if isinstance(x, Mapping) and all(isinstance(v, Tensor) for v in x.values()):
+        return list(x.values()), ("dict", tuple(x))
+    raise TypeError(
+        f"update() got {type(x).__name__}: pass a Tensor (N, ...), or a tuple/dict of tensors (model inputs)"
+    )
+
+
+def _unflatten(structure: tuple[Any, ...], leaves: list[Tensor]) -> Any:
+    if structure[0] == "tensor":
+        return leaves[0]
+    if structure[0] == "tuple":
+        return tuple(leaves)
+    return dict(zip(structure[1], leaves, strict=True))
+
+
+class _ProbeMetric(Metric):
+    """Stores probe inputs (and targets) as "cat" list states; subclasses implement ``_measure``."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, model: nn.Module, *, max_samples: int | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+            raise ValueError(f"max_samples={max_samples!r} must be a positive integer or None")
+        # Plain attribute, not a submodule: the metric may be an attribute of the module it measures.
+        object.__setattr__(self, "_measured", model)
+        self.max_samples = max_samples
+        self._structures: dict[str, tuple[Any, ...]] = {}
+        self.result: Any = None
+
+    @property
+    def model(self) -> nn.Module:
+        """The measured module."""
+        return self.__dict__["_measured"]
+
+    def _append(self, prefix: str, value: Any) -> None:
+        leaves, structure = _flatten(value)
+        known = self._structures.get(prefix)
+        if known is None:
+            self._structures[prefix] = structure
+            for i in range(len(leaves)):
+                self.add_state(f"{prefix}_{i}", default=[], dist_reduce_fx="cat")
+        elif known != structure:
+            raise ValueError(f"update() got {prefix} structured as {structure}, earlier calls as {known}")
+        for i, leaf in enumerate(leaves):
+            getattr(self, f"{prefix}_{i}").append(leaf.detach())
+
+    def _gathered(self, prefix: str) -> Any:
+        structure = self._structures.get(prefix)
+        if structure is None:
+            raise ValueError(f"{type(self).__name__} has no {prefix}: call update(...) before compute()")
+        n = 1 if structure[0] == "tensor" else len(structure[1]) if structure[0] == "dict" else structure[1]
+        leaves = [dim_zero_cat(getattr(self, f"{prefix}_{i}")) for i in range(n)]
+        if self.max_samples is not None:
+            leaves = [t[: self.max_samples] for t in leaves]
+        return _unflatten(structure, leaves)
+
+    def update(self, x: Any) -> None:
+        """Append the probe inputs ``x``: Tensor (N, ...), or tuple/dict of tensors."""
+        self._append("inputs", x)
+
+    def reset(self) -> None:
+        super().reset()
+        self.result = None
+
+
+class BatchFunctionalDimension(_ProbeMetric):
+    """Batch functional dimension of ``model`` on the accumulated inputs (see
+    :func:`~lightning_geomdim.batch_functional_dimension` for every argument).
+
+    ``compute()`` returns the rank as a float64 scalar tensor; ``result`` holds the
+    :class:`~lightning_geomdim.DimensionResult` (bounds, spectrum, gap). ``max_samples`` keeps only the first
+    N accumulated inputs (after the cross-process gather).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        output_fn: OutputFn | None = None,
+        params: Sequence[str] | None = None,
+        engine: str = "auto",
+        rtol: float | None = None,
+        dtype: torch.dtype = torch.float64,
+        chunk_size: int | None = None,
+        max_memory_bytes: int | None = None,
+        max_samples: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, max_samples=max_samples, **kwargs)
+        self.measure_kwargs = {
+            "output_fn": output_fn, "params": params, "engine": engine, "rtol": rtol, "dtype": dtype,
+            "chunk_size": chunk_size, "max_memory_bytes": max_memory_bytes,
+        }
+        self.result: DimensionResult | None = None
+
+    def compute(self) -> Tensor:
+        self.result = batch_functional_dimension(self.model, self._gathered("inputs"), **self.measure_kwargs)
+        return torch.tensor(float(self.result.rank), dtype=torch.float64)
+
+
+class LinearRegions(_ProbeMetric):
+    """Number of distinct joint ReLU activation patterns over the accumulated inputs (see
+    :func:`~lightning_geomdim.linear_regions`); ``compute()`` raises ``NotApplicableError`` without ReLUs."""
+
+    def __init__(
+        self, model: nn.Module, *, output_fn: OutputFn | None = None, dtype: torch.dtype = torch.float64,
+        max_samples: int | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(model, max_samples=max_samples, **kwargs)
+        self.measure_kwargs = {"output_fn": output_fn, "dtype": dtype}
+        self.result: int | None = None
+
+    def compute(self) -> Tensor:
+        # activation_patterns rather than linear_regions: the latter takes no output_fn.
+        patterns = activation_patterns(self.model, self._gathered("inputs"), **self.measure_kwargs)
+        if not patterns:
+            raise NotApplicableError(
+                f"{type(self.model).__name__} has no nn.ReLU / nn.LeakyReLU module, so linear regions are not "
+                "defined (functional relu calls are not seen by hooks: use nn.ReLU modules to have them measured)"
+            )
+        self.result = int(torch.unique(torch.cat(list(patterns.values()), dim=1), dim=0).shape[0])
+        return torch.tensor(float(self.result), dtype=torch.float64)
+
+
+class Flatness(_ProbeMetric):
+    """Hessian curvature of ``loss_fn(model(x), y)`` on the accumulated (x, y) (see
+    :func:`~lightning_geomdim.flatness.flatness` for the measure's arguments).
+
+    ``loss_fn``: a callable ``(output, target) -> scalar``, ``"cross_entropy"``, ``"mse"``, or ``None`` for
+    cross-entropy on integer targets and MSE otherwise. ``seed`` seeds a private generator for the Lanczos
+    start vector and the trace probes, fresh at every ``compute()``, so equal weights give equal values.
+    ``dimension``: a ``DimensionResult`` of the same model and inputs to reuse for the flat dimension.
+    ``compute()`` returns λ_max as a float64 scalar tensor; ``result`` holds the ``FlatnessResult``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: LossFn | str | None = None,
+        *,
+        top_k: int = 1,
+        trace_samples: int = 99,
+        method: str = "auto",
+        seed: int = 0,
+        output_fn: OutputFn | None = None,
+        params: Sequence[str] | None = None,
+        dtype: torch.dtype = torch.float64,
+        dimension: DimensionResult | None = None,
+        max_memory_bytes: int | None = None,
+        max_samples: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(model, max_samples=max_samples, **kwargs)
+        if isinstance(loss_fn, str) and loss_fn not in LOSSES:
+            raise ValueError(f"loss_fn={loss_fn!r} is invalid: pass a callable or one of {LOSSES}")
+        self.loss_fn = loss_fn
+        self.seed = int(seed)
+        self.measure_kwargs = {
+            "top_k": top_k, "trace_samples": trace_samples, "method": method, "output_fn": output_fn,
+            "params": params, "dtype": dtype, "dimension": dimension, "max_memory_bytes": max_memory_bytes,
+        }
+        self.result: FlatnessResult | None = None
+
+    def update(self, x: Any, y: Tensor) -> None:  # type: ignore[override]
+        """Append inputs ``x`` (as in the other metrics) and targets ``y`` (N, ...)."""
+        self._append("inputs", x)
+        self._append("targets", y)
+
+    def compute(self) -> Tensor:
+        x, y = self._gathered("inputs"), self._gathered("targets")
+        generator = torch.Generator().manual_seed(self.seed)
+        self.result = flatness(
+            self.model, resolve_loss_fn(self.loss_fn, y), x, y, generator=generator, **self.measure_kwargs
+        )
+        return torch.tensor(self.result.max_eigenvalue, dtype=torch.float64)
+
+
+class NeuronAlignment(_ProbeMetric):
+    """Alignment statistics of every Linear/Conv layer feeding a ReLU (see
+    :func:`~lightning_geomdim.alignment.neuron_alignment`); the accumulated inputs, if any, trace the data flow
+    and give the activity statistics (without ``update`` the weights alone are read).
+
+    ``compute()`` returns the number of direction clusters summed over the layers (float64 scalar tensor);
+    ``result`` holds the per-layer ``AlignmentStats``.
+    """
+
+    def __init__(
+        self, model: nn.Module, *, threshold: float = 0.99, output_fn: OutputFn | None = None,
+        dtype: torch.dtype = torch.float64, max_samples: int | None = None, **kwargs: Any,
+    ) -> None:
+        super().__init__(model, max_samples=max_samples, **kwargs)
+        self.measure_kwargs = {"threshold": float(threshold), "output_fn": output_fn, "dtype": dtype}
+        self.result: dict[str, AlignmentStats] | None = None
+
+    def compute(self) -> Tensor:
+        x = self._gathered("inputs") if "inputs" in self._structures else None
+        self.result = neuron_alignment(self.model, x, **self.measure_kwargs)
+        return torch.tensor(float(sum(s.num_clusters for s in self.result.values())), dtype=torch.float64)

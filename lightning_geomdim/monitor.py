@@ -1,0 +1,558 @@
+"""GeometryMonitor: a Lightning callback that measures the geometry of the network on fixed probes while it trains."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch import Tensor, nn
+
+from lightning_geomdim import tensorboard as tb
+from lightning_geomdim.dimension import ENGINES, DimensionResult
+from lightning_geomdim.errors import GeometryError, NotApplicableError
+from lightning_geomdim.metrics import LOSSES, BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
+from lightning_geomdim.probes import (
+    Probe,
+    ProbeSpec,
+    dataset_probe,
+    default_input_fn,
+    default_target_fn,
+    first_dataloader,
+    input_template,
+    isolated_rng,
+    parse_probes,
+    random_probe,
+    tensor_probe,
+)
+from lightning_geomdim.schedule import Event, MeasurementClock, Schedule
+
+MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
+DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
+FLATNESS_KEYS: tuple[str, ...] = ("max_eigenvalue", "trace", "trace_std_error", "flat_dimension", "loss")
+
+
+class GeometryMonitor(Callback):
+    r"""Measure the local geometry of the network on fixed probe batches while it trains, and log it.
+
+    Add it to any ``Trainer`` (the LightningModule needs no change); the values are logged through every
+    logger of the trainer at ``trainer.global_step``, so they line up with the loss.
+
+    **Logged keys** (``<probe>``: the probe's name, e.g. ``train``, ``val``, ``random``; ``<layer>``: the name,
+    relative to the measured module, of a Linear/Conv module that feeds a ReLU, e.g. ``net.0``)
+
+    ============================================================  ==========================================
+    key                                                           value
+    ============================================================  ==========================================
+    ``geometry/<probe>/batch_functional_dimension``               rank J, J = ∂ vec f_θ(X) / ∂θ (M × P)
+    ``geometry/<probe>/upper_bound``                              min(M, P − hidden neurons) (softmax:
+                                                                  N·(K − 1) rows)
+    ``geometry/<probe>/num_outputs``                              M = N · K, the rows of J
+    ``geometry/<probe>/num_params``                               P, the measured parameters
+    ``geometry/<probe>/num_hidden_neurons``                       hidden units with a rescaling symmetry
+    ``geometry/<probe>/spectral_gap``                             σ_r / σ_{r+1} at the rank r (inf: full)
+    ``geometry/<probe>/stable_rank``                              Σσ² / σ_max²
+    ``geometry/<probe>/effective_rank``                           exp(entropy of σ / Σσ)
+    ``geometry/<probe>/linear_regions``                           distinct ReLU activation patterns on X
+    ``geometry/flatness/max_eigenvalue``                          λ_max of the loss Hessian
+    ``geometry/flatness/eigenvalue_<i>``                          i-th largest eigenvalue (``flatness_top_k``
+                                                                  > 1 only, i = 1 … top_k)
+    ``geometry/flatness/trace``, ``.../trace_std_error``          tr H (Hutch++ or exact) and its error
+    ``geometry/flatness/flat_dimension``                          P − batch functional dimension
+    ``geometry/flatness/loss``                                    the loss on the flatness probe
+    ``geometry/flatness/num_params``                              P
+    ``geometry/alignment/<layer>/num_neurons``                    neurons (units / channels) of the layer
+    ``geometry/alignment/<layer>/num_clusters``                   direction clusters (cos > threshold)
+    ``geometry/alignment/<layer>/mean_max_cosine``                mean over neurons of the best match
+    ``geometry/alignment/<layer>/stable_rank``                    ‖W‖_F² / ‖W‖_2² of the layer's weight
+    ``geometry/alignment/<layer>/num_dead``                       neurons never active on the probe
+    ``geometry/alignment/<layer>/num_always_active``              neurons active on every probe input
+    ``geometry/alignment/<layer>/num_duplicate_patterns``         neurons whose activation column on the
+                                                                  probe equals another neuron's
+    ``geometry/alignment/num_clusters``                           sum of num_clusters over the layers
+    ============================================================  ==========================================
+
+    The dimension keys are logged per probe; flatness on ``flatness_probe``, alignment on
+    ``alignment_probe``. ``linear_regions`` and the alignment keys exist only for models with ``nn.ReLU`` /
+    ``nn.LeakyReLU`` modules (otherwise one warning says they are not applicable). A measure that fails
+    logs NaN under its keys. With a ``TensorBoardLogger`` (and ``tensorboard_extras=True``) the monitor
+    also writes a custom-scalars layout, singular-value histograms and cosine heatmaps (see
+    :mod:`lightning_geomdim.tensorboard`).
+
+    **Probes** are fixed for the whole run and chosen once at fit start (see :mod:`lightning_geomdim.probes`):
+    ``"train"`` / ``"val"`` (``probe_size`` samples of the dataset, picked by index with a private generator:
+    the dataloaders are never iterated and no global RNG is consumed), ``"random"`` (Gaussian inputs shaped
+    like the data, for the computable full functional dimension), or dicts ``{"name": ..., "source": ...,
+    "size": ..., "mean": ..., "std": ..., "shape": ..., "dataloader_idx": ...}`` and, from Python only,
+    ``{"name": ..., "x": tensor, "y": tensor}``. Their indices/seeds are saved in checkpoints.
+
+    **Observer guarantee**: measurements run in eval mode on float64 copies of the parameters; the mode of
+    every submodule, ``requires_grad``, ``.grad``, the global RNGs (torch CPU/CUDA, ``random``, numpy) and
+    BatchNorm statistics are restored or untouched, so a run with the monitor ends with bit-identical weights
+    to a run without it. Nothing allocated by a measurement is kept after the hook returns.
+
+    **Distributed**: single-device and DDP-family strategies. Each process contributes its share of every
+    probe to the metrics' ``"cat"`` states and every process computes the measures on the whole probe; the
+    loggers write from rank 0. Sharded strategies (FSDP, DeepSpeed, model parallel) are refused at setup.
+
+    Args:
+        every_n_steps: measure after every n-th optimizer step; ``None`` to disable.
+        every_n_epochs: measure at the end of every n-th training epoch; ``None`` to disable.
+        log_spaced: also measure at log-spaced global steps, this many per decade (1, 2, 3, …, 10, 13, 16, …
+            for 10); ``None`` to disable.
+        at_start: measure at global step 0, before training (not again when resuming).
+        schedules: per-measure overrides of the four fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
+        probes: probe specifications (see above); default ``["train", "val", "random"]``, where ``"val"`` is
+            left out when there is no validation data.
+        probe_size: samples per probe unless a probe sets ``size``.
+        measures: any of ``"dimension"`` (with linear regions), ``"flatness"``, ``"alignment"``.
+        module: name of the submodule to measure (as in ``named_modules()``, e.g. ``"net"``); default the
+            LightningModule's own ``forward``.
+        input_fn: batch → model input; default the batch if a tensor, its first item if a tuple/list, or the
+            dict key ``"x"``, ``"input"``, ``"inputs"``, ``"image"`` or ``"images"``.
+        target_fn: batch → targets (or ``None``); default the second item of a tuple/list, or the dict key
+            ``"y"``, ``"target"``, ``"targets"``, ``"label"`` or ``"labels"``.
+        output_fn: model output → the tensor measured (e.g. ``lambda out: out["logits"]``).
+        loss_fn: loss for flatness, ``(output, target) -> scalar``; or ``"cross_entropy"`` / ``"mse"``; default
+            cross-entropy for integer targets and mean squared error otherwise.
+        params: names of the measured parameters; default every parameter with ``requires_grad``.
+        engine: engine of the batch functional dimension (passed to
+            :func:`~lightning_geomdim.batch_functional_dimension`).
+        dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
+        rtol: relative rank tolerance; default the dtype's rule (see :mod:`lightning_geomdim.rank`).
+        max_memory_bytes: memory budget of a measure; default half the available memory.
+        flatness_probe: probe used for flatness (needs targets); default ``"train"`` if it exists, else the
+            first probe with targets.
+        flatness_top_k: number of top Hessian eigenvalues.
+        flatness_trace_samples: Hessian-vector products spent on the trace estimate.
+        alignment_probe: probe used for the activity statistics of alignment; default ``"train"`` if it
+            exists, else the first probe.
+        alignment_threshold: cosine above which two neurons are in the same direction cluster.
+        tensorboard_extras: write the TensorBoard extras when a logger is a ``TensorBoardLogger``.
+        seed: seed of the probes' private generators.
+        on_error: ``"warn"`` (a failing measure emits a warning, logs NaN, training continues) or ``"raise"``.
+
+    Raises:
+        MisconfigurationException: invalid arguments (at construction); no logger, an unsupported strategy,
+            an unknown ``module``, a LightningModule without ``forward`` and no ``module`` (at setup);
+            a probe that cannot be built, flatness without any probe with targets (at train start).
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from lightning_geomdim import GeometryMonitor
+        >>> monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "random"], probe_size=128)
+        >>> trainer = Trainer(callbacks=[monitor], max_epochs=1)
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int | None = None,
+        every_n_epochs: int | None = 1,
+        log_spaced: int | None = None,
+        at_start: bool = True,
+        schedules: Mapping[str, Mapping[str, Any]] | None = None,
+        probes: Sequence[str | Mapping[str, Any]] | None = None,
+        probe_size: int = 256,
+        measures: Sequence[str] = MEASURES,
+        module: str | None = None,
+        input_fn: Callable[[Any], Any] | None = None,
+        target_fn: Callable[[Any], Any] | None = None,
+        output_fn: Callable[[Any], Tensor] | None = None,
+        loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
+        params: Sequence[str] | None = None,
+        engine: str = "auto",
+        dtype: str | torch.dtype = "float64",
+        rtol: float | None = None,
+        max_memory_bytes: int | None = None,
+        flatness_probe: str | None = None,
+        flatness_top_k: int = 1,
+        flatness_trace_samples: int = 99,
+        alignment_probe: str | None = None,
+        alignment_threshold: float = 0.99,
+        tensorboard_extras: bool = True,
+        seed: int = 0,
+        on_error: Literal["warn", "raise"] = "warn",
+    ) -> None:
+        if isinstance(measures, str):
+            measures = [measures]
+        unknown = sorted(set(measures) - set(MEASURES))
+        if unknown or not measures:
+            raise MisconfigurationException(f"measures={list(measures)} is invalid: choose among {MEASURES}")
+        self.measures = tuple(dict.fromkeys(measures))
+        base = Schedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced,
+                        at_start=at_start)
+        schedules = dict(schedules or {})
+        stray = sorted(set(schedules) - set(self.measures))
+        if stray:
+            raise MisconfigurationException(
+                f"schedules has entries for {stray}, which are not measured: use keys among {list(self.measures)}"
+            )
+        self._clock = MeasurementClock({m: Schedule.from_config(schedules.get(m, {}), base) for m in self.measures})
+        if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
+            raise MisconfigurationException(f"probe_size={probe_size!r} must be a positive integer")
+        self._default_probes = probes is None
+        self._specs = parse_probes(["train", "val", "random"] if probes is None else probes, probe_size)
+        names = [s.name for s in self._specs]
+        for arg, value in (("flatness_probe", flatness_probe), ("alignment_probe", alignment_probe)):
+            if value is not None and value not in names:
+                raise MisconfigurationException(f"{arg}={value!r} is not one of the probes {names}")
+        if engine not in ENGINES:
+            raise MisconfigurationException(f"engine={engine!r} is invalid: choose one of {ENGINES}")
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise MisconfigurationException(f"dtype={dtype!r} is invalid: choose one of {list(DTYPES)}")
+            dtype = DTYPES[dtype]
+        if dtype not in DTYPES.values():
+            raise MisconfigurationException(f"dtype={dtype} is invalid: use torch.float64 or torch.float32")
+        if isinstance(loss_fn, str) and loss_fn not in LOSSES:
+            raise MisconfigurationException(f"loss_fn={loss_fn!r} is invalid: pass a callable or one of {LOSSES}")
+        if on_error not in ("warn", "raise"):
+            raise MisconfigurationException(f"on_error={on_error!r} is invalid: choose 'warn' or 'raise'")
+        for arg, value in (("flatness_top_k", flatness_top_k), ("flatness_trace_samples", flatness_trace_samples)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MisconfigurationException(f"{arg}={value!r} must be a positive integer")
+        if not 0.0 < float(alignment_threshold) <= 1.0:
+            raise MisconfigurationException(f"alignment_threshold={alignment_threshold!r} must be in (0, 1]")
+
+        self.module = module
+        self.input_fn = input_fn or default_input_fn
+        self.target_fn = target_fn or default_target_fn
+        self.output_fn = output_fn
+        self.loss_fn = loss_fn
+        self.params = list(params) if params is not None else None
+        self.engine = engine
+        self.dtype = dtype
+        self.rtol = rtol
+        self.max_memory_bytes = max_memory_bytes
+        self.flatness_probe = flatness_probe
+        self.flatness_top_k = flatness_top_k
+        self.flatness_trace_samples = flatness_trace_samples
+        self.alignment_probe = alignment_probe
+        self.alignment_threshold = float(alignment_threshold)
+        self.tensorboard_extras = tensorboard_extras
+        self.seed = int(seed)
+        self.on_error = on_error
+
+        self.probes: dict[str, Probe] = {}
+        self._saved_probes: dict[str, dict[str, Any]] = {}
+        self._known_keys: dict[tuple[str, str], set[str]] = {}
+        self._not_applicable: set[tuple[str, str]] = set()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(probes=[s.name for s in self._specs], measures=list(self.measures),
+                                        module=self.module)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Probe indices/seeds and the last measured step of each measure (saved in Lightning checkpoints)."""
+        probes = {name: dict(p.state) for name, p in self.probes.items()} or dict(self._saved_probes)
+        return {"version": 1, "seed": self.seed, "probes": probes, "clock": self._clock.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._saved_probes = {str(k): dict(v) for k, v in state_dict.get("probes", {}).items()}
+        self.seed = int(state_dict.get("seed", self.seed))
+        self._clock.load_state_dict(state_dict.get("clock", {}))
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "GeometryMonitor needs a logger, but the Trainer has none (logger=False): pass "
+                "Trainer(logger=TensorBoardLogger(...)) or any other Lightning logger"
+            )
+        strategy = trainer.strategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__ in (
+            "FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy",
+        ):
+            raise MisconfigurationException(
+                f"GeometryMonitor does not support the {type(strategy).__name__} strategy yet: it measures full, "
+                "unsharded parameters, which sharded strategies (FSDP, DeepSpeed, model parallel) do not hold. "
+                "Use a single device or strategy='ddp', or remove the GeometryMonitor callback"
+            )
+        self._measured_module(pl_module)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.probes = self._build_probes(trainer)
+        self._check_measure_probes()
+        if self.tensorboard_extras and trainer.is_global_zero:
+            for logger in tb.tensorboard_loggers(trainer.loggers):
+                tb.write_layout(logger, list(self.probes), self.measures)
+        self._run(trainer, pl_module, "start")
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._run(trainer, pl_module, "step")
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._run(trainer, pl_module, "epoch")
+
+    # ------------------------------------------------------------------ set-up helpers
+    def _measured_module(self, pl_module: LightningModule) -> nn.Module:
+        if self.module is None:
+            if type(pl_module).forward is LightningModule.forward:
+                raise MisconfigurationException(
+                    f"{type(pl_module).__name__} does not define forward(), which GeometryMonitor measures by "
+                    "default: pass GeometryMonitor(module='<name of the network submodule>'), e.g. module='net'"
+                )
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.module)
+        except AttributeError as err:
+            names = [n for n, _ in pl_module.named_modules() if n][:8]
+            raise MisconfigurationException(
+                f"GeometryMonitor(module={self.module!r}): {type(pl_module).__name__} has no such submodule; "
+                f"use a name from named_modules(), e.g. {names}"
+            ) from err
+
+    def _build_probes(self, trainer: Trainer) -> dict[str, Probe]:
+        probes: dict[str, Probe] = {}
+        template: Any = None
+        specs = sorted(self._specs, key=lambda s: s.source == "random")  # random probes imitate data probes
+        for spec in specs:
+            saved = self._saved_probes.get(spec.name)
+            if saved is not None and saved.get("source") != spec.source:
+                saved = None
+            if spec.source in ("train", "val"):
+                loader = self._dataloader(trainer, spec)
+                if loader is None:
+                    continue
+                probe = dataset_probe(spec, loader, self.input_fn, self.target_fn, self.seed, saved)
+                template = probe.x if template is None else template
+            elif spec.source == "random":
+                if template is None and spec.shape is None and saved is None:
+                    loader = first_dataloader(trainer.train_dataloader)
+                    template = input_template(loader, self.input_fn) if loader is not None else None
+                probe = random_probe(spec, template, self.seed, saved)
+            else:
+                probe = tensor_probe(spec)
+                template = probe.x if template is None else template
+            probes[spec.name] = probe
+        return {s.name: probes[s.name] for s in self._specs if s.name in probes}
+
+    def _dataloader(self, trainer: Trainer, spec: ProbeSpec) -> Any:
+        if spec.source == "train":
+            loaders = trainer.train_dataloader
+        else:
+            if trainer.val_dataloaders is None and trainer.enable_validation:
+                # Lightning loads the val dataloaders lazily (at the sanity check or the first validation);
+                # loading them now is what the sanity check does. Nothing is iterated.
+                with isolated_rng():
+                    trainer.fit_loop.epoch_loop.val_loop.setup_data()
+            loaders = trainer.val_dataloaders
+        loader = first_dataloader(loaders, spec.dataloader_idx)
+        if loader is None:
+            if spec.source == "val" and self._default_probes:
+                return None  # the default probes include "val" only when there is validation data
+            raise MisconfigurationException(
+                f"probe {spec.name!r} needs a {spec.source} dataloader (index {spec.dataloader_idx}), but the "
+                f"trainer has none: provide {spec.source}_dataloader() data, or remove the probe"
+            )
+        return loader
+
+    def _check_measure_probes(self) -> None:
+        if "flatness" in self.measures:
+            probe = self._flatness_probe()
+            if probe is None:
+                raise MisconfigurationException(
+                    "flatness needs a probe with targets, but none has any: return targets from target_fn, add "
+                    "a probe with targets, or remove 'flatness' from measures"
+                )
+
+    def _flatness_probe(self) -> Probe | None:
+        if self.flatness_probe is not None:
+            probe = self.probes.get(self.flatness_probe)
+            if probe is not None and probe.y is None:
+                raise MisconfigurationException(
+                    f"flatness_probe={self.flatness_probe!r} has no targets: pick a probe with targets"
+                )
+            return probe
+        if "train" in self.probes and self.probes["train"].y is not None:
+            return self.probes["train"]
+        return next((p for p in self.probes.values() if p.y is not None), None)
+
+    def _alignment_probe(self) -> Probe | None:
+        if self.alignment_probe is not None:
+            return self.probes.get(self.alignment_probe)
+        return self.probes.get("train") or next(iter(self.probes.values()), None)
+
+    # ------------------------------------------------------------------ measuring
+    def _run(self, trainer: Trainer, pl_module: LightningModule, event: Event) -> None:
+        step = trainer.global_step
+        due = self._clock.due(event, step, trainer.current_epoch)
+        if not due or not self.probes:
+            return
+        self._clock.mark(due, step)
+        module = self._measured_module(pl_module)
+        metrics: dict[str, float] = {}
+        extras: dict[str, Any] = {"spectra": {}, "cosines": {}}
+        with observer_guard(pl_module):
+            dimensions: dict[str, DimensionResult] = {}
+            if "dimension" in due:
+                for name, probe in self.probes.items():
+                    metrics.update(self._attempt(
+                        "dimension", name, lambda p=probe: self._dimension(trainer, module, p, dimensions)
+                    ))
+                    if name in dimensions:
+                        extras["spectra"][name] = dimensions[name].singular_values
+                    metrics.update(self._attempt(
+                        "linear_regions", name, lambda p=probe: self._regions(trainer, module, p)
+                    ))
+            if "flatness" in due:
+                probe = self._flatness_probe()
+                metrics.update(self._attempt(
+                    "flatness", "flatness", lambda: self._flatness(trainer, module, probe, dimensions)
+                ))
+            if "alignment" in due:
+                probe = self._alignment_probe()
+                metrics.update(self._attempt(
+                    "alignment", "alignment", lambda: self._alignment(trainer, module, probe, extras)
+                ))
+        self._log(trainer, metrics, extras, step)
+
+    def _attempt(self, measure: str, probe: str, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
+        """Run one measure; on failure warn and return NaN for its keys, or raise when on_error="raise"."""
+        known = self._known_keys.setdefault((measure, probe), set())
+        try:
+            values = fn()
+        except NotApplicableError as err:
+            if (measure, probe) not in self._not_applicable:
+                self._not_applicable.add((measure, probe))
+                rank_zero_warn(f"GeometryMonitor: {measure} is not applicable, so it is not logged: {err}")
+            return {}
+        except Exception as err:
+            where = measure if measure == probe else f"{measure} on probe {probe!r}"
+            if self.on_error == "raise":
+                raise GeometryError(f"GeometryMonitor: {where} failed: {type(err).__name__}: {err}") from err
+            rank_zero_warn(
+                f"GeometryMonitor: {where} failed and is logged as NaN ({type(err).__name__}: {err}). Training "
+                "continues; pass on_error='raise' to stop on such errors",
+                category=RuntimeWarning,
+            )
+            keys = known or {_primary_key(measure, probe)}
+            return dict.fromkeys(sorted(keys), math.nan)
+        known.update(values)
+        return values
+
+    def _local(self, trainer: Trainer, module: nn.Module, probe: Probe) -> tuple[Any, Any]:
+        """This process's share of the probe, on the module's device."""
+        x, y = probe.shard(trainer.global_rank, trainer.world_size)
+        device = next((p.device for p in module.parameters()), torch.device("cpu"))
+        return _to(x, device), _to(y, device)
+
+    def _dimension(
+        self, trainer: Trainer, module: nn.Module, probe: Probe, out: dict[str, DimensionResult]
+    ) -> dict[str, float]:
+        metric = BatchFunctionalDimension(
+            module, output_fn=self.output_fn, params=self.params, engine=self.engine, rtol=self.rtol,
+            dtype=self.dtype, max_memory_bytes=self.max_memory_bytes,
+        )
+        metric.update(self._local(trainer, module, probe)[0])
+        metric.compute()
+        res = metric.result
+        metric.reset()
+        out[probe.name] = res
+        values = {
+            "batch_functional_dimension": res.rank, "upper_bound": res.upper_bound, "num_outputs": res.num_outputs,
+            "num_params": res.num_params, "num_hidden_neurons": res.num_hidden_neurons,
+            "spectral_gap": res.spectral_gap, "stable_rank": res.stable_rank, "effective_rank": res.effective_rank,
+        }
+        return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
+
+    def _regions(self, trainer: Trainer, module: nn.Module, probe: Probe) -> dict[str, float]:
+        metric = LinearRegions(module, output_fn=self.output_fn, dtype=self.dtype)
+        metric.update(self._local(trainer, module, probe)[0])
+        value = float(metric.compute())
+        metric.reset()
+        return {f"geometry/{probe.name}/linear_regions": value}
+
+    def _flatness(
+        self, trainer: Trainer, module: nn.Module, probe: Probe, dimensions: Mapping[str, DimensionResult]
+    ) -> dict[str, float]:
+        metric = Flatness(
+            module, self.loss_fn, top_k=self.flatness_top_k, trace_samples=self.flatness_trace_samples,
+            seed=self.seed, dtype=self.dtype, params=self.params, output_fn=self.output_fn,
+            dimension=dimensions.get(probe.name), max_memory_bytes=self.max_memory_bytes,
+        )
+        metric.update(*self._local(trainer, module, probe))
+        metric.compute()
+        res = metric.result
+        metric.reset()
+        values = {k: float(getattr(res, k)) for k in FLATNESS_KEYS}
+        values["num_params"] = float(res.num_params)
+        if self.flatness_top_k > 1:
+            values.update({f"eigenvalue_{i + 1}": float(v) for i, v in enumerate(res.top_eigenvalues.tolist())})
+        return {f"geometry/flatness/{k}": v for k, v in values.items()}
+
+    def _alignment(self, trainer: Trainer, module: nn.Module, probe: Probe | None, extras: dict) -> dict[str, float]:
+        metric = NeuronAlignment(module, threshold=self.alignment_threshold, output_fn=self.output_fn, dtype=self.dtype)
+        if probe is not None:
+            metric.update(self._local(trainer, module, probe)[0])
+        metric.compute()
+        stats = metric.result
+        metric.reset()
+        values: dict[str, float] = {}
+        for layer, s in stats.items():
+            for key, value in s.scalars().items():
+                values[f"geometry/alignment/{layer}/{key}"] = float(value)
+            extras["cosines"][layer] = s.cosines
+        values["geometry/alignment/num_clusters"] = float(sum(s.num_clusters for s in stats.values()))
+        return values
+
+    def _log(self, trainer: Trainer, metrics: dict[str, float], extras: dict[str, Any], step: int) -> None:
+        if metrics:
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+        if self.tensorboard_extras and trainer.is_global_zero:
+            for logger in tb.tensorboard_loggers(trainer.loggers):
+                for name, sv in extras["spectra"].items():
+                    tb.log_spectrum(logger, name, sv, step)
+                for layer, cos in extras["cosines"].items():
+                    tb.log_heatmap(logger, layer, cos, step)
+
+
+def _primary_key(measure: str, probe: str) -> str:
+    return {
+        "dimension": f"geometry/{probe}/batch_functional_dimension",
+        "linear_regions": f"geometry/{probe}/linear_regions",
+        "flatness": "geometry/flatness/max_eigenvalue",
+        "alignment": "geometry/alignment/num_clusters",
+    }[measure]
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, Tensor):
+        return x.to(device)
+    if isinstance(x, Mapping):
+        return {k: _to(v, device) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+@contextlib.contextmanager
+def observer_guard(module: nn.Module) -> Iterator[None]:
+    """Restore, whatever happens inside: every submodule's mode, every parameter's ``requires_grad`` and
+    ``.grad`` (the same tensor objects), and the global RNGs (torch CPU/CUDA, ``random``, numpy)."""
+    training = [(m, m.training) for m in module.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in module.parameters()]
+    try:
+        with isolated_rng():
+            yield
+    finally:
+        for m, flag in training:
+            m.training = flag
+        for p, requires_grad, grad in params:
+            p.requires_grad_(requires_grad)
+            p.grad = grad

@@ -1,0 +1,337 @@
+"""Probe batches: fixed sets of inputs, chosen once at fit start and measured for the whole run.
+
+Sources:
+
+* ``"train"`` / ``"val"``: ``size`` samples of the training / validation *dataset*, picked by index with a
+  private ``torch.Generator`` seeded from the monitor's seed and the probe's name, and collated with the
+  dataloader's own ``collate_fn``. The dataloader is never iterated, so its sampler, its workers and the
+  shuffling order of training are untouched; the global RNGs (torch CPU/CUDA, ``random``, numpy) are
+  saved and restored around the dataset reads, in case ``__getitem__`` draws random augmentations.
+  The batch-transfer hooks of the LightningModule are not applied: preprocessing that the model needs
+  must happen in the dataset, the ``collate_fn`` or ``input_fn``.
+* ``"random"``: i.i.d. Gaussian inputs N(mean, std²) with the per-sample shape and dtype of the first
+  dataset probe's input (or ``shape``), for the computable full functional dimension; no targets.
+* ``"tensor"``: user tensors ``x`` (and optionally ``y``), Python API only (not expressible in YAML).
+
+The indices (or the seed) of each probe are the state saved in checkpoints, so a resumed run measures
+exactly the same inputs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import re
+import zlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
+
+SOURCES: tuple[str, ...] = ("train", "val", "random", "tensor")
+INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images")
+TARGET_KEYS: tuple[str, ...] = ("y", "target", "targets", "label", "labels")
+RESERVED_NAMES: tuple[str, ...] = ("flatness", "alignment")
+_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
+
+
+def default_input_fn(batch: Any) -> Any:
+    """The model input of a batch: the batch itself if a Tensor, the first item of a tuple/list, or the first
+    of the dict keys ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch:
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in INPUT_KEYS:
+            if key in batch:
+                return batch[key]
+        raise MisconfigurationException(
+            f"the batch is a dict with keys {sorted(batch)} and none of the default input keys {INPUT_KEYS}: "
+            "pass GeometryMonitor(input_fn=...) returning the model input, e.g. input_fn=lambda b: b['pixels']"
+        )
+    raise MisconfigurationException(
+        f"cannot find the model input in a batch of type {type(batch).__name__}: pass "
+        "GeometryMonitor(input_fn=...) returning the model input from a batch"
+    )
+
+
+def default_target_fn(batch: Any) -> Any:
+    """The target of a batch: the second item of a tuple/list, the first of the dict keys ``"y"``,
+    ``"target"``, ``"targets"``, ``"label"``, ``"labels"``; ``None`` when there is none."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        return batch[1]
+    if isinstance(batch, Mapping):
+        return next((batch[k] for k in TARGET_KEYS if k in batch), None)
+    return None
+
+
+def probe_seed(seed: int, name: str) -> int:
+    """The seed of probe ``name``: independent of the order and number of the other probes."""
+    return (int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
+
+
+def select_indices(dataset_len: int, size: int, seed: int) -> list[int]:
+    """``min(size, dataset_len)`` distinct indices in [0, dataset_len), sorted, from a private generator."""
+    generator = torch.Generator().manual_seed(seed)
+    return sorted(torch.randperm(dataset_len, generator=generator)[:size].tolist())
+
+
+@contextlib.contextmanager
+def isolated_rng() -> Iterator[None]:
+    """Save and restore every global RNG a dataset's ``__getitem__`` might draw from."""
+    py_state, np_state = random.getstate(), np.random.get_state()
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """What a probe is, as configured (serialisable except for ``x``/``y`` of a tensor probe).
+
+    Attributes:
+        name: key prefix of the probe's metrics (``geometry/<name>/...``).
+        source: one of ``"train"``, ``"val"``, ``"random"``, ``"tensor"``.
+        size: number of samples N (dataset and random probes).
+        dataloader_idx: which dataloader when there are several (in their flattened order).
+        mean, std: of the Gaussian inputs (random probes).
+        shape: per-sample input shape of a random probe; default that of the first dataset probe.
+        x, y: the user's tensors (tensor probes); ``x`` is a Tensor (N, ...), a tuple or a dict of them.
+    """
+
+    name: str
+    source: str
+    size: int
+    dataloader_idx: int = 0
+    mean: float = 0.0
+    std: float = 1.0
+    shape: tuple[int, ...] | None = None
+    x: Any = field(default=None, repr=False, compare=False)
+    y: Any = field(default=None, repr=False, compare=False)
+
+    @staticmethod
+    def parse(item: str | Mapping[str, Any], default_size: int) -> ProbeSpec:
+        """``"train"`` / ``"val"`` / ``"random"``, or a dict with ``name``, ``source`` and options."""
+        if isinstance(item, str):
+            item = {"source": item}
+        if not isinstance(item, Mapping):
+            raise MisconfigurationException(
+                f"a probe must be 'train', 'val', 'random' or a dict such as {{'name': 'big_random', 'source': "
+                f"'random', 'size': 2000}} or {{'name': 'mine', 'x': tensor}}, got {type(item).__name__}"
+            )
+        allowed = {"name", "source", "size", "dataloader_idx", "mean", "std", "shape", "x", "y"}
+        unknown = sorted(set(item) - allowed)
+        if unknown:
+            raise MisconfigurationException(f"unknown probe keys {unknown}: use only {sorted(allowed)}")
+        source = item.get("source", "tensor" if "x" in item else None)
+        if source not in SOURCES:
+            raise MisconfigurationException(f"probe source {source!r} is invalid: use one of {SOURCES}")
+        name = str(item.get("name", source))
+        if not _NAME.match(name) or name in RESERVED_NAMES:
+            raise MisconfigurationException(
+                f"probe name {name!r} is invalid: use letters, digits, '_', '.', '-', and not {RESERVED_NAMES}"
+            )
+        if source == "tensor" and item.get("x") is None:
+            raise MisconfigurationException(f"probe {name!r}: a tensor probe needs 'x' (the model input tensor)")
+        if source != "tensor" and ("x" in item or "y" in item):
+            raise MisconfigurationException(f"probe {name!r}: 'x'/'y' are only for source='tensor'")
+        size = item.get("size", default_size)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise MisconfigurationException(f"probe {name!r}: size={size!r} must be a positive integer")
+        shape = item.get("shape")
+        return ProbeSpec(
+            name=name, source=source, size=size, dataloader_idx=int(item.get("dataloader_idx", 0)),
+            mean=float(item.get("mean", 0.0)), std=float(item.get("std", 1.0)),
+            shape=tuple(int(s) for s in shape) if shape is not None else None, x=item.get("x"), y=item.get("y"),
+        )
+
+
+@dataclass
+class Probe:
+    """A probe batch, fixed for the run; tensors stay on the CPU between measurements.
+
+    Attributes:
+        name, source: as in :class:`ProbeSpec`.
+        x: model input, Tensor (N, ...) or a tuple/dict of them, as returned by ``input_fn``.
+        y: targets (N, ...) or ``None`` (random probes, unlabeled data).
+        state: what reproduces the probe: ``indices`` (dataset probes) or ``seed``/``shape`` (random).
+    """
+
+    name: str
+    source: str
+    x: Any
+    y: Tensor | None
+    state: dict[str, Any]
+
+    @property
+    def num_samples(self) -> int:
+        return int(_lead(self.x).shape[0])
+
+    def shard(self, rank: int, world_size: int) -> tuple[Any, Any]:
+        """Samples rank, rank + world_size, ...: each process contributes its share to the metrics' "cat"."""
+        index = slice(rank, None, world_size)
+        return _take(self.x, index), (_take(self.y, index) if self.y is not None else None)
+
+
+def _lead(x: Any) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    for v in values:
+        if isinstance(v, Tensor):
+            return v
+    raise MisconfigurationException(
+        f"the probe input has type {type(x).__name__} and contains no tensor: input_fn must return the model "
+        "input as a Tensor (N, ...), or a tuple/dict of tensors"
+    )
+
+
+def _take(x: Any, index: slice | Tensor) -> Any:
+    if isinstance(x, Tensor):
+        return x[index]
+    if isinstance(x, Mapping):
+        return {k: _take(v, index) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_take(v, index) for v in x)
+    return x
+
+
+def _detach_cpu(x: Any) -> Any:
+    if isinstance(x, Tensor):
+        return x.detach().cpu()
+    if isinstance(x, Mapping):
+        return {k: _detach_cpu(v) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(_detach_cpu(v) for v in x)
+    return x
+
+
+def first_dataloader(loaders: Any, idx: int = 0) -> DataLoader | None:
+    """The ``idx``-th DataLoader of a dataloader or a (nested) dict/list of them; ``None`` if there is none."""
+    flat: list[Any] = []
+
+    def walk(obj: Any) -> None:
+        if isinstance(obj, Mapping):
+            for v in obj.values():
+                walk(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                walk(v)
+        elif obj is not None:
+            flat.append(obj)
+
+    walk(loaders)
+    return flat[idx] if idx < len(flat) else None
+
+
+def dataset_probe(
+    spec: ProbeSpec, loader: DataLoader, input_fn: Callable[[Any], Any], target_fn: Callable[[Any], Any],
+    seed: int, saved: Mapping[str, Any] | None = None,
+) -> Probe:
+    """Pick ``spec.size`` samples of ``loader.dataset`` by index (or the ``saved`` indices) and collate them."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__"):
+        raise MisconfigurationException(
+            f"probe {spec.name!r}: the {spec.source} dataset ({type(dataset).__name__}) cannot be indexed, so "
+            "samples cannot be drawn without iterating the dataloader: pass a map-style dataset, or a tensor "
+            "probe {'name': ..., 'x': tensor, 'y': tensor}"
+        )
+    if getattr(loader, "batch_size", 1) is None and getattr(loader, "batch_sampler", None) is None:
+        raise MisconfigurationException(
+            f"probe {spec.name!r}: the {spec.source} dataloader has batch_size=None (the dataset yields whole "
+            "batches), so single samples cannot be picked: pass a tensor probe {'name': ..., 'x': tensor}"
+        )
+    n = len(dataset)
+    if saved is not None:
+        indices = [int(i) for i in saved["indices"]]
+        if indices and max(indices) >= n:
+            raise MisconfigurationException(
+                f"probe {spec.name!r}: the checkpoint's probe indices go up to {max(indices)} but the {spec.source} "
+                f"dataset has {n} samples: resume with the same dataset, or start a new run"
+            )
+    else:
+        indices = select_indices(n, spec.size, probe_seed(seed, spec.name))
+    if not indices:
+        raise MisconfigurationException(f"probe {spec.name!r}: the {spec.source} dataset is empty")
+    with isolated_rng(), torch.no_grad():
+        batch = loader.collate_fn([dataset[i] for i in indices])
+        x, y = _detach_cpu(input_fn(batch)), _detach_cpu(target_fn(batch))
+    _lead(x)
+    if y is not None and not isinstance(y, Tensor):
+        raise MisconfigurationException(
+            f"probe {spec.name!r}: target_fn returned {type(y).__name__}; return a Tensor (N, ...) or None"
+        )
+    return Probe(spec.name, spec.source, x, y, {"source": spec.source, "indices": indices})
+
+
+def input_template(loader: DataLoader, input_fn: Callable[[Any], Any]) -> Any:
+    """The model input of the first sample of ``loader.dataset`` (shape (1, ...)), for random probes to imitate."""
+    dataset = getattr(loader, "dataset", None)
+    if dataset is None or isinstance(dataset, IterableDataset) or not hasattr(dataset, "__len__") or not len(dataset):
+        return None
+    with isolated_rng(), torch.no_grad():
+        return _detach_cpu(input_fn(loader.collate_fn([dataset[0]])))
+
+
+def random_probe(spec: ProbeSpec, template: Any, seed: int, saved: Mapping[str, Any] | None = None) -> Probe:
+    """Gaussian inputs shaped like one sample of ``template`` (a floating Tensor) or ``spec.shape``."""
+    if saved is not None:
+        shape, size, gseed = tuple(saved["shape"]), int(saved["size"]), int(saved["seed"])
+        dtype = getattr(torch, str(saved.get("dtype", "float32")))
+    else:
+        if spec.shape is not None:
+            shape, dtype = spec.shape, torch.float32
+        elif isinstance(template, Tensor) and template.is_floating_point():
+            shape, dtype = tuple(template.shape[1:]), template.dtype
+        elif template is None:
+            raise MisconfigurationException(
+                f"random probe {spec.name!r} has no data to imitate (no train/val/tensor probe, no indexable "
+                "training dataset): give the probe a 'shape', e.g. {'source': 'random', 'shape': [784]}"
+            )
+        else:
+            kind = f"{template.dtype} tensor" if isinstance(template, Tensor) else type(template).__name__
+            raise MisconfigurationException(
+                f"random probe {spec.name!r} needs a floating input to imitate, but the model input is a {kind}: "
+                "give the probe a 'shape', or drop it (Gaussian inputs make no sense for token ids)"
+            )
+        size, gseed = spec.size, probe_seed(seed, spec.name)
+    generator = torch.Generator().manual_seed(gseed)
+    x = (torch.randn((size, *shape), generator=generator, dtype=torch.float64) * spec.std + spec.mean).to(dtype)
+    state = {"source": "random", "seed": gseed, "size": size, "shape": list(shape),
+             "dtype": str(dtype).removeprefix("torch.")}
+    return Probe(spec.name, "random", x, None, state)
+
+
+def tensor_probe(spec: ProbeSpec) -> Probe:
+    """The user's tensors, detached and on the CPU."""
+    x, y = _detach_cpu(spec.x), _detach_cpu(spec.y)
+    lead = _lead(x)
+    if y is not None and (not isinstance(y, Tensor) or y.shape[0] != lead.shape[0]):
+        raise MisconfigurationException(
+            f"probe {spec.name!r}: y must be a Tensor with as many samples as x ({lead.shape[0]})"
+        )
+    return Probe(spec.name, "tensor", x, y, {"source": "tensor", "num_samples": int(lead.shape[0])})
+
+
+def parse_probes(probes: Sequence[str | Mapping[str, Any]], default_size: int) -> list[ProbeSpec]:
+    """Validate the ``probes`` argument; names must be unique."""
+    if isinstance(probes, (str, Mapping)):
+        probes = [probes]
+    specs = [ProbeSpec.parse(p, default_size) for p in probes]
+    names = [s.name for s in specs]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise MisconfigurationException(f"probe names must be unique, {dupes} repeat: give each a distinct 'name'")
+    if not specs:
+        raise MisconfigurationException("probes is empty: pass at least one, e.g. probes=['train']")
+    return specs

@@ -1,0 +1,99 @@
+"""TensorBoard extras of the GeometryMonitor, written only through a ``TensorBoardLogger``'s SummaryWriter.
+
+* a custom-scalars layout (the "Custom Scalars" tab): per probe, the batch functional dimension beside its
+  upper bound and M = N·K; the dimension of every probe (train vs val vs random) on one chart; linear regions
+  of every probe on one chart; the flatness curvature on one chart;
+* a histogram of log10 of the Jacobian's singular values per probe (``geometry/<probe>/log10_singular_values``),
+  where the gap between the counted and the discarded values is visible;
+* a heatmap image of the neurons' pairwise cosine similarities per ReLU layer
+  (``geometry/alignment/<layer>/cosine_similarity``; red +1, white 0, blue −1), where aligned neurons show as
+  off-diagonal red blocks.
+
+Other loggers only receive the scalars.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+import torch
+from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from torch import Tensor
+
+#: Heatmaps smaller than this many pixels per side are upsampled (nearest) to at least this size.
+MIN_HEATMAP_PIXELS = 128
+
+
+def tensorboard_loggers(loggers: Iterable[Logger]) -> list[TensorBoardLogger]:
+    """The TensorBoardLoggers among ``loggers``."""
+    return [lg for lg in loggers if isinstance(lg, TensorBoardLogger)]
+
+
+def tag(logger: TensorBoardLogger, key: str) -> str:
+    """``key`` as the logger writes it from ``log_metrics`` (with the logger's ``prefix``, if any)."""
+    prefix = getattr(logger, "_prefix", "") or ""
+    return f"{prefix}{logger.LOGGER_JOIN_CHAR}{key}" if prefix else key
+
+
+def custom_scalars_layout(
+    logger: TensorBoardLogger, probes: list[str], measures: Iterable[str]
+) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout for these probes and measures (exact tags, regex-escaped)."""
+
+    def tags(*keys: str) -> list[str]:
+        return [re.escape(tag(logger, k)) for k in keys]
+
+    measures = set(measures)
+    charts: dict[str, list] = {}
+    if "dimension" in measures:
+        for p in probes:
+            charts[f"{p}: dimension and bounds"] = [
+                "Multiline",
+                tags(f"geometry/{p}/batch_functional_dimension", f"geometry/{p}/upper_bound",
+                     f"geometry/{p}/num_outputs"),
+            ]
+        charts["batch functional dimension: " + " vs ".join(probes)] = [
+            "Multiline", tags(*(f"geometry/{p}/batch_functional_dimension" for p in probes))
+        ]
+        charts["linear regions: " + " vs ".join(probes)] = [
+            "Multiline", tags(*(f"geometry/{p}/linear_regions" for p in probes))
+        ]
+    if "flatness" in measures:
+        charts["flatness: max eigenvalue and trace"] = [
+            "Multiline", tags("geometry/flatness/max_eigenvalue", "geometry/flatness/trace")
+        ]
+    return {"geometry": charts}
+
+
+def write_layout(logger: TensorBoardLogger, probes: list[str], measures: Iterable[str]) -> None:
+    logger.experiment.add_custom_scalars(custom_scalars_layout(logger, probes, measures))
+
+
+def log_spectrum(logger: TensorBoardLogger, probe: str, singular_values: Tensor, step: int) -> None:
+    """Histogram of log10 σ (σ > 0 only; all-zero spectra write nothing)."""
+    sv = singular_values.detach().double().cpu()
+    sv = sv[sv > 0]
+    if sv.numel():
+        logger.experiment.add_histogram(tag(logger, f"geometry/{probe}/log10_singular_values"), sv.log10(), step)
+
+
+def cosine_heatmap(cosines: Tensor) -> Tensor:
+    """RGB image (3, H, W) in [0, 1] of a (n, n) cosine matrix: red +1, white 0, blue −1; NaN is grey."""
+    c = cosines.detach().double().cpu().clamp(-1, 1)
+    nan = torch.isnan(c)
+    c = torch.nan_to_num(c, nan=0.0)
+    pos, neg = c.clamp(min=0), (-c).clamp(min=0)
+    img = torch.stack([1 - neg, 1 - pos - neg, 1 - pos]).clamp(0, 1)
+    img[:, nan] = 0.5
+    n = max(1, c.shape[0])
+    scale = max(1, math.ceil(MIN_HEATMAP_PIXELS / n))
+    return img.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).float()
+
+
+def log_heatmap(logger: TensorBoardLogger, layer: str, cosines: Tensor, step: int) -> None:
+    logger.experiment.add_image(
+        tag(logger, f"geometry/alignment/{layer}/cosine_similarity"), cosine_heatmap(cosines), step,
+        dataformats="CHW",
+    )

@@ -1,0 +1,474 @@
+"""GeometryMonitor in real Trainer runs on tiny models (CPU): logged tags and steps, loggers, batch formats,
+observer guarantee, errors, probes, resume, LightningCLI. No mocks of Lightning or TensorBoard."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import math
+import os
+import random
+import warnings
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+import yaml
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.custom_scalar import layout_pb2
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from lightning_geomdim import GeometryError, GeometryMonitor, batch_functional_dimension
+from lightning_geomdim.probes import probe_seed, select_indices
+from lightning_geomdim.schedule import log_spaced_steps
+
+IN, HIDDEN, CLASSES = 4, 6, 3
+
+
+class Classifier(L.LightningModule):
+    """Linear → [BatchNorm] → ReLU → [Dropout] → Linear, cross-entropy, SGD."""
+
+    def __init__(
+        self, dropout: float = 0.0, batchnorm: bool = False, dict_batches: bool = False, fail_in_eval: bool = False,
+        lr: float = 0.1,
+    ) -> None:
+        super().__init__()
+        layers: list[nn.Module] = [nn.Linear(IN, HIDDEN)]
+        if batchnorm:
+            layers.append(nn.BatchNorm1d(HIDDEN))
+        layers.append(nn.ReLU())
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        layers.append(nn.Linear(HIDDEN, CLASSES))
+        self.net = nn.Sequential(*layers)
+        self.dict_batches, self.fail_in_eval, self.lr = dict_batches, fail_in_eval, lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fail_in_eval and not self.training:
+            raise RuntimeError("this forward refuses to run in eval mode")
+        return self.net(x)
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        x, y = (batch["image"], batch["label"]) if self.dict_batches else batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        self.log("loss", loss)
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("val_loss", self._loss(batch))
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+class NoForward(Classifier):
+    """The network lives in ``self.net``; the LightningModule has no forward of its own."""
+
+    forward = L.LightningModule.forward
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        return nn.functional.cross_entropy(self.net(batch["image"]), batch["label"])
+
+
+class DictDataset(Dataset):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"image": self.x[i], "label": self.y[i]}
+
+
+def data(n: int, seed: int, dicts: bool = False) -> Dataset:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(n, IN, generator=g), torch.randint(0, CLASSES, (n,), generator=g)
+    return DictDataset(x, y) if dicts else TensorDataset(x, y)
+
+
+class TinyData(L.LightningDataModule):
+    def __init__(self, train_size: int = 32, val_size: int = 16, batch_size: int = 8) -> None:
+        super().__init__()
+        self.train_size, self.val_size, self.batch_size = train_size, val_size, batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(data(self.train_size, 0), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(data(self.val_size, 1), batch_size=self.batch_size)
+
+
+def trainer(tmp_path: Path, monitor: GeometryMonitor | None, logger: Any = "tb", **kwargs: Any) -> L.Trainer:
+    if logger == "tb":
+        logger = TensorBoardLogger(tmp_path, name="tb")
+    elif logger == "csv":
+        logger = CSVLogger(tmp_path, name="csv")
+    options = {
+        "max_epochs": 2, "enable_progress_bar": False, "enable_model_summary": False, "enable_checkpointing": False,
+        "num_sanity_val_steps": 0, "log_every_n_steps": 1, "default_root_dir": tmp_path, "deterministic": True,
+    }
+    options.update(kwargs)
+    return L.Trainer(logger=logger, callbacks=[monitor] if monitor else [], **options)
+
+
+def loaders(train: int = 24, val: int | None = 16, batch: int = 8, dicts: bool = False) -> dict[str, Any]:
+    out: dict[str, Any] = {"train_dataloaders": DataLoader(data(train, 0, dicts), batch_size=batch, shuffle=True)}
+    if val is not None:
+        out["val_dataloaders"] = DataLoader(data(val, 1, dicts), batch_size=batch)
+    return out
+
+
+def events(tr: L.Trainer) -> EventAccumulator:
+    acc = EventAccumulator(tr.logger.log_dir, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def steps(acc: EventAccumulator, tag: str) -> list[int]:
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def csv_rows(tr: L.Trainer) -> list[dict[str, str]]:
+    with open(os.path.join(tr.logger.log_dir, "metrics.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- TensorBoard: tags, steps, extras
+
+
+def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model = Classifier()
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "val", "random"], probe_size=8, flatness_top_k=2)
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
+    tr.fit(model, **loaders())
+    acc = events(tr)
+    tags = acc.Tags()
+    for probe in ("train", "val", "random"):
+        for key in ("batch_functional_dimension", "upper_bound", "num_outputs", "num_params", "num_hidden_neurons",
+                    "spectral_gap", "stable_rank", "effective_rank", "linear_regions"):
+            assert steps(acc, f"geometry/{probe}/{key}") == [0, 2], key
+        assert f"geometry/{probe}/log10_singular_values" in tags["histograms"]
+        assert [e.step for e in acc.Histograms(f"geometry/{probe}/log10_singular_values")] == [0, 2]
+    for key in ("max_eigenvalue", "eigenvalue_1", "eigenvalue_2", "trace", "trace_std_error", "flat_dimension",
+                "loss", "num_params"):
+        assert steps(acc, f"geometry/flatness/{key}") == [0, 2], key
+    for key in ("num_neurons", "num_clusters", "mean_max_cosine", "stable_rank", "num_dead", "num_always_active",
+                "num_duplicate_patterns"):
+        assert steps(acc, f"geometry/alignment/net.0/{key}") == [0, 2], key
+    assert steps(acc, "geometry/alignment/num_clusters") == [0, 2]
+    assert tags["images"] == ["geometry/alignment/net.0/cosine_similarity"]
+    image = acc.Images("geometry/alignment/net.0/cosine_similarity")[-1]
+    assert image.step == 2 and image.width >= 128 and image.height == image.width
+
+    # the last values are those of the final weights on the stored probe (float64 measure)
+    x = monitor.probes["train"].x
+    res = batch_functional_dimension(model.net, x)
+    assert acc.Scalars("geometry/train/batch_functional_dimension")[-1].value == res.rank
+    assert acc.Scalars("geometry/train/upper_bound")[-1].value == res.upper_bound == min(8 * CLASSES, 51 - HIDDEN)
+    assert acc.Scalars("geometry/train/num_outputs")[-1].value == 8 * CLASSES
+
+    # custom-scalars layout: each probe's dimension beside its bounds, and the probes on one chart
+    config = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
+    layout = layout_pb2.Layout.FromString(config)
+    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
+    assert charts["train: dimension and bounds"] == [
+        r"geometry/train/batch_functional_dimension", r"geometry/train/upper_bound", r"geometry/train/num_outputs",
+    ]
+    assert charts["batch functional dimension: train vs val vs random"] == [
+        f"geometry/{p}/batch_functional_dimension" for p in ("train", "val", "random")
+    ]
+    assert "flatness: max eigenvalue and trace" in charts
+
+
+@pytest.mark.parametrize(
+    ("schedule", "epochs", "batches", "expected"),
+    [
+        ({"every_n_steps": 2, "every_n_epochs": None}, 2, 3, [0, 2, 4, 6]),
+        ({"every_n_steps": None, "every_n_epochs": 1}, 3, 3, [0, 3, 6, 9]),
+        ({"every_n_steps": None, "every_n_epochs": 2, "at_start": False}, 3, 3, [6]),
+        ({"every_n_steps": None, "every_n_epochs": None, "log_spaced": 4}, 3, 7, [0, *log_spaced_steps(4, 21)]),
+    ],
+    ids=["every_n_steps", "every_n_epochs", "every_2_epochs_no_start", "log_spaced"],
+)
+def test_schedules_log_the_right_steps(
+    tmp_path: Path, schedule: dict, epochs: int, batches: int, expected: list[int]
+) -> None:
+    assert log_spaced_steps(4, 21) == [1, 2, 3, 6, 10, 18]
+    L.seed_everything(0)
+    monitor = GeometryMonitor(probes=["train"], probe_size=4, measures=["dimension"], **schedule)
+    tr = trainer(tmp_path, monitor, max_epochs=epochs, limit_train_batches=batches)
+    tr.fit(Classifier(), **loaders(train=64, val=None))
+    assert tr.global_step == epochs * batches
+    assert steps(events(tr), "geometry/train/batch_functional_dimension") == expected
+
+
+def test_per_measure_schedules_and_gradient_accumulation(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(
+        every_n_steps=1, every_n_epochs=None, probes=["train"], probe_size=4, measures=["dimension", "flatness"],
+        schedules={"flatness": {"every_n_steps": None, "every_n_epochs": 1, "at_start": False}},
+    )
+    # 4 batches per epoch, accumulate 2: global steps 1, 2 per epoch; each measured once
+    tr = trainer(tmp_path, monitor, max_epochs=2, limit_train_batches=4, accumulate_grad_batches=2)
+    tr.fit(Classifier(), **loaders(train=64, val=None))
+    acc = events(tr)
+    assert steps(acc, "geometry/train/batch_functional_dimension") == [0, 1, 2, 3, 4]
+    assert steps(acc, "geometry/flatness/max_eigenvalue") == [2, 4]
+
+
+# ---------------------------------------------------------------- other loggers and batch formats
+
+
+def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "val"], probe_size=8, measures=["dimension"])
+    tr = trainer(tmp_path, monitor, logger="csv", max_epochs=2, limit_train_batches=2)
+    tr.fit(Classifier(), **loaders())
+    rows = csv_rows(tr)
+    logged = [(int(r["step"]), float(r["geometry/val/batch_functional_dimension"])) for r in rows
+              if r.get("geometry/val/batch_functional_dimension")]
+    assert [s for s, _ in logged] == [0, 2, 4]
+    assert all(0 < v <= 8 * CLASSES for _, v in logged)
+    assert any(r.get("geometry/train/linear_regions") for r in rows)
+    assert not glob.glob(str(tmp_path / "**" / "events.out.tfevents.*"), recursive=True)
+
+
+def test_dict_batches_and_a_named_submodule(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=8, module="net",
+                              measures=["dimension", "flatness", "alignment"])
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
+    model = NoForward(dict_batches=True)
+    tr.fit(model, **loaders(val=None, dicts=True))
+    probe = monitor.probes["train"]
+    assert probe.x.shape == (8, IN) and probe.y.dtype == torch.int64  # default dict keys "image" / "label"
+    acc = events(tr)
+    assert steps(acc, "geometry/train/batch_functional_dimension") == [0, 2]
+    assert steps(acc, "geometry/flatness/max_eigenvalue") == [0, 2]
+    assert steps(acc, "geometry/alignment/0/num_clusters") == [0, 2]  # layer names relative to module="net"
+
+
+def test_dropout_batchnorm_and_the_observer_guarantee(tmp_path: Path) -> None:
+    """Same seed, shuffling dataloader, Dropout and BatchNorm: the final state_dicts (weights and BatchNorm
+    statistics) and the global RNG states are bit-identical with and without the monitor."""
+
+    def run(with_monitor: bool) -> tuple[dict[str, torch.Tensor], Any]:
+        L.seed_everything(123)
+        model = Classifier(dropout=0.5, batchnorm=True)
+        monitor = GeometryMonitor(every_n_steps=1, probes=["train", "val", "random"], probe_size=6, flatness_top_k=2,
+                                  log_spaced=5) if with_monitor else None
+        tr = trainer(tmp_path / str(with_monitor), monitor, logger="csv", max_epochs=2, limit_train_batches=3)
+        tr.fit(model, **loaders(train=48))
+        if with_monitor:
+            rows = csv_rows(tr)
+            assert sum(bool(r.get("geometry/random/batch_functional_dimension")) for r in rows) == 7
+            assert sum(bool(r.get("geometry/flatness/max_eigenvalue")) for r in rows) == 7
+            # measured in eval mode: BatchNorm is affine there, Dropout off: the ReLU scaling bound holds
+            assert all(float(r["geometry/train/num_hidden_neurons"]) == 0 for r in rows
+                       if r.get("geometry/train/num_hidden_neurons"))
+        rng = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        return {k: v.clone() for k, v in model.state_dict().items()}, rng
+
+    plain, plain_rng = run(False)
+    watched, watched_rng = run(True)
+    assert plain.keys() == watched.keys()
+    for key in plain:
+        assert torch.equal(plain[key], watched[key]), key
+    assert torch.equal(plain_rng[0], watched_rng[0])
+    assert plain_rng[1] == watched_rng[1]
+    assert np.array_equal(plain_rng[2], watched_rng[2])
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_a_failing_measure_warns_logs_nan_and_training_continues(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=4, measures=["dimension", "flatness"])
+    tr = trainer(tmp_path, monitor, logger="csv", max_epochs=2, limit_train_batches=2)
+    with pytest.warns(RuntimeWarning, match="refuses to run in eval mode") as record:
+        tr.fit(Classifier(fail_in_eval=True), **loaders(val=None))
+    assert any("pass on_error='raise'" in str(w.message) for w in record)
+    assert tr.global_step == 4  # training went on to the end
+    rows = csv_rows(tr)
+    bfd = [(int(r["step"]), r["geometry/train/batch_functional_dimension"]) for r in rows
+           if r.get("geometry/train/batch_functional_dimension")]
+    assert [s for s, _ in bfd] == [0, 2, 4] and all(math.isnan(float(v)) for _, v in bfd)
+    assert all(math.isnan(float(r["geometry/flatness/max_eigenvalue"])) for r in rows
+               if r.get("geometry/flatness/max_eigenvalue"))
+
+
+def test_on_error_raise_is_fatal(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=4, measures=["dimension"],
+                              on_error="raise")
+    tr = trainer(tmp_path, monitor, logger="csv", max_epochs=2, limit_train_batches=2)
+    with pytest.raises(GeometryError, match=r"dimension on probe 'train' failed.*refuses to run in eval mode"):
+        tr.fit(Classifier(fail_in_eval=True), **loaders(val=None))
+    assert tr.global_step == 0  # the step-0 measurement stopped the run
+
+
+def test_not_applicable_measures_are_skipped_with_one_warning(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model = Classifier()
+    model.net[1] = nn.Tanh()  # no ReLU: the dimension is defined, regions and alignment are not
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=4, measures=["dimension", "alignment"])
+    tr = trainer(tmp_path, monitor, max_epochs=2, limit_train_batches=2)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        tr.fit(model, **loaders(val=None))
+    messages = [str(w.message) for w in record if "not applicable" in str(w.message)]
+    assert len(messages) == 2  # once for linear regions, once for alignment, not at every measurement
+    acc = events(tr)
+    assert steps(acc, "geometry/train/batch_functional_dimension") == [0, 2, 4]
+    assert not [t for t in acc.Tags()["scalars"] if "linear_regions" in t or "alignment" in t]
+
+
+@pytest.mark.parametrize(
+    ("monitor_kwargs", "model_cls", "trainer_kwargs", "fit_kwargs", "match"),
+    [
+        ({}, Classifier, {"logger": False}, {}, "needs a logger"),
+        ({"module": "nope"}, Classifier, {}, {}, "has no such submodule"),
+        ({}, NoForward, {}, {}, "does not define forward"),
+        ({"probes": ["val"]}, Classifier, {}, {"val": None}, "needs a val dataloader"),
+        ({"probes": ["random"], "measures": ["flatness"]}, Classifier, {}, {}, "flatness needs a probe with targets"),
+    ],
+    ids=["no_logger", "unknown_module", "no_forward", "no_val_data", "flatness_without_targets"],
+)
+def test_unsupported_setups_are_refused_before_training(
+    tmp_path: Path, monitor_kwargs: dict, model_cls: type, trainer_kwargs: dict, fit_kwargs: dict, match: str
+) -> None:
+    monitor = GeometryMonitor(probe_size=4, **{"measures": ["dimension"], **monitor_kwargs})
+    tr = trainer(tmp_path, monitor, **{"logger": "tb", **trainer_kwargs})
+    with pytest.raises(MisconfigurationException, match=match):
+        tr.fit(model_cls(), **loaders(**fit_kwargs))
+    assert tr.global_step == 0
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"measures": ["curvature"]}, "choose among"),
+        ({"every_n_steps": 0}, "positive integer"),
+        ({"schedules": {"flatness": {"every_n_epochs": 2}}, "measures": ["dimension"]}, "not measured"),
+        ({"probes": ["train", "train"]}, "unique"),
+        ({"probes": [{"source": "test"}]}, "source"),
+        ({"probes": ["flatness"]}, "source"),
+        ({"probes": [{"name": "flatness", "source": "train"}]}, "invalid"),
+        ({"flatness_probe": "val", "probes": ["train"]}, "not one of the probes"),
+        ({"engine": "magic"}, "engine"),
+        ({"dtype": "float16"}, "dtype"),
+        ({"on_error": "ignore"}, "on_error"),
+        ({"loss_fn": "hinge"}, "loss_fn"),
+    ],
+)
+def test_invalid_arguments_are_refused_at_construction(kwargs: dict, match: str) -> None:
+    with pytest.raises(MisconfigurationException, match=match):
+        GeometryMonitor(**kwargs)
+
+
+# ---------------------------------------------------------------- probes
+
+
+def test_validation_only_probe(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["val"], probe_size=6, measures=["dimension", "flatness"])
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
+    fit = loaders(train=48, val=10)
+    tr.fit(Classifier(), **fit)
+    probe = monitor.probes["val"]
+    indices = probe.state["indices"]
+    assert indices == select_indices(10, 6, probe_seed(0, "val"))
+    val_set = fit["val_dataloaders"].dataset
+    assert torch.equal(probe.x, val_set.tensors[0][indices]) and torch.equal(probe.y, val_set.tensors[1][indices])
+    scalars = events(tr).Tags()["scalars"]
+    assert "geometry/val/batch_functional_dimension" in scalars
+    assert "geometry/flatness/max_eigenvalue" in scalars  # the val probe has targets
+    assert not [t for t in scalars if t.startswith("geometry/train/")]
+
+
+def test_default_probes_leave_out_val_without_validation_data(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_epochs=1, probe_size=4, measures=["dimension"])
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=1)
+    tr.fit(Classifier(), **loaders(val=None))
+    assert list(monitor.probes) == ["train", "random"]
+    assert monitor.probes["random"].x.shape == (4, IN)
+
+
+def test_resume_from_checkpoint_keeps_the_probes(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    first = GeometryMonitor(every_n_epochs=1, probes=["train", "val", {"name": "noise", "source": "random"}],
+                            probe_size=6, measures=["dimension"], seed=1)
+    tr = trainer(tmp_path / "a", first, logger="csv", max_epochs=1, limit_train_batches=2)
+    tr.fit(Classifier(), **loaders(train=48))
+    ckpt = tmp_path / "a.ckpt"
+    tr.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=False)["callbacks"][first.state_key]
+    assert saved["probes"]["train"]["indices"] == first.probes["train"].state["indices"]
+    assert saved["clock"]["last_step"] == {"dimension": 2}
+
+    # a new monitor with another seed: resuming restores the probes of the first run
+    second = GeometryMonitor(every_n_epochs=1, probes=["train", "val", {"name": "noise", "source": "random"}],
+                             probe_size=6, measures=["dimension"], seed=99)
+    assert second.state_key == first.state_key
+    tr2 = trainer(tmp_path / "b", second, logger="csv", max_epochs=2, limit_train_batches=2)
+    tr2.fit(Classifier(), ckpt_path=ckpt, **loaders(train=48))
+    fresh = select_indices(48, 6, probe_seed(99, "train"))
+    assert fresh != first.probes["train"].state["indices"]  # so the equality below is not a coincidence
+    for name in ("train", "val", "noise"):
+        assert second.probes[name].state == first.probes[name].state
+        assert torch.equal(second.probes[name].x, first.probes[name].x)
+    rows = csv_rows(tr2)
+    assert [int(r["step"]) for r in rows if r.get("geometry/noise/batch_functional_dimension")] == [4]  # no step 0
+
+
+# ---------------------------------------------------------------- LightningCLI
+
+
+def test_lightning_cli_yaml_config(tmp_path: Path) -> None:
+    from lightning.pytorch.cli import LightningCLI
+
+    config = {
+        "seed_everything": 0,
+        "trainer": {
+            "max_epochs": 1, "limit_train_batches": 2, "limit_val_batches": 1, "enable_progress_bar": False,
+            "enable_model_summary": False, "enable_checkpointing": False, "default_root_dir": str(tmp_path),
+            "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}},
+            "callbacks": [{
+                "class_path": "lightning_geomdim.GeometryMonitor",
+                "init_args": {
+                    "every_n_epochs": 1,
+                    "probes": ["train", "val", {"name": "noise", "source": "random", "size": 5, "mean": 0.5}],
+                    "probe_size": 6,
+                    "measures": ["dimension", "flatness"],
+                    "schedules": {"flatness": {"at_start": False}},
+                    "loss_fn": "cross_entropy",
+                    "dtype": "float64",
+                    "on_error": "raise",
+                },
+            }],
+        },
+        "model": {"dropout": 0.1},
+        "data": {"train_size": 24, "val_size": 8},
+    }
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    cli = LightningCLI(Classifier, TinyData, args=["fit", "--config", str(path)])
+    monitor = next(c for c in cli.trainer.callbacks if isinstance(c, GeometryMonitor))
+    assert monitor.loss_fn == "cross_entropy" and monitor.dtype == torch.float64
+    assert monitor.probes["noise"].num_samples == 5
+    rows = csv_rows(cli.trainer)
+    assert [int(r["step"]) for r in rows if r.get("geometry/noise/batch_functional_dimension")] == [0, 2]
+    assert [int(r["step"]) for r in rows if r.get("geometry/flatness/max_eigenvalue")] == [2]
