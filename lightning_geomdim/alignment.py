@@ -116,6 +116,17 @@ def neuron_alignment(
         NotApplicableError: the model has no ``nn.ReLU`` / ``nn.LeakyReLU`` module, or no Linear/Conv layer
             feeds one as described in the module docstring.
         ValueError: threshold outside [−1, 1).
+
+    Example::
+
+        >>> import torch
+        >>> net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.ReLU(), torch.nn.Linear(3, 1))
+        >>> with torch.no_grad():
+        ...     _ = net[0].weight.copy_(torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.0, 1.0]]))
+        ...     _ = net[0].bias.zero_()
+        >>> stats = neuron_alignment(net)  # rows 0 and 1 share a direction
+        >>> list(stats), stats["0"].num_neurons, stats["0"].num_clusters
+        (['0'], 3, 2)
     """
     if not -1.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [-1, 1), got {threshold}: e.g. 0.99 links neurons within ~8°")

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import Tensor, nn
 
-from lightning_geomdim import FlatnessResult, flatness
+from lightning_geomdim import FlatnessResult, batch_functional_dimension, flatness
 from lightning_geomdim.lanczos import lanczos
 from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
 
@@ -130,8 +130,6 @@ def test_flat_dimension_is_params_minus_jacobian_rank_and_reuses_a_dimension() -
     model, loss_fn, x, y = cnn_case()
     res = flatness(model, loss_fn, x, y)
     assert res.flat_dimension == res.num_params - numpy_rank(dense_jacobian(model, x))
-    from lightning_geomdim import batch_functional_dimension
-
     dim = batch_functional_dimension(model, x)
     assert flatness(model, loss_fn, x, y, dimension=dim).flat_dimension == res.flat_dimension
     with pytest.raises(ValueError, match="same model"):
@@ -146,7 +144,8 @@ def test_auto_method_threshold() -> None:
 
 def test_generator_only_source_of_randomness_and_global_rng_untouched() -> None:
     model, loss_fn, x, y = ce_case()
-    kwargs = {"method": "lanczos", "trace_samples": 12, "top_k": 2}
+    dim = batch_functional_dimension(model, x)
+    kwargs = {"method": "lanczos", "trace_samples": 12, "top_k": 2, "dimension": dim}
     torch.manual_seed(123)
     state = torch.get_rng_state()
     first = flatness(model, loss_fn, x, y, generator=gen(1), **kwargs)
