@@ -472,3 +472,24 @@ def test_lightning_cli_yaml_config(tmp_path: Path) -> None:
     rows = csv_rows(cli.trainer)
     assert [int(r["step"]) for r in rows if r.get("geometry/noise/batch_functional_dimension")] == [0, 2]
     assert [int(r["step"]) for r in rows if r.get("geometry/flatness/max_eigenvalue")] == [2]
+
+
+# ---------------------------------------------------------------- README
+
+
+def test_readme_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The "Add it to your training" snippet, as written except for 1 epoch instead of 10 (runtime)."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Add it to your training"):]
+    code = section[section.index("```python\n") + len("```python\n"):]
+    code = code[: code.index("```")]
+    assert "max_epochs=10" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    exec(compile(code.replace("max_epochs=10", "max_epochs=1"), "README.md", "exec"), namespace)
+    tr = namespace["trainer"]
+    acc = events(tr)
+    assert Path(tr.logger.log_dir).is_relative_to(tmp_path)
+    assert steps(acc, "geometry/val/batch_functional_dimension") == [0, 1, 2, 3, 4, 6, 10]
+    assert steps(acc, "geometry/flatness/max_eigenvalue") == [0]
+    assert acc.Scalars("geometry/random/upper_bound")[0].value == 244 - 16
