@@ -13,7 +13,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.gram import gram_spectrum, gram_unsupported_reason
 from lightning_geomdim.jacobian import jacobian_spectrum
 from lightning_geomdim.memory import memory_budget
 from lightning_geomdim.rank import (
@@ -26,8 +28,8 @@ from lightning_geomdim.rank import (
 )
 from lightning_geomdim.symmetries import find_symmetries
 
-Engine = Literal["auto", "jacrev"]
-ENGINES = ("auto", "jacrev")
+Engine = Literal["auto", "gram", "jacrev"]
+ENGINES = ("auto", "gram", "jacrev")
 
 
 @dataclass(frozen=True)
@@ -63,17 +65,31 @@ class DimensionResult:
 
 
 def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> str:
-    """Resolve ``engine`` ("auto" picks the fastest engine that is exact for this model)."""
+    """Resolve ``engine``: "auto" is "gram" when the Gram engine is exact for this model and probe, else "jacrev".
+
+    Raises:
+        ValueError: unknown ``engine``.
+        NotApplicableError: ``engine="gram"`` on a model it cannot measure exactly (the message says why).
+    """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {ENGINES}")
-    return "jacrev" if engine == "auto" else engine
+    if engine == "jacrev":
+        return "jacrev"
+    reason = gram_unsupported_reason(fm, inputs)
+    if reason is None:
+        return "gram"
+    if engine == "gram":
+        raise NotApplicableError(reason)
+    return "jacrev"
 
 
 def compute_spectrum(
     engine: str, fm: FunctionalModel, inputs: ProbeInputs, num_outputs: int, *, chunk_size: int | None,
     budget: int,
 ) -> Spectrum:
-    """Run the resolved ``engine`` and return the singular values of J."""
+    """Run the resolved ``engine`` ("gram" or "jacrev") and return the singular values of J."""
+    if engine == "gram":
+        return gram_spectrum(fm, inputs, num_outputs, chunk_size=chunk_size, budget=budget)
     return jacobian_spectrum(fm, inputs, num_outputs, chunk_size=chunk_size, budget=budget)
 
 
@@ -104,10 +120,19 @@ def batch_functional_dimension(
         dtype: computation dtype of J, float64 by default whatever the model's dtype: a float32 Jacobian
             with a float64 tolerance over-counts the rank (SCIENCE.md).
         rtol: relative tolerance; default ``σ_max · max(M, P) · eps(dtype)`` (numpy's rule) for an SVD of
-            J, ``σ_max · sqrt(max(M, P) · eps(dtype))`` for σ read from a Gram matrix's eigenvalues. With
-            ``rtol``: ``rtol · σ_max``.
-        chunk_size: number of VJPs vmapped at once by the jacrev engine (bounds backward memory).
-        engine: "auto" (default), or "jacrev" (dense Jacobian + SVD, any differentiable model).
+            J, ``σ_max · max(max(M, P) · eps(dtype), sqrt(max(M, P) · eps64))`` for σ read from the
+            eigenvalues of the (float64) Gram matrix (see :mod:`lightning_geomdim.rank`). With ``rtol``:
+            ``rtol · σ_max``.
+        chunk_size: number of VJPs vmapped at once (bounds backward memory): rows of J for jacrev, output
+            coordinates per sample for gram.
+        engine: "gram" builds J Jᵀ (M × M) or Jᵀ J (P × P), whichever is smaller, from per-layer factors
+            without forming J, and reads σ = √λ from its eigenvalues; exact for networks of Linear/Conv2d
+            layers with per-sample activations, pooling, flatten, dropout, softmax in between (conditions in
+            :mod:`lightning_geomdim.gram`); peak memory ≈ 16·min(M, P)² bytes plus per-layer factors.
+            "jacrev" forms the dense M × P Jacobian and takes its exact SVD: any differentiable model, the
+            finest resolution (σ down to σ_max·max(M, P)·eps instead of σ_max·sqrt(max(M, P)·eps)), but
+            about 3·M·P·8 bytes and a much slower SVD. "auto" (default) picks "gram" when its conditions
+            hold on this model and probe, "jacrev" otherwise; ``DimensionResult.engine`` says which ran.
         max_memory_bytes: memory budget; default half the available memory (see
             :mod:`lightning_geomdim.memory`).
 
@@ -116,6 +141,7 @@ def batch_functional_dimension(
 
     Raises:
         ValueError: no trainable parameters, unknown names in ``params``, unknown ``engine``.
+        NotApplicableError: ``engine="gram"`` on a model the Gram engine cannot measure exactly.
         ProbeError: empty probe, unsupported type, or the model's forward fails on it (chained).
         NonFiniteError: NaN/inf in the parameters or outputs.
         MemoryBudgetError: the engine would exceed the memory budget (raised before allocating).

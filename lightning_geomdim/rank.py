@@ -4,10 +4,16 @@ Tolerance rule (numpy's ``matrix_rank`` rule, applied in the dtype the matrix wa
 
 * singular values from an SVD of the M × P matrix J:
   ``tol = σ_max · max(M, P) · eps(dtype)``, rank = #{σ_i > tol};
-* singular values recovered as √λ from the eigenvalues λ of a Gram matrix J Jᵀ or Jᵀ J (``from_gram``):
-  the eigenvalues carry an absolute error ≈ max(M, P) · eps · λ_max, so the rule is applied to λ,
-  ``λ_i > λ_max · max(M, P) · eps``, i.e. ``tol = σ_max · sqrt(max(M, P) · eps)`` on σ. A float64 Gram
-  therefore resolves σ down to ~1e-6 · σ_max for P ≈ 25,000, a dense SVD down to ~1e-11 · σ_max;
+* singular values recovered as √λ from the eigenvalues λ of a Gram matrix J Jᵀ or Jᵀ J (``from_gram``),
+  accumulated and diagonalised in float64 from factors computed in ``dtype``. Two errors add up: the
+  float64 products and eigensolver give λ an absolute error ≈ max(M, P) · eps64 · λ_max (inner products of
+  length up to max(M, P)), so λ counts only when ``λ_i > λ_max · max(M, P) · eps64``, i.e.
+  σ > σ_max · sqrt(max(M, P) · eps64); and the factors' own round-off makes the Gram the exact Gram of a
+  perturbed J + E with ‖E‖ ≈ max(M, P) · eps(dtype) · σ_max, the same error as an SVD of J computed in
+  ``dtype``. Hence ``tol = σ_max · max(max(M, P) · eps(dtype), sqrt(max(M, P) · eps64))``: for float64
+  the square-root term (the Gram squares the condition number), for float32 factors the numpy rule of a
+  float32 SVD (√ of a float32 eps would discard σ up to ~5e-2 · σ_max). A float64 Gram therefore resolves
+  σ down to ~2e-6 · σ_max for P ≈ 25,000, a dense SVD down to ~6e-12 · σ_max;
 * ``rtol`` given: ``tol = rtol · σ_max`` in both cases.
 
 A rank is only as trustworthy as the gap around the threshold: :func:`spectral_gap` reports σ_r / σ_{r+1}.
@@ -28,8 +34,10 @@ class Spectrum:
 
     Attributes:
         singular_values: shape (min(M, P),), float64, descending, non-negative.
-        dtype: the dtype the Jacobian or Gram matrix was computed in (sets eps in the tolerance).
-        from_gram: True when σ = √λ of a Gram matrix's eigenvalues (coarser resolution, see module doc).
+        dtype: the dtype the Jacobian, or the Gram matrix's factors, were computed in (sets eps in the
+            tolerance).
+        from_gram: True when σ = √λ of the eigenvalues of a float64 Gram matrix (coarser resolution, see
+            module doc).
     """
 
     singular_values: Tensor
@@ -48,7 +56,9 @@ def rank_tolerance(
         return float(rtol) * sigma_max
     eps = torch.finfo(dtype).eps
     n = max(num_rows, num_cols)
-    return sigma_max * (math.sqrt(n * eps) if from_gram else n * eps)
+    if from_gram:
+        return sigma_max * max(n * eps, math.sqrt(n * torch.finfo(torch.float64).eps))
+    return sigma_max * n * eps
 
 
 def numerical_rank(singular_values: Tensor, tolerance: float) -> int:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 #: Engines of batch_functional_dimension that every core test runs against.
-ENGINES = ["jacrev"]
+ENGINES = ["jacrev", "gram"]
 
 
 @pytest.fixture(params=ENGINES)

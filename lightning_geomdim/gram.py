@@ -1,0 +1,598 @@
+"""The structured Gram engine: J Jᵀ (M × M) or Jᵀ J (P × P) from per-layer factors, then its eigenvalues.
+
+The M × P Jacobian J = ∂ vec f_θ(X) / ∂θ is never formed. For a network whose samples are processed
+independently, row (n, k) of J only involves sample n; for a measured affine layer l with pre-activation
+z_l = W_l u + b_l applied at positions t (t = 1 for a Linear layer on (N, in) inputs; the output pixels of a
+convolution) write
+
+* u_l(x_n)_t ∈ R^D: the layer input at position t (Linear: h_{l−1}(x_n); Conv2d: the patch of the input
+  read by output pixel t, ``F.unfold``; D = C_in · kh · kw);
+* g_l(n, k)_t = ∂f_k(x_n) / ∂z_l(x_n)_t ∈ R^O: the backprop signal of output coordinate k (O = out
+  features / out channels). Because samples are independent, Σ_n' f_k(x_n') backpropagated once gives
+  g_l(n, k) for every n at the same time: one backward per output coordinate, batched with ``vmap``.
+
+Then ∂f_k(x_n)/∂W_l = Σ_t g_t ⊗ u_t and ∂f_k(x_n)/∂b_l = Σ_t g_t, and the Gram matrix is a sum over layers
+
+    (J Jᵀ)[(n,k), (n',k')] = Σ_l Σ_{t,t'} ⟨g_l(n,k)_t, g_l(n',k')_t'⟩ · (⟨u_l(x_n)_t, u_l(x_n')_t'⟩ + 1).
+
+For a Linear layer (t = 1) this is SCIENCE.md's (G_l G_lᵀ) ⊙ (H_l H_lᵀ + 1) with H_l H_lᵀ (N × N) repeated
+over the K × K output blocks; the "+ 1" is the bias and is dropped when the bias is not measured, the
+H_l H_lᵀ term when the weight is not. For a convolution the double sum over output pixels is evaluated
+either as that kernel (T² products of M × O signal matrices, cheap when the feature map is small) or,
+when cheaper, through the per-sample weight gradients A_l(n,k) = Σ_t g_t u_tᵀ (O × D, in chunks of
+output channels) as A_l A_lᵀ, plus s sᵀ with s = Σ_t g_t for the bias. When P < M the engine builds
+Jᵀ J = Σ_chunks J_Sᵀ J_S instead, from the rows J_S of a chunk of samples assembled from the same factors
+(the column order does not matter for the spectrum). Parameters outside ``fm.params`` have no columns:
+only the measured weights and biases contribute. Every product is accumulated in float64.
+
+Exactness conditions (checked on the probe by :func:`gram_plan`; ``engine="auto"`` falls back to jacrev
+when one fails, ``engine="gram"`` raises :class:`NotApplicableError`):
+
+* one positional tensor input, no keyword inputs; no shared or tied parameters;
+* every module that owns parameters (frozen or not) is a plain ``nn.Linear`` or ``nn.Conv2d`` (groups = 1,
+  zero padding, no hooks), called at most once;
+* every other module that runs is a parameter-free module known to act on each sample separately
+  (ReLU-like and other elementwise activations, dropout in eval mode, pooling, flatten, softmax over a
+  non-batch dimension, identity);
+* data flows only from module to module: each module's input is the probe input or, unmodified, the
+  output of an earlier module, and the measured output is a module's output (``output_fn`` may only pick
+  it out of a tuple or dict). Any functional code between modules (``x + y``, ``torch.relu``,
+  ``x.view``, in-place edits) is thereby detected and refused, because it could mix samples.
+
+Peak memory (float64, d = min(M, P_used)): 16 · d² bytes (the Gram and the working copy LAPACK's
+eigensolver makes), plus the per-layer factors 8 · Σ_l (N · T_l · D_l + M · T_l · O_l) bytes (plus the
+same again in the computation dtype), plus the backward intermediates of ``chunk_size`` output coordinates
+(≈ chunk_size × the forward activations). :func:`gram_bytes` is checked against the memory budget before
+anything is allocated.
+
+Tolerance: σ = √max(λ, 0) with the Gram rule of :mod:`lightning_geomdim.rank` (``from_gram=True``): a
+float64 Gram resolves σ down to about σ_max · sqrt(max(M, P) · eps64) (~2e-6 σ_max for the paper's MLP),
+a dense SVD (``engine="jacrev"``) down to σ_max · max(M, P) · eps64 (~6e-12 σ_max). Use jacrev when the
+spectral gap shows singular values between those two levels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_geomdim.errors import NotApplicableError
+from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.memory import check_memory
+from lightning_geomdim.rank import Spectrum
+
+#: Parameterised modules the engine differentiates by formula (exact types, or subclasses keeping forward).
+AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+_ELEMENTWISE: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
+    nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink,
+    nn.Identity,
+)
+_DROPOUT: tuple[type[nn.Module], ...] = (
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
+)
+# Pooling acts on the trailing 1-3 dimensions and torch requires one more leading dimension, so it never
+# mixes entries along dim 0 (the samples).
+_POOLING: tuple[type[nn.Module], ...] = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.LPPool1d,
+    nn.LPPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+_ALONG_DIM: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Flatten, nn.Unflatten)
+#: Parameter-free modules known to act on each sample separately (exact types only).
+PER_SAMPLE_TYPES: tuple[type[nn.Module], ...] = (*_ELEMENTWISE, *_DROPOUT, *_POOLING, *_ALONG_DIM)
+
+Side = Literal["outputs", "params"]
+
+
+@dataclass(frozen=True)
+class GramLayer:
+    """A measured affine layer as the engine sees it.
+
+    Attributes:
+        name: module name in ``named_modules()`` ("" for the root).
+        module: the ``nn.Linear`` / ``nn.Conv2d``.
+        weight: the weight is among the measured parameters.
+        bias: the bias exists and is measured.
+        positions: T, positions the layer is applied at per sample (Linear: product of the middle input
+            dimensions, 1 for (N, in) inputs; Conv2d: output pixels Ho · Wo).
+        features: D, length of the layer input at one position (in_features; C_in · kh · kw).
+        units: O, out_features or out_channels.
+    """
+
+    name: str
+    module: nn.Module
+    weight: bool
+    bias: bool
+    positions: int
+    features: int
+    units: int
+
+    @property
+    def num_params(self) -> int:
+        """Measured scalar parameters of the layer."""
+        return self.units * (self.features * self.weight + self.bias)
+
+
+@dataclass(frozen=True)
+class GramPlan:
+    """What :func:`gram_matrix` will compute, read from one traced forward pass.
+
+    Attributes:
+        layers: the measured affine layers that ran, in execution order.
+        num_samples: N.
+        outputs_per_sample: K (the measured output has M = N · K entries).
+        num_params: P, every measured parameter (those of modules that did not run have zero columns).
+        activation_numel: entries of all module outputs of the forward pass (for the backward's memory).
+    """
+
+    layers: tuple[GramLayer, ...]
+    num_samples: int
+    outputs_per_sample: int
+    num_params: int
+    activation_numel: int
+
+    @property
+    def num_outputs(self) -> int:
+        """M = N · K."""
+        return self.num_samples * self.outputs_per_sample
+
+    @property
+    def used_params(self) -> int:
+        """Measured parameters of the layers that ran (the others have zero Jacobian columns)."""
+        return sum(layer.num_params for layer in self.layers)
+
+    @property
+    def side(self) -> Side:
+        """"outputs" for J Jᵀ (M × M) or "params" for Jᵀ J (P_used × P_used), whichever is smaller."""
+        return "outputs" if self.num_outputs <= self.used_params else "params"
+
+    @property
+    def size(self) -> int:
+        """Side length d of the Gram matrix."""
+        return min(self.num_outputs, self.used_params)
+
+
+def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None) -> int:
+    """Peak memory estimate of :func:`gram_spectrum`, in bytes (formula in the module docstring)."""
+    n, m = plan.num_samples, plan.num_outputs
+    factors = sum(n * lay.positions * lay.features + m * lay.positions * lay.units for lay in plan.layers)
+    chunk = plan.outputs_per_sample if chunk_size is None else min(chunk_size, plan.outputs_per_sample)
+    backward = chunk * plan.activation_numel * itemsize
+    return 16 * plan.size**2 + (8 + itemsize) * factors + backward
+
+
+# --------------------------------------------------------------------------------------------- structure
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _global_hooks() -> bool:
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
+def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of ``conv`` as two ints, or None when ``F.unfold`` cannot express it."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    return (int(conv.padding[0]), int(conv.padding[1]))
+
+
+def _affine_problem(name: str, module: nn.Module) -> str | None:
+    """Why ``module`` (which owns parameters) is not a supported affine layer, or None."""
+    label = f"module {name or '<root>'!r} ({type(module).__name__})"
+    if not isinstance(module, AFFINE_TYPES):
+        return (f"{label} has parameters; the Gram engine differentiates only nn.Linear and nn.Conv2d by "
+                "formula")
+    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
+    if type(module).forward is not base.forward or (
+        base is nn.Conv2d and type(module)._conv_forward is not nn.Conv2d._conv_forward
+    ):
+        return f"{label} overrides forward"
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if "weight" not in own or not own <= {"weight", "bias"} or next(module.children(), None) is not None:
+        return f"{label} has parameters {sorted(own)} or submodules (a reparametrisation?)"
+    if _has_hooks(module):
+        return f"{label} has forward hooks, which may change its input or output"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"{label} has groups={module.groups} (only groups=1 is supported)"
+        if module.padding_mode != "zeros":
+            return f"{label} has padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+        if _conv_padding(module) is None:
+            return f"{label} has asymmetric 'same' padding"
+    return None
+
+
+def _per_sample_problem(label: str, module: nn.Module, inp: Tensor) -> str | None:
+    """Why the parameter-free ``module`` may mix samples on ``inp``, or None."""
+    if type(module) not in PER_SAMPLE_TYPES:
+        return (f"{label} is not known to act on each sample separately (supported: Linear, Conv2d and "
+                "elementwise activations, dropout, pooling, flatten, softmax)")
+    if _has_hooks(module):
+        return f"{label} has forward hooks"
+    if isinstance(module, _DROPOUT) and module.training:
+        return f"{label} is in training mode (random masks); measure in eval mode"
+    if isinstance(module, _POOLING) and getattr(module, "return_indices", False):
+        return f"{label} returns indices"
+    if isinstance(module, _ALONG_DIM):
+        dim = module.start_dim if isinstance(module, nn.Flatten) else module.dim
+        if dim is None or (inp.dim() > 0 and dim % inp.dim() == 0):
+            return f"{label} acts along dim {dim}, which may be the sample dimension"
+    return None
+
+
+@dataclass
+class _Call:
+    name: str
+    module: nn.Module
+    input: Any
+    input_version: int
+    output: Any = None
+    output_version: int = -1
+
+
+def _traced_calls(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[list[_Call], Tensor]:
+    """Run ``fm`` once without autograd, recording every leaf call's input and output with tensor versions."""
+    calls: list[_Call] = []
+    stack: list[_Call] = []
+    handles = []
+
+    def pre(name: str, m: nn.Module, args: tuple[Any, ...]) -> None:
+        inp = args[0] if len(args) == 1 else args
+        call = _Call(name, m, inp, inp._version if isinstance(inp, Tensor) else -1)
+        calls.append(call)
+        stack.append(call)
+
+    def post(m: nn.Module, out: Any) -> None:
+        call = stack.pop()
+        call.output = out
+        call.output_version = out._version if isinstance(out, Tensor) else -1
+
+    try:
+        for name, sub in fm.module.named_modules():
+            if next(sub.children(), None) is None or any(True for _ in sub.parameters(recurse=False)):
+                handles.append(sub.register_forward_pre_hook(lambda m, a, _n=name: pre(_n, m, a)))
+                handles.append(sub.register_forward_hook(lambda m, a, o: post(m, o)))
+        with torch.no_grad():
+            out = fm(fm.params, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls, out
+
+
+def gram_unsupported_reason(fm: FunctionalModel, inputs: ProbeInputs) -> str | None:
+    """Why the Gram engine would not be exact for ``fm`` on ``inputs`` (None when it is)."""
+    try:
+        gram_plan(fm, inputs)
+    except NotApplicableError as err:
+        return str(err)
+    return None
+
+
+def gram_plan(fm: FunctionalModel, inputs: ProbeInputs) -> GramPlan:
+    """Check the exactness conditions (module docstring) on one traced forward pass and plan the Gram.
+
+    Raises:
+        NotApplicableError: a condition fails; the message names the module and the alternative engine.
+    """
+    problem, plan = _plan(fm, inputs)
+    if problem is not None:
+        raise NotApplicableError(
+            f"the Gram engine is not exact for this model: {problem}. Use engine='jacrev' (dense Jacobian, "
+            "any differentiable model) or engine='auto', which falls back to it"
+        )
+    assert plan is not None
+    return plan
+
+
+def _plan(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[str | None, GramPlan | None]:
+    module = fm.module
+    if inputs.kwargs or len(inputs.args) != 1 or not isinstance(inputs.args[0], Tensor):
+        return "the probe is not a single positional tensor", None
+    probe = inputs.args[0]
+    n = inputs.num_samples
+    if _global_hooks():
+        return "global module forward hooks are registered", None
+    named = list(module.named_parameters(remove_duplicate=False))
+    if len(named) != len(dict(module.named_parameters())):
+        return "some parameters are shared (tied) between modules", None
+    storages = [p.untyped_storage().data_ptr() for _, p in named if p.numel() > 0]
+    if len(storages) != len(set(storages)):
+        return "some parameters share storage (tied or views of one tensor)", None
+    for name, sub in module.named_modules():
+        if any(True for _ in sub.parameters(recurse=False)):
+            problem = _affine_problem(name, sub)
+            if problem is not None:
+                return problem, None
+
+    probe_version = probe._version
+    calls, out = _traced_calls(fm, inputs)
+    produced: dict[int, _Call] = {}  # id(tensor) -> latest call that output it (tensors kept alive by calls)
+    seen_affine: set[str] = set()
+    layers: list[GramLayer] = []
+    selected = set(fm.params)
+    activation_numel = 0
+    for call in calls:
+        label = f"module {call.name or '<root>'!r} ({type(call.module).__name__})"
+        inp = call.input
+        if not isinstance(inp, Tensor) or inp.dim() == 0 or inp.shape[0] != n:
+            return f"{label} is not called on one tensor of {n} samples", None
+        src = produced.get(id(inp))
+        from_probe = inp is probe and call.input_version == probe_version
+        if not from_probe and (src is None or src.output_version != call.input_version):
+            return (f"the input of {label} is computed outside modules (functional code, or an in-place "
+                    "change, between modules)"), None
+        if not isinstance(call.output, Tensor) or call.output.dim() == 0 or call.output.shape[0] != n:
+            return f"{label} does not return one tensor of {n} samples", None
+        activation_numel += call.output.numel()
+        if isinstance(call.module, AFFINE_TYPES):
+            if call.name in seen_affine:
+                return f"{label} is called more than once (shared weights)", None
+            seen_affine.add(call.name)
+            if isinstance(call.module, nn.Conv2d) and inp.dim() != 4:
+                return f"{label} is called on a {inp.dim()}-d input (only batched (N, C, H, W) inputs)", None
+            layer = _layer(call, selected)
+            if layer is not None:
+                layers.append(layer)
+        else:
+            problem = _per_sample_problem(label, call.module, inp)
+            if problem is not None:
+                return problem, None
+        produced[id(call.output)] = call
+    last = produced.get(id(out))
+    if last is None or last.output_version != out._version:
+        return ("the measured output is not a module's output (functional code after the last module, or an "
+                "output_fn that computes rather than selects)"), None
+    if out.dim() == 0 or out.shape[0] != n:
+        return f"the measured output has shape {tuple(out.shape)}, not ({n}, ...)", None
+    plan = GramPlan(
+        layers=tuple(layers), num_samples=n, outputs_per_sample=out.numel() // n, num_params=fm.num_params,
+        activation_numel=activation_numel,
+    )
+    return None, plan
+
+
+def _layer(call: _Call, selected: set[str]) -> GramLayer | None:
+    m = call.module
+    prefix = f"{call.name}." if call.name else ""
+    weight = prefix + "weight" in selected
+    bias = m.bias is not None and prefix + "bias" in selected
+    if not (weight or bias):
+        return None
+    out = call.output
+    if isinstance(m, nn.Linear):
+        return GramLayer(call.name, m, weight, bias, positions=call.input[0].numel() // m.in_features,
+                         features=m.in_features, units=m.out_features)
+    return GramLayer(call.name, m, weight, bias, positions=out.shape[2] * out.shape[3],
+                     features=m.in_channels * m.kernel_size[0] * m.kernel_size[1], units=m.out_channels)
+
+
+# --------------------------------------------------------------------------------------------- factors
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """Per-layer factors in float64: ``inputs`` U (N, T, D) and ``signals`` (T, M, O), rows n · K + k."""
+
+    layer: GramLayer
+    inputs: Tensor
+    signals: Tensor
+
+
+def layer_factors(
+    fm: FunctionalModel, inputs: ProbeInputs, plan: GramPlan, *, chunk_size: int | None = None,
+) -> list[LayerFactors]:
+    """Layer inputs (traced forward) and backprop signals g = ∂f_k(x_n)/∂z_l (one batched backward per k).
+
+    Each measured layer's output z is replaced by z + δ with δ = 0 requiring grad, so that ∂f/∂δ = ∂f/∂z even
+    when a later in-place activation overwrites z. The K cotangents (e_k for every sample) are backpropagated
+    ``chunk_size`` at a time (default all) with ``is_grads_batched``.
+    """
+    modules = {layer.name: layer for layer in plan.layers}
+    recorded: dict[str, Tensor] = {}
+    deltas: dict[str, Tensor] = {}
+    handles = []
+
+    def hook(name: str, args: tuple[Any, ...], out: Tensor) -> Tensor:
+        recorded[name] = args[0].detach().clone()  # a later in-place op must not change the saved input
+        delta = torch.zeros_like(out, requires_grad=True)
+        deltas[name] = delta
+        return out + delta
+
+    try:
+        for name, sub in fm.module.named_modules():
+            if name in modules:
+                handles.append(sub.register_forward_hook(lambda m, a, o, _n=name: hook(_n, a, o)))
+        with torch.enable_grad():
+            out = fm(fm.params, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    n, k = plan.num_samples, plan.outputs_per_sample
+    if out.shape[0] != n or out.numel() != n * k or set(deltas) != set(modules):
+        raise NotApplicableError(
+            "the model's forward differs between two passes on the same probe (data-dependent structure): "
+            "use engine='jacrev'"
+        )
+    names = list(deltas)
+    grads: list[list[Tensor]] = [[] for _ in names]
+    step = k if chunk_size is None else max(1, min(int(chunk_size), k))
+    if out.requires_grad:
+        eye = torch.eye(k, dtype=out.dtype, device=out.device)
+        for start in range(0, k, step):
+            stop = min(start + step, k)
+            cot = eye[start:stop].reshape(stop - start, 1, *out.shape[1:]).expand(stop - start, *out.shape)
+            parts = torch.autograd.grad(out, [deltas[nm] for nm in names], grad_outputs=cot, retain_graph=True,
+                                        is_grads_batched=True, allow_unused=True)
+            for i, (nm, g) in enumerate(zip(names, parts, strict=True)):
+                grads[i].append(torch.zeros((stop - start, *deltas[nm].shape), dtype=out.dtype, device=out.device)
+                                if g is None else g)
+    else:  # no measured layer reaches the output
+        grads = [[torch.zeros((k, *deltas[nm].shape), dtype=out.dtype, device=out.device)] for nm in names]
+    del out
+    deltas.clear()
+    factors = {}
+    for nm, chunks in zip(names, grads, strict=True):
+        g = torch.cat(chunks, dim=0).to(torch.float64)  # (K, N, *z)
+        factors[nm] = _unify(modules[nm], recorded.pop(nm).to(torch.float64), g, n, k)
+        chunks.clear()
+    return [factors[layer.name] for layer in plan.layers]
+
+
+def _unify(layer: GramLayer, h: Tensor, g: Tensor, n: int, k: int) -> LayerFactors:
+    """U (N, T, D) and signals (T, N·K, O) for a Linear or Conv2d layer."""
+    m = layer.module
+    if isinstance(m, nn.Linear):
+        u = h.reshape(n, -1, layer.features)
+        sig = g.reshape(k, n, -1, layer.units)
+    else:
+        assert isinstance(m, nn.Conv2d)
+        pad = _conv_padding(m)
+        assert pad is not None
+        u = F.unfold(h, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride).transpose(1, 2)
+        sig = g.reshape(k, n, layer.units, -1).transpose(2, 3)
+    # (K, N, T, O) -> (T, N, K, O) -> (T, M, O): row n·K + k, as in vec f(X)
+    sig = sig.permute(2, 1, 0, 3).reshape(layer.positions, n * k, layer.units)
+    return LayerFactors(layer, u.contiguous(), sig.contiguous())
+
+
+# --------------------------------------------------------------------------------------------- Gram
+
+
+def _kernel_cost(lay: GramLayer, m: int, n: int) -> float:
+    t = lay.positions
+    return t * t * (m * m * (lay.units + 1) + n * n * lay.features)
+
+
+def _explicit_cost(lay: GramLayer, m: int) -> float:
+    return m * lay.positions * lay.units * lay.features + m * m * lay.units * (lay.features + 1)
+
+
+def _add_output_gram(gram: Tensor, f: LayerFactors, n: int, k: int) -> None:
+    """gram (M × M, rows n·K + k) += this layer's block J_l J_lᵀ (formulas in the module docstring)."""
+    lay, u, sig = f.layer, f.inputs, f.signals
+    m = n * k
+    view = gram.view(n, k, n, k)
+    if not lay.weight:  # bias only: s sᵀ with s = Σ_t g_t
+        s = sig.sum(0)
+        gram.addmm_(s, s.T)
+        return
+    if _kernel_cost(lay, m, n) <= _explicit_cost(lay, m):
+        for p in range(lay.positions):
+            for q in range(lay.positions):
+                c = u[:, p] @ u[:, q].T  # (N, N): ⟨u(x_n)_p, u(x_n')_q⟩
+                if lay.bias:
+                    c += 1.0
+                tmp = sig[p] @ sig[q].T  # (M, M): ⟨g(n,k)_p, g(n',k')_q⟩
+                tmp.view(n, k, n, k).mul_(c[:, None, :, None])
+                view.add_(tmp.view(n, k, n, k))
+                del tmp
+        return
+    # per-sample weight gradients A(n,k) = Σ_t g_t u_tᵀ, in chunks of output units to bound memory
+    sig_nk = sig.view(lay.positions, n, k, lay.units)
+    per_unit = m * lay.features
+    step = max(1, min(lay.units, (m * m) // max(per_unit, 1)))
+    for start in range(0, lay.units, step):
+        a = torch.einsum("tnko,ntd->nkod", sig_nk[..., start : start + step], u).reshape(m, -1)
+        gram.addmm_(a, a.T)
+        del a
+    if lay.bias:
+        s = sig.sum(0)
+        gram.addmm_(s, s.T)
+
+
+def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int) -> Tensor:
+    """Rows (n, k) of J for n in ``samples``, columns grouped by layer (weight then bias), float64."""
+    blocks = []
+    for f in factors:
+        lay = f.layer
+        sig = f.signals[:, samples.start * k : samples.stop * k]  # (T, S·K, O)
+        s = samples.stop - samples.start
+        if lay.weight:
+            g = sig.view(lay.positions, s, k, lay.units)
+            blocks.append(torch.einsum("tnko,ntd->nkod", g, f.inputs[samples]).reshape(s * k, -1))
+        if lay.bias:
+            blocks.append(sig.sum(0))
+    return torch.cat(blocks, dim=1)
+
+
+def gram_from_factors(factors: Sequence[LayerFactors], plan: GramPlan) -> Tensor:
+    """The Gram matrix of J on ``plan.side``: J Jᵀ (M × M) or Jᵀ J (P_used × P_used), float64."""
+    n, k = plan.num_samples, plan.outputs_per_sample
+    device = factors[0].inputs.device if factors else torch.device("cpu")
+    d = plan.size
+    gram = torch.zeros((d, d), dtype=torch.float64, device=device)
+    if plan.side == "outputs":
+        for f in factors:
+            _add_output_gram(gram, f, n, k)
+        return gram
+    # Jᵀ J = Σ over chunks of samples of J_Sᵀ J_S; chunks of about d rows keep J_S no larger than the Gram
+    per_chunk = max(1, d // max(k, 1))
+    for start in range(0, n, per_chunk):
+        rows = _jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k)
+        gram.addmm_(rows.T, rows)
+        del rows
+    return gram
+
+
+def gram_matrix(
+    fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int | None = None, budget: int | None = None,
+) -> tuple[Tensor, GramPlan]:
+    """J Jᵀ or Jᵀ J (whichever is smaller, ``plan.side``), float64, and the plan it was built from.
+
+    Raises:
+        NotApplicableError: the engine is not exact for this model (see :func:`gram_plan`).
+        MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
+    """
+    plan = gram_plan(fm, inputs)
+    if budget is not None:
+        needed = gram_bytes(plan, torch.empty((), dtype=fm.dtype).element_size(), chunk_size=chunk_size)
+        check_memory(
+            needed, budget,
+            what=f"the {plan.size} × {plan.size} Gram matrix of J (M = {plan.num_outputs}, P = "
+            f"{plan.num_params}) with its per-layer factors (engine='gram')",
+            remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
+            "chunk_size (output coordinates backpropagated at once)",
+        )
+    factors = layer_factors(fm, inputs, plan, chunk_size=chunk_size)
+    return gram_from_factors(factors, plan), plan
+
+
+def gram_spectrum(
+    fm: FunctionalModel, inputs: ProbeInputs, num_outputs: int, *, chunk_size: int | None = None, budget: int,
+) -> Spectrum:
+    """Singular values of J as √max(λ, 0) of its Gram's eigenvalues: shape (min(M, P),), float64, descending.
+
+    Raises:
+        NotApplicableError: the engine is not exact for this model (see :func:`gram_plan`).
+        MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
+    """
+    gram, plan = gram_matrix(fm, inputs, chunk_size=chunk_size, budget=budget)
+    if num_outputs != plan.num_outputs:
+        raise NotApplicableError(
+            f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"
+        )
+    eig = torch.linalg.eigvalsh(gram) if gram.numel() else gram.new_zeros(0)
+    del gram
+    sv = eig.clamp_min(0).sqrt().flip(0)
+    total = min(num_outputs, fm.num_params)
+    if sv.numel() < total:  # parameters of modules that never ran: zero columns, zero singular values
+        sv = torch.cat([sv, sv.new_zeros(total - sv.numel())])
+    return Spectrum(sv.cpu(), fm.dtype, from_gram=True)
