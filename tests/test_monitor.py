@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_geomdim import GeometryError, GeometryMonitor, batch_functional_dimension
 from lightning_geomdim.probes import probe_seed, select_indices
 from lightning_geomdim.schedule import log_spaced_steps
+from lightning_geomdim.tensorboard import cosine_heatmap
 
 IN, HIDDEN, CLASSES = 4, 6, 3
 
@@ -191,6 +192,14 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
     assert "flatness: max eigenvalue and trace" in charts
 
 
+def test_cosine_heatmap_colours() -> None:
+    cos = torch.tensor([[1.0, 0.0], [-1.0, float("nan")]])
+    img = cosine_heatmap(cos)
+    assert img.shape == (3, 128, 128) and img.dtype == torch.float32
+    pixel = {(i, j): img[:, 64 * i, 64 * j].tolist() for i in range(2) for j in range(2)}
+    assert pixel == {(0, 0): [1, 0, 0], (0, 1): [1, 1, 1], (1, 0): [0, 0, 1], (1, 1): [0.5, 0.5, 0.5]}
+
+
 @pytest.mark.parametrize(
     ("schedule", "epochs", "batches", "expected"),
     [
@@ -232,10 +241,17 @@ def test_per_measure_schedules_and_gradient_accumulation(tmp_path: Path) -> None
 
 def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
     L.seed_everything(0)
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "val"], probe_size=8, measures=["dimension"])
+    mine = torch.randn(5, IN, generator=torch.Generator().manual_seed(3))
+    monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "val", {"name": "mine", "x": mine}], probe_size=8,
+                              measures=["dimension"])
     tr = trainer(tmp_path, monitor, logger="csv", max_epochs=2, limit_train_batches=2)
-    tr.fit(Classifier(), **loaders())
+    model = Classifier()
+    tr.fit(model, **loaders())
     rows = csv_rows(tr)
+    final = [float(r["geometry/mine/batch_functional_dimension"]) for r in rows
+             if r.get("geometry/mine/batch_functional_dimension")]
+    assert len(final) == 3 and final[-1] == batch_functional_dimension(model, mine).rank
+    assert monitor.state_dict()["probes"]["mine"] == {"source": "tensor", "num_samples": 5}
     logged = [(int(r["step"]), float(r["geometry/val/batch_functional_dimension"])) for r in rows
               if r.get("geometry/val/batch_functional_dimension")]
     assert [s for s, _ in logged] == [0, 2, 4]
