@@ -10,7 +10,13 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks.callback import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
@@ -272,9 +278,8 @@ class GeometryMonitor(Callback):
                 "Trainer(logger=TensorBoardLogger(...)) or any other Lightning logger"
             )
         strategy = trainer.strategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or type(strategy).__name__ in (
-            "FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy",
-        ):
+        sharded = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)  # DeepSpeedStrategy is a DDPStrategy
+        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, sharded):
             raise MisconfigurationException(
                 f"GeometryMonitor does not support the {type(strategy).__name__} strategy yet: it measures full, "
                 "unsharded parameters, which sharded strategies (FSDP, DeepSpeed, model parallel) do not hold. "
