@@ -362,7 +362,8 @@ class GeometryMonitor(Callback):
                 return None  # the default probes include "val" only when there is validation data
             raise MisconfigurationException(
                 f"probe {spec.name!r} needs a {spec.source} dataloader (index {spec.dataloader_idx}), but the "
-                f"trainer has none: provide {spec.source}_dataloader() data, or remove the probe"
+                f"trainer has none (validation needs val data, a validation_step and limit_val_batches > 0): "
+                f"provide {spec.source} data, or remove the probe"
             )
         return loader
 
