@@ -1,8 +1,15 @@
 """lightning_geomdim: watch the local geometry of a network while it trains.
 
-Pure-torch core (no Lightning import): batch functional dimension, numerical rank, activation patterns,
-linear regions, computable full functional dimension.
+The measures are a pure-torch core: batch functional dimension, numerical rank, activation patterns,
+linear regions, computable full functional dimension, flatness, neuron alignment. The Lightning layer (the
+``GeometryMonitor`` callback, the torchmetrics metrics) is imported on first use, so ``import
+lightning_geomdim`` alone does not import Lightning.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from lightning_geomdim.activation_patterns import UnitActivity, activation_patterns, linear_regions, unit_activity
 from lightning_geomdim.alignment import AlignmentStats, neuron_alignment
@@ -16,9 +23,26 @@ from lightning_geomdim.errors import (
     ProbeError,
 )
 from lightning_geomdim.flatness import FlatnessResult, flatness
-from lightning_geomdim.metrics import BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
-from lightning_geomdim.monitor import GeometryMonitor
-from lightning_geomdim.schedule import Schedule
+
+if TYPE_CHECKING:
+    from lightning_geomdim.metrics import BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
+    from lightning_geomdim.monitor import GeometryMonitor
+    from lightning_geomdim.schedule import Schedule
+
+_LIGHTNING_LAYER = {
+    "BatchFunctionalDimension": "lightning_geomdim.metrics",
+    "Flatness": "lightning_geomdim.metrics",
+    "LinearRegions": "lightning_geomdim.metrics",
+    "NeuronAlignment": "lightning_geomdim.metrics",
+    "GeometryMonitor": "lightning_geomdim.monitor",
+    "Schedule": "lightning_geomdim.schedule",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING_LAYER:
+        return getattr(importlib.import_module(_LIGHTNING_LAYER[name]), name)
+    raise AttributeError(f"module 'lightning_geomdim' has no attribute {name!r}")
 
 __all__ = [
     "AlignmentStats",

@@ -93,13 +93,23 @@ def _require_relus(patterns: dict[str, Tensor], model: nn.Module) -> None:
         )
 
 
-def linear_regions(model: nn.Module, x: Any, *, dtype: torch.dtype = torch.float64) -> int:
+def linear_regions(
+    model: nn.Module, x: Any, *, dtype: torch.dtype = torch.float64, output_fn: OutputFn | None = None,
+) -> int:
     """Number of distinct joint activation patterns (all ReLU layers together) over the N inputs of ``x``.
 
     Raises:
         NotApplicableError: the model has no ReLU module.
     """
-    patterns = activation_patterns(model, x, dtype=dtype)
+    return count_regions(activation_patterns(model, x, dtype=dtype, output_fn=output_fn), model)
+
+
+def count_regions(patterns: dict[str, Tensor], model: nn.Module) -> int:
+    """Distinct rows of the concatenated patterns of :func:`activation_patterns` (N × Σ units).
+
+    Raises:
+        NotApplicableError: ``patterns`` is empty (no ReLU module in ``model``).
+    """
     _require_relus(patterns, model)
     joint = torch.cat(list(patterns.values()), dim=1)
     return int(torch.unique(joint, dim=0).shape[0])
