@@ -485,14 +485,44 @@ def _explicit_cost(lay: GramLayer, m: int) -> float:
     return m * lay.positions * lay.units * lay.features + m * m * lay.units * (lay.features + 1)
 
 
-def _add_output_gram(gram: Tensor, f: LayerFactors, n: int, k: int) -> None:
+#: Entries of the scratch block used to accumulate Gram rows (16 MiB in float64): large enough for efficient
+#: matrix products, small enough to stay in cache and to never allocate a second d × d matrix.
+_BLOCK_ENTRIES = 1 << 21
+
+
+def _accumulate(
+    gram: Tensor, a: Tensor, b: Tensor, *, group: int = 1, scale: Tensor | None = None, lower: bool = True,
+    buffer: Tensor | None = None,
+) -> None:
+    """gram += (a bᵀ) ⊙ (scale ⊗ 1_{group × group}), by blocks of rows; only the lower triangle if ``lower``.
+
+    ``a``, ``b``: (d, r); ``scale``: (d / group, d / group) or None (all ones). Rows are processed ``group`` at
+    a time so that a block of rows always covers whole groups (the K outputs of a sample).
+    """
+    d = gram.shape[0]
+    groups = d // group
+    per_block = max(1, _BLOCK_ENTRIES // max(d * group, 1))  # groups per block
+    for g0 in range(0, groups, per_block):
+        g1 = min(g0 + per_block, groups)
+        r0, r1 = g0 * group, g1 * group
+        c1 = r1 if lower else d
+        target = gram[r0:r1, :c1]
+        if scale is None:
+            target.addmm_(a[r0:r1], b[:c1].T)
+            continue
+        assert buffer is not None
+        prod = torch.mm(a[r0:r1], b[:c1].T, out=buffer[: (r1 - r0) * c1].view(r1 - r0, c1))
+        prod.view(g1 - g0, group, c1 // group, group).mul_(scale[g0:g1, : c1 // group, None].unsqueeze(1))
+        target.add_(prod)
+
+
+def _add_output_gram(gram: Tensor, f: LayerFactors, n: int, k: int, *, lower: bool, buffer: Tensor) -> None:
     """gram (M × M, rows n·K + k) += this layer's block J_l J_lᵀ (formulas in the module docstring)."""
     lay, u, sig = f.layer, f.inputs, f.signals
     m = n * k
-    view = gram.view(n, k, n, k)
     if not lay.weight:  # bias only: s sᵀ with s = Σ_t g_t
         s = sig.sum(0)
-        gram.addmm_(s, s.T)
+        _accumulate(gram, s, s, group=k, lower=lower)
         return
     if _kernel_cost(lay, m, n) <= _explicit_cost(lay, m):
         for p in range(lay.positions):
@@ -500,22 +530,19 @@ def _add_output_gram(gram: Tensor, f: LayerFactors, n: int, k: int) -> None:
                 c = u[:, p] @ u[:, q].T  # (N, N): ⟨u(x_n)_p, u(x_n')_q⟩
                 if lay.bias:
                     c += 1.0
-                tmp = sig[p] @ sig[q].T  # (M, M): ⟨g(n,k)_p, g(n',k')_q⟩
-                tmp.view(n, k, n, k).mul_(c[:, None, :, None])
-                view.add_(tmp.view(n, k, n, k))
-                del tmp
+                # ⟨g(n,k)_p, g(n',k')_q⟩ · c[n, n']
+                _accumulate(gram, sig[p], sig[q], group=k, scale=c, lower=lower, buffer=buffer)
         return
     # per-sample weight gradients A(n,k) = Σ_t g_t u_tᵀ, in chunks of output units to bound memory
     sig_nk = sig.view(lay.positions, n, k, lay.units)
-    per_unit = m * lay.features
-    step = max(1, min(lay.units, (m * m) // max(per_unit, 1)))
+    step = max(1, min(lay.units, (m * m) // max(m * lay.features, 1)))
     for start in range(0, lay.units, step):
         a = torch.einsum("tnko,ntd->nkod", sig_nk[..., start : start + step], u).reshape(m, -1)
-        gram.addmm_(a, a.T)
+        _accumulate(gram, a, a, group=k, lower=lower)
         del a
     if lay.bias:
         s = sig.sum(0)
-        gram.addmm_(s, s.T)
+        _accumulate(gram, s, s, group=k, lower=lower)
 
 
 def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int) -> Tensor:
@@ -533,29 +560,38 @@ def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int) -> T
     return torch.cat(blocks, dim=1)
 
 
-def gram_from_factors(factors: Sequence[LayerFactors], plan: GramPlan) -> Tensor:
-    """The Gram matrix of J on ``plan.side``: J Jᵀ (M × M) or Jᵀ J (P_used × P_used), float64."""
+def gram_from_factors(factors: Sequence[LayerFactors], plan: GramPlan, *, lower_only: bool = False) -> Tensor:
+    """The Gram matrix of J on ``plan.side``: J Jᵀ (M × M) or Jᵀ J (P_used × P_used), float64.
+
+    With ``lower_only`` only the lower triangle is filled (the upper one holds zeros): half the work, and all
+    that ``torch.linalg.eigvalsh(gram, UPLO="L")`` reads.
+    """
     n, k = plan.num_samples, plan.outputs_per_sample
     device = factors[0].inputs.device if factors else torch.device("cpu")
     d = plan.size
     gram = torch.zeros((d, d), dtype=torch.float64, device=device)
     if plan.side == "outputs":
+        buffer = torch.empty(min(d * d, max(_BLOCK_ENTRIES, d * k)), dtype=torch.float64, device=device)
         for f in factors:
-            _add_output_gram(gram, f, n, k)
-        return gram
-    # Jᵀ J = Σ over chunks of samples of J_Sᵀ J_S; chunks of about d rows keep J_S no larger than the Gram
-    per_chunk = max(1, d // max(k, 1))
-    for start in range(0, n, per_chunk):
-        rows = _jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k)
-        gram.addmm_(rows.T, rows)
-        del rows
-    return gram
+            _add_output_gram(gram, f, n, k, lower=lower_only, buffer=buffer)
+    else:
+        # Jᵀ J = Σ over chunks of samples of J_Sᵀ J_S; chunks of about d rows keep J_S no larger than the Gram
+        per_chunk = max(1, d // max(k, 1))
+        for start in range(0, n, per_chunk):
+            rows = _jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k)
+            cols = rows.T.contiguous()
+            _accumulate(gram, cols, cols, lower=lower_only)
+            del rows, cols
+    return gram.tril_() if lower_only else gram  # blocks on the diagonal also filled some upper entries
 
 
 def gram_matrix(
     fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int | None = None, budget: int | None = None,
+    lower_only: bool = False,
 ) -> tuple[Tensor, GramPlan]:
     """J Jᵀ or Jᵀ J (whichever is smaller, ``plan.side``), float64, and the plan it was built from.
+
+    ``lower_only``: fill only the lower triangle (see :func:`gram_from_factors`).
 
     Raises:
         NotApplicableError: the engine is not exact for this model (see :func:`gram_plan`).
@@ -572,7 +608,7 @@ def gram_matrix(
             "chunk_size (output coordinates backpropagated at once)",
         )
     factors = layer_factors(fm, inputs, plan, chunk_size=chunk_size)
-    return gram_from_factors(factors, plan), plan
+    return gram_from_factors(factors, plan, lower_only=lower_only), plan
 
 
 def gram_spectrum(
@@ -584,12 +620,12 @@ def gram_spectrum(
         NotApplicableError: the engine is not exact for this model (see :func:`gram_plan`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
-    gram, plan = gram_matrix(fm, inputs, chunk_size=chunk_size, budget=budget)
+    gram, plan = gram_matrix(fm, inputs, chunk_size=chunk_size, budget=budget, lower_only=True)
     if num_outputs != plan.num_outputs:
         raise NotApplicableError(
             f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"
         )
-    eig = torch.linalg.eigvalsh(gram) if gram.numel() else gram.new_zeros(0)
+    eig = torch.linalg.eigvalsh(gram, UPLO="L") if gram.numel() else gram.new_zeros(0)
     del gram
     sv = eig.clamp_min(0).sqrt().flip(0)
     total = min(num_outputs, fm.num_params)

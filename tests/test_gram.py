@@ -11,6 +11,7 @@ from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import nn
 
 from lightning_geomdim import MemoryBudgetError, NotApplicableError, batch_functional_dimension
+from lightning_geomdim import gram as gram_module
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
 from lightning_geomdim.gram import gram_bytes, gram_matrix, gram_plan, gram_unsupported_reason
 
@@ -179,6 +180,28 @@ def test_gram_matrix_equals_dense_gram(num_samples: int) -> None:
         torch.testing.assert_close(torch.linalg.eigvalsh(gram), torch.linalg.eigvalsh(jac.T @ jac), rtol=0,
                                    atol=1e-9 * float(gram.diagonal().sum()))
     assert plan.side == ("outputs" if num_samples == 3 else "params")
+
+
+@pytest.mark.parametrize("num_samples", [4, 30])  # J Jᵀ (M = 12 < P = 43) and Jᵀ J (M = 90 > P)
+def test_blocked_lower_triangle_accumulation(num_samples: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gram_module, "_BLOCK_ENTRIES", 40)  # many row blocks even on a tiny Gram
+    model = mlp([4, 5, 3], seed=18, softmax=True)
+    x = torch.randn(num_samples, 4, generator=gen(18))
+    jac = dense_jacobian(model, x)
+    with measurement_mode(model):
+        fm = FunctionalModel.from_module(model)
+        inputs = ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)
+        full, plan = gram_matrix(fm, inputs)
+        lower, _ = gram_matrix(fm, inputs, lower_only=True)
+    torch.testing.assert_close(lower, full.tril(), rtol=0, atol=1e-12)
+    assert not lower.triu(1).any()
+    torch.testing.assert_close(full, full.T, rtol=0, atol=1e-12)
+    if plan.side == "outputs":
+        torch.testing.assert_close(full, jac @ jac.T, rtol=1e-10, atol=1e-12)
+    else:
+        torch.testing.assert_close(torch.linalg.eigvalsh(full), torch.linalg.eigvalsh(jac.T @ jac), rtol=0,
+                                   atol=1e-10 * float(full.diagonal().sum()))
+    assert_matches_dense(model, x)
 
 
 def test_memory_budget_refused_before_allocating_with_numbers() -> None:
