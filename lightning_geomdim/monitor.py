@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -24,6 +25,7 @@ from torch import Tensor, nn
 from lightning_geomdim import tensorboard as tb
 from lightning_geomdim.dimension import ENGINES, DimensionResult
 from lightning_geomdim.errors import GeometryError, NotApplicableError
+from lightning_geomdim.memory import memory_budget
 from lightning_geomdim.metrics import LOSSES, BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
 from lightning_geomdim.probes import (
     Probe,
@@ -43,6 +45,8 @@ from lightning_geomdim.schedule import Event, MeasurementClock, Schedule
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 FLATNESS_KEYS: tuple[str, ...] = ("max_eigenvalue", "trace", "trace_std_error", "flat_dimension", "loss")
+#: The monitor's metrics never gather across processes: every process measures the whole probe (see _on_device).
+NO_SYNC: dict[str, Any] = {"sync_on_compute": False}
 
 
 class GeometryMonitor(Callback):
@@ -104,9 +108,16 @@ class GeometryMonitor(Callback):
     BatchNorm statistics are restored or untouched, so a run with the monitor ends with bit-identical weights
     to a run without it. Nothing allocated by a measurement is kept after the hook returns.
 
-    **Distributed**: single-device and DDP-family strategies. Each process contributes its share of every
-    probe to the metrics' ``"cat"`` states and every process computes the measures on the whole probe; the
-    loggers write from rank 0. Sharded strategies (FSDP, DeepSpeed, model parallel) are refused at setup.
+    **Distributed**: single-device strategies and DDP (``strategy="ddp"`` and its spawn/fork variants). Under
+    DDP every process measures the whole probe with its own copy of the (identical) weights and the loggers
+    write from rank 0 only, so each value is logged once and equals a single-process run's bit for bit. The
+    processes communicate twice, in hooks that all of them run: at setup they agree on the memory budget (the
+    smallest of theirs; with ``accelerator="cpu"`` the default is split among the processes of a node), so
+    they skip (or, with ``on_error="raise"``, all raise on) the same measures; at train start they take rank
+    0's probes (the same unless the dataset draws random augmentations). Measuring involves no collective, so
+    a measure that fails on one process cannot leave the others waiting. Sharded strategies (FSDP, DeepSpeed,
+    model parallel), whose processes hold only shards of the parameters, are refused at setup with a
+    ``MisconfigurationException`` that names the strategy and the alternatives (a single device or DDP).
 
     Args:
         every_n_steps: measure after every n-th optimizer step; ``None`` to disable.
@@ -133,7 +144,9 @@ class GeometryMonitor(Callback):
             :func:`~lightning_geomdim.batch_functional_dimension`).
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
         rtol: relative rank tolerance; default the dtype's rule (see :mod:`lightning_geomdim.rank`).
-        max_memory_bytes: memory budget of a measure; default half the available memory.
+        max_memory_bytes: memory budget of a measure, in bytes; default half the available memory (see
+            :mod:`lightning_geomdim.memory`). A measure that would exceed it is refused before allocating, with
+            the numbers and the remedies in the warning, and logged as NaN.
         flatness_probe: probe used for flatness (needs targets); default ``"train"`` if it exists, else the
             first probe with targets.
         flatness_top_k: number of top Hessian eigenvalues.
@@ -237,7 +250,15 @@ class GeometryMonitor(Callback):
         self.engine = engine
         self.dtype = dtype
         self.rtol = rtol
+        if max_memory_bytes is not None and (
+            isinstance(max_memory_bytes, bool) or not isinstance(max_memory_bytes, int) or max_memory_bytes < 1
+        ):
+            raise MisconfigurationException(
+                f"max_memory_bytes={max_memory_bytes!r} must be a positive integer (bytes), or None for half the "
+                "available memory"
+            )
         self.max_memory_bytes = max_memory_bytes
+        self._budget = max_memory_bytes
         self.flatness_probe = flatness_probe
         self.flatness_top_k = flatness_top_k
         self.flatness_trace_samples = flatness_trace_samples
@@ -286,9 +307,14 @@ class GeometryMonitor(Callback):
                 "Use a single device or strategy='ddp', or remove the GeometryMonitor callback"
             )
         self._measured_module(pl_module)
+        self._budget = self._agreed_budget(trainer) if trainer.world_size > 1 else self.max_memory_bytes
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.probes = self._build_probes(trainer)
+        if trainer.world_size > 1:
+            # Every process built the same probes unless the dataset draws random augmentations from the global
+            # RNG, which differs between processes: take rank 0's, so that all measure the same inputs.
+            self.probes = trainer.strategy.broadcast(self.probes, src=0)
         self._check_measure_probes()
         if self.tensorboard_extras and trainer.is_global_zero:
             for logger in tb.tensorboard_loggers(trainer.loggers):
@@ -320,6 +346,22 @@ class GeometryMonitor(Callback):
                 f"GeometryMonitor(module={self.module!r}): {type(pl_module).__name__} has no such submodule; "
                 f"use a name from named_modules(), e.g. {names}"
             ) from err
+
+    def _agreed_budget(self, trainer: Trainer) -> int:
+        """The memory budget of every measure under several processes: the smallest over the processes.
+
+        Each process measures the same thing, so with on_error="raise" they must refuse the same measures: a
+        process that raised alone would leave the others waiting in their next collective (NCCL: until its
+        timeout). The default, half the available memory, is split among the processes of a node that share the
+        CPU memory (accelerator="cpu"). Called once, in ``setup``, where every process takes part.
+        """
+        device = trainer.strategy.root_device
+        budget = memory_budget(device, self.max_memory_bytes)
+        default = self.max_memory_bytes is None and not os.environ.get("GEOMDIM_MAX_MEMORY_BYTES")
+        if default and device.type == "cpu":
+            budget //= max(1, trainer.num_devices)
+        agreed = trainer.strategy.reduce(torch.tensor(budget, dtype=torch.int64, device=device), reduce_op="min")
+        return int(agreed)
 
     def _build_probes(self, trainer: Trainer) -> dict[str, Probe]:
         probes: dict[str, Probe] = {}
@@ -451,20 +493,24 @@ class GeometryMonitor(Callback):
         known.update(values)
         return values
 
-    def _local(self, trainer: Trainer, module: nn.Module, probe: Probe) -> tuple[Any, Any]:
-        """This process's share of the probe, on the module's device."""
-        x, y = probe.shard(trainer.global_rank, trainer.world_size)
+    def _on_device(self, module: nn.Module, probe: Probe) -> tuple[Any, Any]:
+        """The whole probe (x, y) on the module's device.
+
+        Every process holds the same probe and, under DDP, the same weights, so each measures the whole probe by
+        itself: no collective call (nothing to deadlock on if the processes' measurements diverge), and the samples
+        keep their order, so the values equal a single-process run's bit for bit.
+        """
         device = next((p.device for p in module.parameters()), torch.device("cpu"))
-        return _to(x, device), _to(y, device)
+        return _to(probe.x, device), _to(probe.y, device)
 
     def _dimension(
         self, trainer: Trainer, module: nn.Module, probe: Probe, out: dict[str, DimensionResult]
     ) -> dict[str, float]:
         metric = BatchFunctionalDimension(
             module, output_fn=self.output_fn, params=self.params, engine=self.engine, rtol=self.rtol,
-            dtype=self.dtype, max_memory_bytes=self.max_memory_bytes,
+            dtype=self.dtype, max_memory_bytes=self._budget, **NO_SYNC,
         )
-        metric.update(self._local(trainer, module, probe)[0])
+        metric.update(self._on_device(module, probe)[0])
         metric.compute()
         res = metric.result
         metric.reset()
@@ -477,8 +523,8 @@ class GeometryMonitor(Callback):
         return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
 
     def _regions(self, trainer: Trainer, module: nn.Module, probe: Probe) -> dict[str, float]:
-        metric = LinearRegions(module, output_fn=self.output_fn, dtype=self.dtype)
-        metric.update(self._local(trainer, module, probe)[0])
+        metric = LinearRegions(module, output_fn=self.output_fn, dtype=self.dtype, **NO_SYNC)
+        metric.update(self._on_device(module, probe)[0])
         value = float(metric.compute())
         metric.reset()
         return {f"geometry/{probe.name}/linear_regions": value}
@@ -489,9 +535,9 @@ class GeometryMonitor(Callback):
         metric = Flatness(
             module, self.loss_fn, top_k=self.flatness_top_k, trace_samples=self.flatness_trace_samples,
             seed=self.seed, dtype=self.dtype, params=self.params, output_fn=self.output_fn,
-            dimension=dimensions.get(probe.name), max_memory_bytes=self.max_memory_bytes,
+            dimension=dimensions.get(probe.name), max_memory_bytes=self._budget, **NO_SYNC,
         )
-        metric.update(*self._local(trainer, module, probe))
+        metric.update(*self._on_device(module, probe))
         metric.compute()
         res = metric.result
         metric.reset()
@@ -502,9 +548,11 @@ class GeometryMonitor(Callback):
         return {f"geometry/flatness/{k}": v for k, v in values.items()}
 
     def _alignment(self, trainer: Trainer, module: nn.Module, probe: Probe | None, extras: dict) -> dict[str, float]:
-        metric = NeuronAlignment(module, threshold=self.alignment_threshold, output_fn=self.output_fn, dtype=self.dtype)
+        metric = NeuronAlignment(
+            module, threshold=self.alignment_threshold, output_fn=self.output_fn, dtype=self.dtype, **NO_SYNC
+        )
         if probe is not None:
-            metric.update(self._local(trainer, module, probe)[0])
+            metric.update(self._on_device(module, probe)[0])
         metric.compute()
         stats = metric.result
         metric.reset()

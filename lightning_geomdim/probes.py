@@ -177,11 +177,6 @@ class Probe:
     def num_samples(self) -> int:
         return int(_lead(self.x).shape[0])
 
-    def shard(self, rank: int, world_size: int) -> tuple[Any, Any]:
-        """Samples rank, rank + world_size, ...: each process contributes its share to the metrics' "cat"."""
-        index = slice(rank, None, world_size)
-        return _take(self.x, index), (_take(self.y, index) if self.y is not None else None)
-
 
 def _lead(x: Any) -> Tensor:
     if isinstance(x, Tensor):
@@ -194,16 +189,6 @@ def _lead(x: Any) -> Tensor:
         f"the probe input has type {type(x).__name__} and contains no tensor: input_fn must return the model "
         "input as a Tensor (N, ...), or a tuple/dict of tensors"
     )
-
-
-def _take(x: Any, index: slice | Tensor) -> Any:
-    if isinstance(x, Tensor):
-        return x[index]
-    if isinstance(x, Mapping):
-        return {k: _take(v, index) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_take(v, index) for v in x)
-    return x
 
 
 def _detach_cpu(x: Any) -> Any:
