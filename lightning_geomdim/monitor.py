@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import (
     FSDPStrategy,
     ModelParallelStrategy,
     SingleDeviceStrategy,
+    Strategy,
 )
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -298,14 +299,7 @@ class GeometryMonitor(Callback):
                 "GeometryMonitor needs a logger, but the Trainer has none (logger=False): pass "
                 "Trainer(logger=TensorBoardLogger(...)) or any other Lightning logger"
             )
-        strategy = trainer.strategy
-        sharded = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)  # DeepSpeedStrategy is a DDPStrategy
-        if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, sharded):
-            raise MisconfigurationException(
-                f"GeometryMonitor does not support the {type(strategy).__name__} strategy yet: it measures full, "
-                "unsharded parameters, which sharded strategies (FSDP, DeepSpeed, model parallel) do not hold. "
-                "Use a single device or strategy='ddp', or remove the GeometryMonitor callback"
-            )
+        check_strategy(trainer.strategy)
         self._measured_module(pl_module)
         self._budget = self._agreed_budget(trainer) if trainer.world_size > 1 else self.max_memory_bytes
 
@@ -574,6 +568,22 @@ class GeometryMonitor(Callback):
                     tb.log_spectrum(logger, name, sv, step)
                 for layer, cos in extras["cosines"].items():
                     tb.log_heatmap(logger, layer, cos, step)
+
+
+def check_strategy(strategy: Strategy) -> None:
+    """Refuse strategies whose processes do not each hold every parameter in full.
+
+    Raises:
+        MisconfigurationException: FSDP, DeepSpeed, model parallel, or any strategy that is neither a single
+            device nor DDP; the message names the strategy and what to use instead.
+    """
+    sharded = (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)  # DeepSpeedStrategy is a DDPStrategy
+    if not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)) or isinstance(strategy, sharded):
+        raise MisconfigurationException(
+            f"GeometryMonitor does not support the {type(strategy).__name__} strategy yet: it measures full, "
+            "unsharded parameters, which sharded strategies (FSDP, DeepSpeed, model parallel) do not hold. "
+            "Use a single device or strategy='ddp', or remove the GeometryMonitor callback"
+        )
 
 
 def _primary_key(measure: str, probe: str) -> str:

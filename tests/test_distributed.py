@@ -240,3 +240,67 @@ def test_ddp_one_rank_short_of_memory_ends_the_whole_job_with_on_error_raise(tmp
         assert f"{rank}: lightning_geomdim.errors.GeometryError: GeometryMonitor: dimension on probe 'train' " \
                "failed: MemoryBudgetError" in proc.stderr, rank
     assert "Connection closed by peer" not in proc.stderr  # rank 1 refused by itself, it did not lose rank 0
+
+
+# ---------------------------------------------------------------- sharded strategies are refused at setup
+
+SHARDED_MESSAGE = (
+    r"GeometryMonitor does not support the {} strategy yet: it measures full, unsharded parameters, which sharded "
+    r"strategies \(FSDP, DeepSpeed, model parallel\) do not hold. Use a single device or strategy='ddp'"
+)
+
+
+def test_model_parallel_strategy_is_refused_at_setup_of_a_real_run(tmp_path: Path) -> None:
+    """ModelParallelStrategy runs on CPU (gloo, one process): the monitor stops the run before any step."""
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_geomdim import GeometryMonitor
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    initialized = torch.distributed.is_initialized()
+    trainer = L.Trainer(strategy=ModelParallelStrategy(), accelerator="cpu", devices=1, max_steps=2,
+                        callbacks=[GeometryMonitor(probe_size=4)], default_root_dir=tmp_path,
+                        enable_progress_bar=False, enable_model_summary=False)
+    data = DataLoader(TensorDataset(torch.randn(8, 4), torch.randint(0, 3, (8,))), batch_size=4)
+    try:
+        with pytest.raises(MisconfigurationException, match=SHARDED_MESSAGE.format("ModelParallelStrategy")):
+            trainer.fit(Net(), data)
+    finally:
+        if torch.distributed.is_initialized() and not initialized:
+            torch.distributed.destroy_process_group()  # the group this test's run created
+    assert trainer.global_step == 0
+
+
+def test_fsdp_and_deepspeed_strategies_are_refused() -> None:
+    """Lightning refuses FSDP on CPU before any callback runs, and DeepSpeed is not installed here, so the
+    monitor's setup check is called directly on the strategy objects. DeepSpeedStrategy cannot be constructed
+    without DeepSpeed: the instance is made without its __init__, which is all an isinstance check needs (it
+    derives from DDPStrategy, which the monitor supports, so the check must name it explicitly)."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
+    from lightning.pytorch.utilities.exceptions import MisconfigurationException
+
+    from lightning_geomdim.monitor import check_strategy
+
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
+    assert isinstance(deepspeed, DDPStrategy)
+    for strategy in (FSDPStrategy(), deepspeed):
+        with pytest.raises(MisconfigurationException, match=SHARDED_MESSAGE.format(type(strategy).__name__)):
+            check_strategy(strategy)
+    check_strategy(DDPStrategy())
+    check_strategy(SingleDeviceStrategy(torch.device("cpu")))
