@@ -42,6 +42,7 @@ from lightning_geomdim.probes import (
     tensor_probe,
 )
 from lightning_geomdim.schedule import Event, MeasurementClock, Schedule
+from lightning_geomdim.tracing import RELU_LIKE
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
@@ -272,7 +273,7 @@ class GeometryMonitor(Callback):
         self.probes: dict[str, Probe] = {}
         self._saved_probes: dict[str, dict[str, Any]] = {}
         self._known_keys: dict[tuple[str, str], set[str]] = {}
-        self._not_applicable: set[tuple[str, str]] = set()
+        self._not_applicable: set[str] = set()
 
     # ------------------------------------------------------------------ state
     @property
@@ -311,8 +312,9 @@ class GeometryMonitor(Callback):
             self.probes = trainer.strategy.broadcast(self.probes, src=0)
         self._check_measure_probes()
         if self.tensorboard_extras and trainer.is_global_zero:
+            has_relu = any(isinstance(m, RELU_LIKE) for m in self._measured_module(pl_module).modules())
             for logger in tb.tensorboard_loggers(trainer.loggers):
-                tb.write_layout(logger, list(self.probes), self.measures)
+                tb.write_layout(logger, list(self.probes), self.measures, regions=has_relu)
         self._run(trainer, pl_module, "start")
 
     def on_train_batch_end(
@@ -375,7 +377,14 @@ class GeometryMonitor(Callback):
                 if template is None and spec.shape is None and saved is None:
                     loader = first_dataloader(trainer.train_dataloader)
                     template = input_template(loader, self.input_fn) if loader is not None else None
-                probe = random_probe(spec, template, self.seed, saved)
+                try:
+                    probe = random_probe(spec, template, self.seed, saved)
+                except MisconfigurationException as err:
+                    if not self._default_probes:
+                        raise
+                    # token ids, tuple/dict inputs: the default probes include "random" only where it makes sense
+                    rank_zero_warn(f"GeometryMonitor: the default random probe is left out: {err}")
+                    continue
             else:
                 probe = tensor_probe(spec)
                 template = probe.x if template is None else template
@@ -469,8 +478,8 @@ class GeometryMonitor(Callback):
         try:
             values = fn()
         except NotApplicableError as err:
-            if (measure, probe) not in self._not_applicable:
-                self._not_applicable.add((measure, probe))
+            if measure not in self._not_applicable:  # a property of the model: one warning, whatever the probe
+                self._not_applicable.add(measure)
                 rank_zero_warn(f"GeometryMonitor: {measure} is not applicable, so it is not logged: {err}")
             return {}
         except Exception as err:

@@ -10,7 +10,10 @@ Sources:
   The batch-transfer hooks of the LightningModule are not applied: preprocessing that the model needs
   must happen in the dataset, the ``collate_fn`` or ``input_fn``.
 * ``"random"``: i.i.d. Gaussian inputs N(mean, std²) with the per-sample shape and dtype of the first
-  dataset probe's input (or ``shape``), for the computable full functional dimension; no targets.
+  dataset probe's input (or ``shape``), for the computable full functional dimension; no targets. For
+  integer inputs (token ids) Gaussian values make no sense: with ``high`` (the vocabulary size) the probe
+  draws ids uniformly in [``low``, ``high``) with the input's shape and dtype; without it the probe is
+  refused. A random probe imitates a single input tensor: for tuple/dict inputs use a tensor probe.
 * ``"tensor"``: user tensors ``x`` (and optionally ``y``), Python API only (not expressible in YAML).
 
 The indices (or the seed) of each probe are the state saved in checkpoints, so a resumed run measures
@@ -106,6 +109,8 @@ class ProbeSpec:
         dataloader_idx: which dataloader when there are several (in their flattened order).
         mean, std: of the Gaussian inputs (random probes).
         shape: per-sample input shape of a random probe; default that of the first dataset probe.
+        low, high: range [low, high) of the uniform token ids of a random probe on integer inputs; ``high``
+            (the vocabulary size) is required there and refused for floating inputs.
         x, y: the user's tensors (tensor probes); ``x`` is a Tensor (N, ...), a tuple or a dict of them.
     """
 
@@ -116,6 +121,8 @@ class ProbeSpec:
     mean: float = 0.0
     std: float = 1.0
     shape: tuple[int, ...] | None = None
+    low: int = 0
+    high: int | None = None
     x: Any = field(default=None, repr=False, compare=False)
     y: Any = field(default=None, repr=False, compare=False)
 
@@ -129,7 +136,7 @@ class ProbeSpec:
                 f"a probe must be 'train', 'val', 'random' or a dict such as {{'name': 'big_random', 'source': "
                 f"'random', 'size': 2000}} or {{'name': 'mine', 'x': tensor}}, got {type(item).__name__}"
             )
-        allowed = {"name", "source", "size", "dataloader_idx", "mean", "std", "shape", "x", "y"}
+        allowed = {"name", "source", "size", "dataloader_idx", "mean", "std", "shape", "low", "high", "x", "y"}
         unknown = sorted(set(item) - allowed)
         if unknown:
             raise MisconfigurationException(f"unknown probe keys {unknown}: use only {sorted(allowed)}")
@@ -149,10 +156,21 @@ class ProbeSpec:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise MisconfigurationException(f"probe {name!r}: size={size!r} must be a positive integer")
         shape = item.get("shape")
+        low, high = item.get("low", 0), item.get("high")
+        if ("low" in item or "high" in item) and source != "random":
+            raise MisconfigurationException(f"probe {name!r}: 'low'/'high' are only for source='random'")
+        if any(isinstance(v, bool) or not isinstance(v, int) for v in (low, high) if v is not None) or (
+            high is not None and high <= low
+        ):
+            raise MisconfigurationException(
+                f"probe {name!r}: low={low!r}, high={high!r} must be integers with low < high (token ids are drawn "
+                "in [low, high)), e.g. {'source': 'random', 'high': 30522}"
+            )
         return ProbeSpec(
             name=name, source=source, size=size, dataloader_idx=int(item.get("dataloader_idx", 0)),
             mean=float(item.get("mean", 0.0)), std=float(item.get("std", 1.0)),
-            shape=tuple(int(s) for s in shape) if shape is not None else None, x=item.get("x"), y=item.get("y"),
+            shape=tuple(int(s) for s in shape) if shape is not None else None, low=low, high=high,
+            x=item.get("x"), y=item.get("y"),
         )
 
 
@@ -269,14 +287,23 @@ def input_template(loader: DataLoader, input_fn: Callable[[Any], Any]) -> Any:
 
 
 def random_probe(spec: ProbeSpec, template: Any, seed: int, saved: Mapping[str, Any] | None = None) -> Probe:
-    """Gaussian inputs shaped like one sample of ``template`` (a floating Tensor) or ``spec.shape``."""
+    """Random inputs shaped like one sample of ``template`` (a Tensor) or ``spec.shape``: Gaussian for floating
+    inputs, uniform ids in [``spec.low``, ``spec.high``) for integer inputs (token ids).
+
+    Raises:
+        MisconfigurationException: nothing to imitate; a tuple/dict input; integer inputs without ``high``;
+            ``high`` for floating inputs.
+    """
     if saved is not None:
         shape, size, gseed = tuple(saved["shape"]), int(saved["size"]), int(saved["seed"])
         dtype = getattr(torch, str(saved.get("dtype", "float32")))
+        low, high = int(saved.get("low", 0)), saved.get("high")
+        mean, std = float(saved.get("mean", spec.mean)), float(saved.get("std", spec.std))
     else:
+        low, high, mean, std = spec.low, spec.high, spec.mean, spec.std
         if spec.shape is not None:
-            shape, dtype = spec.shape, torch.float32
-        elif isinstance(template, Tensor) and template.is_floating_point():
+            shape, dtype = spec.shape, torch.float32 if high is None else torch.int64
+        elif isinstance(template, Tensor):
             shape, dtype = tuple(template.shape[1:]), template.dtype
         elif template is None:
             raise MisconfigurationException(
@@ -284,16 +311,32 @@ def random_probe(spec: ProbeSpec, template: Any, seed: int, saved: Mapping[str, 
                 "training dataset): give the probe a 'shape', e.g. {'source': 'random', 'shape': [784]}"
             )
         else:
-            kind = f"{template.dtype} tensor" if isinstance(template, Tensor) else type(template).__name__
             raise MisconfigurationException(
-                f"random probe {spec.name!r} needs a floating input to imitate, but the model input is a {kind}: "
-                "give the probe a 'shape', or drop it (Gaussian inputs make no sense for token ids)"
+                f"random probe {spec.name!r} imitates a single input tensor, but the model input is a "
+                f"{type(template).__name__}: use a tensor probe {{'name': ..., 'x': <inputs of the same structure>}}, "
+                "or drop the random probe"
+            )
+        if dtype.is_floating_point and high is not None:
+            raise MisconfigurationException(
+                f"random probe {spec.name!r}: 'high' is for integer inputs (token ids), but the model input is "
+                f"{dtype}: drop 'high' (floating inputs are Gaussian, set by 'mean' and 'std')"
+            )
+        if not dtype.is_floating_point and high is None:
+            raise MisconfigurationException(
+                f"random probe {spec.name!r}: the model input is a {dtype} tensor (token ids), for which Gaussian "
+                "inputs make no sense: give the vocabulary, e.g. {'source': 'random', 'high': <vocabulary size>} "
+                "draws ids uniformly in [low, high) (low: 0 by default), or drop the random probe"
             )
         size, gseed = spec.size, probe_seed(seed, spec.name)
     generator = torch.Generator().manual_seed(gseed)
-    x = (torch.randn((size, *shape), generator=generator, dtype=torch.float64) * spec.std + spec.mean).to(dtype)
-    state = {"source": "random", "seed": gseed, "size": size, "shape": list(shape),
-             "dtype": str(dtype).removeprefix("torch.")}
+    state: dict[str, Any] = {"source": "random", "seed": gseed, "size": size, "shape": list(shape),
+                             "dtype": str(dtype).removeprefix("torch.")}
+    if dtype.is_floating_point:
+        x = (torch.randn((size, *shape), generator=generator, dtype=torch.float64) * std + mean).to(dtype)
+        state.update(mean=mean, std=std)
+    else:
+        x = torch.randint(low, int(high), (size, *shape), generator=generator, dtype=dtype)
+        state.update(low=low, high=int(high))
     return Probe(spec.name, "random", x, None, state)
 
 

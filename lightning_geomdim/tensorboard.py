@@ -38,9 +38,10 @@ def tag(logger: TensorBoardLogger, key: str) -> str:
 
 
 def custom_scalars_layout(
-    logger: TensorBoardLogger, probes: list[str], measures: Iterable[str]
+    logger: TensorBoardLogger, probes: list[str], measures: Iterable[str], *, regions: bool = True
 ) -> dict[str, dict[str, list]]:
-    """The custom-scalars layout for these probes and measures (exact tags, regex-escaped)."""
+    """The custom-scalars layout for these probes and measures (exact tags, regex-escaped); ``regions=False``
+    leaves out the linear-regions chart (a model without ReLU modules never logs them)."""
 
     def tags(*keys: str) -> list[str]:
         return [re.escape(tag(logger, k)) for k in keys]
@@ -57,9 +58,10 @@ def custom_scalars_layout(
         charts["batch functional dimension: " + " vs ".join(probes)] = [
             "Multiline", tags(*(f"geometry/{p}/batch_functional_dimension" for p in probes))
         ]
-        charts["linear regions: " + " vs ".join(probes)] = [
-            "Multiline", tags(*(f"geometry/{p}/linear_regions" for p in probes))
-        ]
+        if regions:
+            charts["linear regions: " + " vs ".join(probes)] = [
+                "Multiline", tags(*(f"geometry/{p}/linear_regions" for p in probes))
+            ]
     if "flatness" in measures:
         charts["flatness: max eigenvalue and trace"] = [
             "Multiline", tags("geometry/flatness/max_eigenvalue", "geometry/flatness/trace")
@@ -67,8 +69,10 @@ def custom_scalars_layout(
     return {"geometry": charts}
 
 
-def write_layout(logger: TensorBoardLogger, probes: list[str], measures: Iterable[str]) -> None:
-    logger.experiment.add_custom_scalars(custom_scalars_layout(logger, probes, measures))
+def write_layout(
+    logger: TensorBoardLogger, probes: list[str], measures: Iterable[str], *, regions: bool = True
+) -> None:
+    logger.experiment.add_custom_scalars(custom_scalars_layout(logger, probes, measures, regions=regions))
 
 
 def log_spectrum(logger: TensorBoardLogger, probe: str, singular_values: Tensor, step: int) -> None:
