@@ -92,18 +92,33 @@ class GeometryMonitor(Callback):
     ============================================================  ==========================================
 
     The dimension keys are logged per probe; flatness on ``flatness_probe``, alignment on
-    ``alignment_probe``. ``linear_regions`` and the alignment keys exist only for models with ``nn.ReLU`` /
-    ``nn.LeakyReLU`` modules (otherwise one warning says they are not applicable). A measure that fails
-    logs NaN under its keys. With a ``TensorBoardLogger`` (and ``tensorboard_extras=True``) the monitor
-    also writes a custom-scalars layout, singular-value histograms and cosine heatmaps (see
+    ``alignment_probe``. With a ``TensorBoardLogger`` (and ``tensorboard_extras=True``) the monitor also writes
+    a custom-scalars layout, singular-value histograms and cosine heatmaps (see
     :mod:`lightning_geomdim.tensorboard`).
+
+    **Models and failures**: any differentiable model (tanh, GELU, ...: the dimension is measured, with no
+    hidden-neuron bound claimed). ``linear_regions`` and the alignment keys exist only for models with
+    ``nn.ReLU`` / ``nn.LeakyReLU`` modules; otherwise one warning per measure says they are not applicable
+    and nothing is logged for them. ReLU called as a function (``torch.relu``, ``F.relu``) is invisible to
+    module hooks: the dimension is still exact, but its ``upper_bound`` is min(M, P) and regions/alignment are
+    not applicable (use ``nn.ReLU`` modules to have them). Measures run in eval mode, so a BatchNorm model is
+    measured per sample with its running statistics. A measure that fails (NaN/inf parameters or outputs, a
+    probe over the memory budget, a forward that raises, an output that is not a tensor without
+    ``output_fn``) warns with the reason and the remedy and logs NaN under its keys, and training continues;
+    the next measurement starts afresh (``on_error="raise"`` stops the run instead).
 
     **Probes** are fixed for the whole run and chosen once at fit start (see :mod:`lightning_geomdim.probes`):
     ``"train"`` / ``"val"`` (``probe_size`` samples of the dataset, picked by index with a private generator:
     the dataloaders are never iterated and no global RNG is consumed), ``"random"`` (Gaussian inputs shaped
-    like the data, for the computable full functional dimension), or dicts ``{"name": ..., "source": ...,
-    "size": ..., "mean": ..., "std": ..., "shape": ..., "dataloader_idx": ...}`` and, from Python only,
-    ``{"name": ..., "x": tensor, "y": tensor}``. Their indices/seeds are saved in checkpoints.
+    like the data, for the computable full functional dimension; for integer inputs (token ids) uniform ids in
+    [``low``, ``high``), which needs ``high``, the vocabulary size), or dicts ``{"name": ..., "source": ...,
+    "size": ..., "mean": ..., "std": ..., "shape": ..., "low": ..., "high": ..., "dataloader_idx": ...}`` and,
+    from Python only, ``{"name": ..., "x": tensor, "y": tensor}`` (any input structure, e.g. a dict of keyword
+    inputs). The default probes leave out ``"val"`` without validation data and ``"random"`` (with a warning)
+    when the input is integer or a tuple/dict. Their indices/seeds are saved in checkpoints: a run resumed from
+    a checkpoint measures the same probes at the same steps as an uninterrupted run. The state is found again
+    when the resumed monitor has the same probe names, measures and ``module`` (its ``state_key``); a probe
+    whose source changed is built afresh.
 
     **Observer guarantee**: measurements run in eval mode on float64 copies of the parameters; the mode of
     every submodule, ``requires_grad``, ``.grad``, the global RNGs (torch CPU/CUDA, ``random``, numpy) and
