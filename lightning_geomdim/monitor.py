@@ -289,6 +289,7 @@ class GeometryMonitor(Callback):
         self._saved_probes: dict[str, dict[str, Any]] = {}
         self._known_keys: dict[tuple[str, str], set[str]] = {}
         self._not_applicable: set[str] = set()
+        self._failures: dict[tuple[str, str], Exception] = {}  # of the measurement in progress
 
     # ------------------------------------------------------------------ state
     @property
@@ -460,6 +461,7 @@ class GeometryMonitor(Callback):
         if not due or not self.probes:
             return
         self._clock.mark(due, step)
+        self._failures: dict[tuple[str, str], Exception] = {}
         module = self._measured_module(pl_module)
         metrics: dict[str, float] = {}
         extras: dict[str, Any] = {"spectra": {}, "cosines": {}}
@@ -498,6 +500,7 @@ class GeometryMonitor(Callback):
                 rank_zero_warn(f"GeometryMonitor: {measure} is not applicable, so it is not logged: {err}")
             return {}
         except Exception as err:
+            self._failures[(measure, probe)] = err
             where = measure if measure == probe else f"{measure} on probe {probe!r}"
             if self.on_error == "raise":
                 raise GeometryError(f"GeometryMonitor: {where} failed: {type(err).__name__}: {err}") from err
@@ -550,6 +553,13 @@ class GeometryMonitor(Callback):
     def _flatness(
         self, trainer: Trainer, module: nn.Module, probe: Probe, dimensions: Mapping[str, DimensionResult]
     ) -> dict[str, float]:
+        failed = self._failures.get(("dimension", probe.name))
+        if failed is not None:
+            # flatness would compute the same dimension (for flat_dimension) after its Hessian work, and fail
+            raise GeometryError(
+                f"skipped, because it needs the batch functional dimension of probe {probe.name!r}, which failed "
+                f"at this step: {type(failed).__name__}: {failed}"
+            ) from failed
         metric = Flatness(
             module, self.loss_fn, top_k=self.flatness_top_k, trace_samples=self.flatness_trace_samples,
             seed=self.seed, dtype=self.dtype, params=self.params, output_fn=self.output_fn,

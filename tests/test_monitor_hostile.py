@@ -240,10 +240,13 @@ def test_probe_too_large_for_the_budget_is_refused_with_numbers_and_remedy(tmp_p
     g = torch.Generator().manual_seed(4)
     data = TensorDataset(torch.randn(600, 100, generator=g), torch.randint(0, 10, (600,), generator=g))
     budget = 50 * 2**20
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train"], probe_size=600, measures=["dimension"],
+    monitor = GeometryMonitor(every_n_steps=2, probes=["train"], probe_size=600, measures=["dimension", "flatness"],
                               max_memory_bytes=budget)
     trainer, record = fit(tmp_path, Module(net), data, monitor)
-    failed = messages(record, "failed and is logged as NaN")
+    # flatness needs that dimension too (for flat_dimension): skipped at once instead of failing after its work
+    skipped = messages(record, r"flatness failed and is logged as NaN \(GeometryError: skipped, because it needs")
+    assert len(skipped) == 3 and "probe 'train'" in skipped[0]
+    failed = messages(record, "dimension on probe 'train' failed and is logged as NaN")
     assert len(failed) == 3 and len(set(failed)) == 1  # at steps 0, 2, 4
     match = re.search(r"needs about (\d+\.\d\d) GiB but the memory budget is (\d+\.\d\d) GiB: use a smaller probe",
                       failed[0])
@@ -252,6 +255,7 @@ def test_probe_too_large_for_the_budget_is_refused_with_numbers_and_remedy(tmp_p
     assert float(match.group(2)) == round(budget / 2**30, 2) and float(match.group(1)) >= 0.19
     values = logged(trainer)
     assert all(math.isnan(v) for _, v in values["geometry/train/batch_functional_dimension"])
+    assert [s for s, v in values["geometry/flatness/max_eigenvalue"] if math.isnan(v)] == [0, 2, 4]
     assert [s for s, _ in values["geometry/train/linear_regions"]] == [0, 2, 4]
     assert all(1 <= v <= 600 for _, v in values["geometry/train/linear_regions"])
 
