@@ -24,6 +24,9 @@ from torch import Tensor
 
 #: Heatmaps smaller than this many pixels per side are upsampled (nearest) to at least this size.
 MIN_HEATMAP_PIXELS = 128
+#: Layers with more neurons are averaged down to this many pixels per side (a 3 × n × n image of a layer with
+#: 16,384 channels would take 3 GiB; aligned blocks stay visible as blocks).
+MAX_HEATMAP_PIXELS = 1024
 
 
 def tensorboard_loggers(loggers: Iterable[Logger]) -> list[TensorBoardLogger]:
@@ -84,10 +87,19 @@ def log_spectrum(logger: TensorBoardLogger, probe: str, singular_values: Tensor,
 
 
 def cosine_heatmap(cosines: Tensor) -> Tensor:
-    """RGB image (3, H, W) in [0, 1] of a (n, n) cosine matrix: red +1, white 0, blue −1; NaN is grey."""
-    c = cosines.detach().double().cpu().clamp(-1, 1)
+    """RGB image (3, H, W) in [0, 1] of a (n, n) cosine matrix: red +1, white 0, blue −1; NaN is grey.
+
+    H = W = n upsampled to at least ``MIN_HEATMAP_PIXELS``, or ``MAX_HEATMAP_PIXELS`` (block averages) when n
+    is larger.
+    """
+    c = cosines.detach().cpu()
     nan = torch.isnan(c)
-    c = torch.nan_to_num(c, nan=0.0)
+    c = torch.nan_to_num(c, nan=0.0).clamp(-1, 1)
+    if c.shape[0] > MAX_HEATMAP_PIXELS:
+        pool = torch.nn.functional.adaptive_avg_pool2d
+        c = pool(c.float()[None, None], MAX_HEATMAP_PIXELS)[0, 0]
+        nan = torch.nn.functional.adaptive_max_pool2d(nan.float()[None, None], MAX_HEATMAP_PIXELS)[0, 0] > 0
+    c = c.double()
     pos, neg = c.clamp(min=0), (-c).clamp(min=0)
     img = torch.stack([1 - neg, 1 - pos - neg, 1 - pos]).clamp(0, 1)
     img[:, nan] = 0.5

@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_geomdim import GeometryMonitor, batch_functional_dimension, flatness
+from lightning_geomdim.probes import ProbeSpec, random_probe
 
 IN, CLASSES = 4, 3
 
@@ -301,7 +302,10 @@ def test_token_ids_random_probe_with_a_vocabulary_draws_uniform_ids(tmp_path: Pa
     trainer, _ = fit(tmp_path, Module(net), token_data(), monitor)
     ids = monitor.probes["random"].x
     assert ids.dtype == torch.int64 and ids.shape == (40, 5) and int(ids.min()) == 0 and int(ids.max()) == 6
-    assert monitor.state_dict()["probes"]["random"]["high"] == 7
+    saved = monitor.state_dict()["probes"]["random"]
+    assert saved["high"] == 7 and saved["dtype"] == "int64"
+    # what a resumed run rebuilds from the checkpoint, whatever its own seed
+    assert torch.equal(random_probe(ProbeSpec.parse("random", 8), None, 99, saved).x, ids)
     values = logged(trainer)
     assert values["geometry/random/batch_functional_dimension"][-1][1] == batch_functional_dimension(net, ids).rank
 
@@ -403,3 +407,16 @@ def test_random_probe_high_on_floating_inputs_is_refused(tmp_path: Path) -> None
     monitor = GeometryMonitor(probes=["train", {"source": "random", "high": 5}], probe_size=8, measures=["dimension"])
     with pytest.raises(MisconfigurationException, match=r"'high' is for integer inputs.*torch.float32"):
         fit(tmp_path, Module(nn.Linear(IN, CLASSES)), classification(), monitor, max_steps=1)
+
+
+def test_cosine_heatmap_of_a_wide_layer_is_averaged_down() -> None:
+    from lightning_geomdim.tensorboard import MAX_HEATMAP_PIXELS, cosine_heatmap
+
+    n = 2 * MAX_HEATMAP_PIXELS + 50
+    cos = torch.zeros(n, n)
+    cos[: n // 2, : n // 2] = 1.0  # one aligned block of half the neurons
+    cos[-1, -1] = math.nan
+    img = cosine_heatmap(cos)
+    assert img.shape == (3, MAX_HEATMAP_PIXELS, MAX_HEATMAP_PIXELS) and img.dtype == torch.float32
+    assert img[:, 10, 10].tolist() == [1, 0, 0] and img[:, -10, 10].tolist() == [1, 1, 1]  # red block, white rest
+    assert img[:, -1, -1].tolist() == [0.5, 0.5, 0.5]
