@@ -41,14 +41,19 @@ def memory_budget(device: torch.device, max_memory_bytes: int | None = None) -> 
     return available_bytes(device) // 2
 
 
-def _gib(n: float) -> str:
-    return f"{n / 1024**3:.2f} GiB"
+def format_bytes(n: float) -> str:
+    """``n`` bytes in the largest binary unit that keeps it ≥ 1 (B, KiB, MiB, GiB, TiB)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
 
 
 def check_memory(needed: int, budget: int, *, what: str, remedies: str) -> None:
     """Raise :class:`MemoryBudgetError` when ``needed`` bytes exceed ``budget``."""
     if needed > budget:
         raise MemoryBudgetError(
-            f"{what} needs about {_gib(needed)} but the memory budget is {_gib(budget)}: {remedies}; "
+            f"{what} needs about {format_bytes(needed)} but the memory budget is {format_bytes(budget)}: {remedies}; "
             "or raise the budget with max_memory_bytes=... / GEOMDIM_MAX_MEMORY_BYTES"
         )

@@ -74,7 +74,7 @@ def test_memory_budget_refuses_before_allocating() -> None:
     model = mlp([784, 30, 10])
     x = torch.rand(200, 784, generator=gen(0))
     # J would be 2000 x 23,860 float64 = 0.36 GiB, ~1.07 GiB at peak
-    with pytest.raises(MemoryBudgetError, match=r"2000 × 23860 Jacobian.*needs about 1\.07 GiB.*budget is 0\.10 GiB"):
+    with pytest.raises(MemoryBudgetError, match=r"2000 × 23860 Jacobian.*needs about 1\.07 GiB.*budget is 100\.00 MiB"):
         batch_functional_dimension(model, x, engine="jacrev", max_memory_bytes=100 * 1024**2)
 
 
@@ -82,3 +82,10 @@ def test_memory_budget_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("GEOMDIM_MAX_MEMORY_BYTES", "1000")
     with pytest.raises(MemoryBudgetError, match="GEOMDIM_MAX_MEMORY_BYTES"):
         batch_functional_dimension(mlp([3, 4, 2]), torch.randn(10, 3), engine="jacrev")
+
+
+def test_format_bytes_units() -> None:
+    from lightning_geomdim.memory import format_bytes
+
+    assert [format_bytes(n) for n in (512, 1536, 5 * 1024**2, 3 * 1024**3, 2 * 1024**4)] == [
+        "512 B", "1.50 KiB", "5.00 MiB", "3.00 GiB", "2.00 TiB"]
