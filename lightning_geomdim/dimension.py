@@ -85,11 +85,11 @@ def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> str:
 
 def compute_spectrum(
     engine: str, fm: FunctionalModel, inputs: ProbeInputs, num_outputs: int, *, chunk_size: int | None,
-    budget: int,
+    budget: int, distributed: bool = False,
 ) -> Spectrum:
     """Run the resolved ``engine`` ("gram" or "jacrev") and return the singular values of J."""
     if engine == "gram":
-        return gram_spectrum(fm, inputs, num_outputs, chunk_size=chunk_size, budget=budget)
+        return gram_spectrum(fm, inputs, num_outputs, chunk_size=chunk_size, budget=budget, distributed=distributed)
     return jacobian_spectrum(fm, inputs, num_outputs, chunk_size=chunk_size, budget=budget)
 
 
@@ -104,6 +104,7 @@ def batch_functional_dimension(
     chunk_size: int | None = None,
     engine: Engine = "auto",
     max_memory_bytes: int | None = None,
+    distributed: bool = False,
 ) -> DimensionResult:
     """Batch functional dimension of ``model`` on the probe batch ``x``: rank ∂ vec f_θ(x) / ∂θ.
 
@@ -135,6 +136,10 @@ def batch_functional_dimension(
             hold on this model and probe, "jacrev" otherwise; ``DimensionResult.engine`` says which ran.
         max_memory_bytes: memory budget; default half the available memory (see
             :mod:`lightning_geomdim.memory`).
+        distributed: with the Gram engine and an initialised ``torch.distributed`` process group, divide the
+            Gram accumulation among the processes and all-reduce it (see
+            :func:`lightning_geomdim.gram.gram_matrix`). A collective: every process must call it, with the
+            same model, probe and arguments. Ignored by the jacrev engine and without a process group.
 
     Returns:
         A :class:`DimensionResult`; ``singular_values`` is float64, shape (min(M, P),).
@@ -165,7 +170,7 @@ def batch_functional_dimension(
         resolved = select_engine(engine, fm, inputs)
         spectrum = compute_spectrum(
             resolved, fm, inputs, num_outputs, chunk_size=chunk_size,
-            budget=memory_budget(fm.device, max_memory_bytes),
+            budget=memory_budget(fm.device, max_memory_bytes), distributed=distributed,
         )
     return dimension_from_spectrum(
         spectrum, num_outputs=num_outputs, num_params=num_params, rtol=rtol, engine=resolved,

@@ -560,24 +560,34 @@ def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int) -> T
     return torch.cat(blocks, dim=1)
 
 
-def gram_from_factors(factors: Sequence[LayerFactors], plan: GramPlan, *, lower_only: bool = False) -> Tensor:
+def gram_from_factors(
+    factors: Sequence[LayerFactors], plan: GramPlan, *, lower_only: bool = False, share: tuple[int, int] = (0, 1),
+) -> Tensor:
     """The Gram matrix of J on ``plan.side``: J Jᵀ (M × M) or Jᵀ J (P_used × P_used), float64.
 
     With ``lower_only`` only the lower triangle is filled (the upper one holds zeros): half the work, and all
     that ``torch.linalg.eigvalsh(gram, UPLO="L")`` reads.
+
+    ``share = (index, count)``: compute only the terms of share ``index`` out of ``count``; the ``count``
+    partial matrices sum to the whole. J Jᵀ = Σ_l J_l J_lᵀ is split by layers (balanced by cost), Jᵀ J =
+    Σ_S J_Sᵀ J_S by chunks of samples.
     """
+    index, count = share
     n, k = plan.num_samples, plan.outputs_per_sample
     device = factors[0].inputs.device if factors else torch.device("cpu")
     d = plan.size
     gram = torch.zeros((d, d), dtype=torch.float64, device=device)
     if plan.side == "outputs":
         buffer = torch.empty(min(d * d, max(_BLOCK_ENTRIES, d * k)), dtype=torch.float64, device=device)
-        for f in factors:
-            _add_output_gram(gram, f, n, k, lower=lower_only, buffer=buffer)
+        m = n * k
+        costs = [min(_kernel_cost(f.layer, m, n), _explicit_cost(f.layer, m)) for f in factors]
+        for i in _balanced_share(costs, index, count):
+            _add_output_gram(gram, factors[i], n, k, lower=lower_only, buffer=buffer)
     else:
         # Jᵀ J = Σ over chunks of samples of J_Sᵀ J_S; chunks of about d rows keep J_S no larger than the Gram
         per_chunk = max(1, d // max(k, 1))
-        for start in range(0, n, per_chunk):
+        starts = list(range(0, n, per_chunk))
+        for start in starts[index::count]:
             rows = _jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k)
             cols = rows.T.contiguous()
             _accumulate(gram, cols, cols, lower=lower_only)
@@ -585,13 +595,37 @@ def gram_from_factors(factors: Sequence[LayerFactors], plan: GramPlan, *, lower_
     return gram.tril_() if lower_only else gram  # blocks on the diagonal also filled some upper entries
 
 
+def _balanced_share(costs: Sequence[float], index: int, count: int) -> list[int]:
+    """Indices of the items of share ``index`` when items are dealt, costliest first, to the lightest share."""
+    loads = [0.0] * count
+    owner = {}
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
+        j = min(range(count), key=lambda j: (loads[j], j))
+        loads[j] += costs[i]
+        owner[i] = j
+    return [i for i in range(len(costs)) if owner[i] == index]
+
+
+def _process_share(distributed: bool) -> tuple[int, int]:
+    """(rank, world size) when ``distributed`` and a process group is initialised, else (0, 1)."""
+    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def gram_matrix(
     fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int | None = None, budget: int | None = None,
-    lower_only: bool = False,
+    lower_only: bool = False, distributed: bool = False,
 ) -> tuple[Tensor, GramPlan]:
     """J Jᵀ or Jᵀ J (whichever is smaller, ``plan.side``), float64, and the plan it was built from.
 
     ``lower_only``: fill only the lower triangle (see :func:`gram_from_factors`).
+
+    ``distributed``: when a ``torch.distributed`` process group is initialised, each of the W processes
+    accumulates 1/W of the terms (its share of the layers for J Jᵀ, of the sample chunks for Jᵀ J) and one
+    ``all_reduce(SUM)`` gives every process the whole matrix. Collective: every process of the group must
+    call it with the same model and probe. The per-layer factors (one forward, K backwards) are computed by
+    every process; the accumulation, which dominates for large probes, is divided.
 
     Raises:
         NotApplicableError: the engine is not exact for this model (see :func:`gram_plan`).
@@ -608,11 +642,17 @@ def gram_matrix(
             "chunk_size (output coordinates backpropagated at once)",
         )
     factors = layer_factors(fm, inputs, plan, chunk_size=chunk_size)
-    return gram_from_factors(factors, plan, lower_only=lower_only), plan
+    share = _process_share(distributed)
+    gram = gram_from_factors(factors, plan, lower_only=lower_only, share=share)
+    del factors
+    if share[1] > 1:
+        torch.distributed.all_reduce(gram, op=torch.distributed.ReduceOp.SUM)
+    return gram, plan
 
 
 def gram_spectrum(
     fm: FunctionalModel, inputs: ProbeInputs, num_outputs: int, *, chunk_size: int | None = None, budget: int,
+    distributed: bool = False,
 ) -> Spectrum:
     """Singular values of J as √max(λ, 0) of its Gram's eigenvalues: shape (min(M, P),), float64, descending.
 
@@ -620,7 +660,8 @@ def gram_spectrum(
         NotApplicableError: the engine is not exact for this model (see :func:`gram_plan`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
-    gram, plan = gram_matrix(fm, inputs, chunk_size=chunk_size, budget=budget, lower_only=True)
+    gram, plan = gram_matrix(fm, inputs, chunk_size=chunk_size, budget=budget, lower_only=True,
+                             distributed=distributed)
     if num_outputs != plan.num_outputs:
         raise NotApplicableError(
             f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"

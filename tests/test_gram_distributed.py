@@ -1,0 +1,83 @@
+"""Scale-out of the Gram engine: shares of the terms sum to the whole Gram; a real 2-process gloo all-reduce
+gives every process the single-process result."""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import gen, mlp, small_cnn
+
+from lightning_geomdim import batch_functional_dimension
+from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
+from lightning_geomdim.gram import _balanced_share, gram_from_factors, gram_plan, layer_factors
+
+CASES = {
+    # name: (model factory, probe factory); J Jᵀ side (M < P) and Jᵀ J side (M > P), Linear and Conv2d
+    "mlp_outputs_side": (lambda: mlp([6, 7, 5, 3], seed=1), lambda: torch.randn(9, 6, generator=gen(1))),
+    "mlp_params_side": (lambda: mlp([3, 4, 2], seed=2), lambda: torch.randn(40, 3, generator=gen(2))),
+    "cnn_outputs_side": (lambda: small_cnn(seed=3), lambda: torch.randn(5, 1, 6, 6, generator=gen(3))),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("count", [2, 3])
+def test_shares_sum_to_the_whole_gram(case: str, count: int) -> None:
+    make_model, make_x = CASES[case]
+    model = make_model()
+    with measurement_mode(model):
+        fm = FunctionalModel.from_module(model)
+        inputs = ProbeInputs.from_batch(make_x(), dtype=torch.float64, device=fm.device)
+        plan = gram_plan(fm, inputs)
+        factors = layer_factors(fm, inputs, plan)
+        whole = gram_from_factors(factors, plan)
+        parts = [gram_from_factors(factors, plan, share=(i, count)) for i in range(count)]
+    assert plan.side == ("params" if case == "mlp_params_side" else "outputs")
+    torch.testing.assert_close(sum(parts), whole, rtol=1e-12, atol=1e-12 * float(whole.abs().max()))
+    assert sum(bool(p.abs().max() > 0) for p in parts) >= 2  # the work is really divided
+
+
+def test_balanced_share_deals_every_item_once() -> None:
+    costs = [5.0, 1.0, 3.0, 3.0, 2.0]
+    shares = [_balanced_share(costs, i, 2) for i in range(2)]
+    assert sorted(shares[0] + shares[1]) == list(range(5))
+    loads = [sum(costs[i] for i in s) for s in shares]
+    assert max(loads) - min(loads) <= max(costs)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        results = {}
+        for name, (make_model, make_x) in CASES.items():
+            res = batch_functional_dimension(make_model(), make_x(), engine="gram", distributed=True)
+            results[name] = (res.rank, res.singular_values)
+        torch.save(results, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_all_reduce_to_the_single_process_result(tmp_path: Path) -> None:
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for name, (make_model, make_x) in CASES.items():
+        single = batch_functional_dimension(make_model(), make_x(), engine="gram")
+        for results in per_rank:
+            rank, sv = results[name]
+            assert rank == single.rank, name
+            # summation order differs: equal to the Gram's resolution (the rank tolerance), tighter above it
+            torch.testing.assert_close(sv, single.singular_values, rtol=1e-9, atol=single.tolerance)
+            torch.testing.assert_close(sv[:rank], single.singular_values[:rank], rtol=1e-9, atol=0)
+        torch.testing.assert_close(per_rank[0][name][1], per_rank[1][name][1], rtol=0, atol=0)  # same everywhere
