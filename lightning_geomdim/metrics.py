@@ -161,12 +161,13 @@ class BatchFunctionalDimension(_ProbeMetric):
         chunk_size: int | None = None,
         max_memory_bytes: int | None = None,
         max_samples: int | None = None,
+        distributed: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(model, max_samples=max_samples, **kwargs)
         self.measure_kwargs = {
             "output_fn": output_fn, "params": params, "engine": engine, "rtol": rtol, "dtype": dtype,
-            "chunk_size": chunk_size, "max_memory_bytes": max_memory_bytes,
+            "chunk_size": chunk_size, "max_memory_bytes": max_memory_bytes, "distributed": distributed,
         }
         self.result: DimensionResult | None = None
 

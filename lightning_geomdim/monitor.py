@@ -159,6 +159,12 @@ class GeometryMonitor(Callback):
         params: names of the measured parameters; default every parameter with ``requires_grad``.
         engine: engine of the batch functional dimension (passed to
             :func:`~lightning_geomdim.batch_functional_dimension`).
+        distributed_gram: under DDP, divide the Gram engine's accumulation among the processes and all-reduce
+            it (``distributed=True`` of :func:`~lightning_geomdim.batch_functional_dimension`): each process
+            then holds the whole Gram with 1/W of the work. Off by default, so that measuring makes no
+            collective call. Safe because every process measures the same probe with the same weights and the
+            same (agreed) memory budget, so all take the same path; values equal a single process to the Gram's
+            resolution rather than bit for bit (the summation order differs).
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
         rtol: relative rank tolerance; default the dtype's rule (see :mod:`lightning_geomdim.rank`).
         max_memory_bytes: memory budget of a measure, in bytes; default half the available memory (see
@@ -205,6 +211,7 @@ class GeometryMonitor(Callback):
         loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
         params: Sequence[str] | None = None,
         engine: str = "auto",
+        distributed_gram: bool = False,
         dtype: str | torch.dtype = "float64",
         rtol: float | None = None,
         max_memory_bytes: int | None = None,
@@ -265,6 +272,7 @@ class GeometryMonitor(Callback):
         self.loss_fn = loss_fn
         self.params = list(params) if params is not None else None
         self.engine = engine
+        self.distributed_gram = bool(distributed_gram)
         self.dtype = dtype
         self.rtol = rtol
         if max_memory_bytes is not None and (
@@ -529,7 +537,7 @@ class GeometryMonitor(Callback):
     ) -> dict[str, float]:
         metric = BatchFunctionalDimension(
             module, output_fn=self.output_fn, params=self.params, engine=self.engine, rtol=self.rtol,
-            dtype=self.dtype, max_memory_bytes=self._budget, **NO_SYNC,
+            dtype=self.dtype, max_memory_bytes=self._budget, distributed=self.distributed_gram, **NO_SYNC,
         )
         metric.update(self._on_device(module, probe)[0])
         metric.compute()

@@ -107,7 +107,9 @@ if cfg.get("reference"):  # the probes a DDP run measured, as tensor probes unde
     model.load_state_dict(torch.load(cfg["reference"])["weights"])
     probes = [{"name": k, "x": v["x"], "y": v["y"]} for k, v in torch.load(cfg["reference"])["probes"].items()]
 monitor = GeometryMonitor(every_n_steps=1, every_n_epochs=None, probes=probes, probe_size=7,
-                          flatness_top_k=2, on_error=cfg.get("on_error", "warn"))
+                          flatness_top_k=2, on_error=cfg.get("on_error", "warn"),
+                          measures=cfg.get("measures", ("dimension", "flatness", "alignment")),
+                          distributed_gram=cfg.get("distributed_gram", False))
 torch.manual_seed(int(os.environ.get("LOCAL_RANK", "0")))  # unseeded processes: each its own augmentations
 recorder = Recorder()
 trainer = L.Trainer(
@@ -220,6 +222,25 @@ def test_ddp_two_processes_agree_log_once_and_equal_a_single_process_run(tmp_pat
     assert set(reference) == set(table)
     differ = {k: (table[k][-1][1], reference[k][0][1]) for k in table if not same(table[k][-1][1], reference[k][0][1])}
     assert not differ
+
+
+def test_ddp_distributed_gram_equals_the_single_process_dimension(tmp_path: Path) -> None:
+    """distributed_gram=True: the two processes split the Gram accumulation and all-reduce it; the logged
+    dimension equals the single-process core measure on the same weights and probe."""
+    out, proc = run_script(tmp_path, "ddp_gram", devices=2, distributed_gram=True, measures=["dimension"],
+                           max_epochs=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = csv_points(out)
+    saved = torch.load(out / "rank0.pt")
+    net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
+    steps = [s for s, _ in table["geometry/train/batch_functional_dimension"]]
+    assert steps == [0, 1, 2]
+    for i, step in enumerate(steps):
+        net.load_state_dict({k.removeprefix("net."): v for k, v in saved["weights"][step].items()})
+        for probe in ("train", "val"):
+            res = batch_functional_dimension(net, saved["probes"][probe]["x"], engine="gram")
+            assert table[f"geometry/{probe}/batch_functional_dimension"][i][1] == res.rank
+            assert table[f"geometry/{probe}/stable_rank"][i][1] == pytest.approx(res.stable_rank, rel=1e-6)
 
 
 def test_ddp_on_error_raise_ends_the_whole_job(tmp_path: Path) -> None:
