@@ -39,11 +39,12 @@ when one fails, ``engine="gram"`` raises :class:`NotApplicableError`):
   it out of a tuple or dict). Any functional code between modules (``x + y``, ``torch.relu``,
   ``x.view``, in-place edits) is thereby detected and refused, because it could mix samples.
 
-Peak memory (float64, d = min(M, P_used)): 16 · d² bytes (the Gram and the working copy LAPACK's
-eigensolver makes), plus the per-layer factors 8 · Σ_l (N · T_l · D_l + M · T_l · O_l) bytes (plus the
-same again in the computation dtype), plus the backward intermediates of ``chunk_size`` output coordinates
-(≈ chunk_size × the forward activations). :func:`gram_bytes` is checked against the memory budget before
-anything is allocated.
+Peak memory (float64, d = min(M, P_used)): 16 · d² bytes (the Gram, built by blocks of rows into its lower
+triangle through a 16 MiB scratch block, and the working copy LAPACK's eigensolver makes of it), plus the
+per-layer factors 8 · Σ_l (N · T_l · D_l + M · T_l · O_l) bytes (plus the same again in the computation
+dtype), plus the backward intermediates of ``chunk_size`` output coordinates (≈ chunk_size × the forward
+activations). :func:`gram_bytes` is checked against the memory budget before anything is allocated. For
+the paper's MLP: 0.56 GiB at N = 600 (measured 566 MiB), 6.0 GiB at N = 2,000.
 
 Tolerance: σ = √max(λ, 0) with the Gram rule of :mod:`lightning_geomdim.rank` (``from_gram=True``): a
 float64 Gram resolves σ down to about σ_max · sqrt(max(M, P) · eps64) (~2e-6 σ_max for the paper's MLP),
