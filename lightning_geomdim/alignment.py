@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from lightning_geomdim.activation_patterns import activation_patterns, unit_activity
 from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.memory import check_memory, memory_budget
 from lightning_geomdim.rank import stable_rank
 from lightning_geomdim.symmetries import AFFINE
 from lightning_geomdim.tracing import RELU_LIKE, LeafCall, call_keys, trace_leaf_calls
@@ -95,7 +96,7 @@ class AlignmentStats:
 
 def neuron_alignment(
     model: nn.Module, x: Any = None, *, threshold: float = 0.99, dtype: torch.dtype = torch.float64,
-    output_fn: OutputFn | None = None,
+    output_fn: OutputFn | None = None, max_memory_bytes: int | None = None,
 ) -> dict[str, AlignmentStats]:
     """Alignment statistics of every Linear/Conv layer that feeds a ReLU, keyed by module name.
 
@@ -106,16 +107,23 @@ def neuron_alignment(
         threshold: two neurons are linked when cos(u_i, u_j) > threshold, −1 ≤ threshold < 1.
         dtype: computation dtype of the cosines and of the forward pass on x (float64 by default).
         output_fn: only needed when the model returns a non-tensor.
+        max_memory_bytes: memory budget in bytes; default half the available memory (see
+            :mod:`lightning_geomdim.memory`).
 
     Returns:
         Module name → :class:`AlignmentStats`, in execution (with x) or registration (without x) order.
         A layer called several times (shared weights) is reported once; its activity statistics pool the
         calls. Cost: one forward on one sample and one on x, plus O(n² · fan_in) per layer.
+        Memory (:func:`alignment_bytes`, checked before the activation patterns and any cosine): the n × n
+        float64 cosines of every layer are kept (8 n² bytes each), and the largest layer's computation
+        holds 19 n² + 16 n (fan_in + 1) bytes more (a float64 temporary, the int64 labels of the
+        clustering, three boolean n × n masks, the normalised neurons): 2.1 GiB for n = 16,384.
 
     Raises:
         NotApplicableError: the model has no ``nn.ReLU`` / ``nn.LeakyReLU`` module, or no Linear/Conv layer
             feeds one as described in the module docstring.
         ValueError: threshold outside [−1, 1).
+        MemoryBudgetError: the cosine matrices exceed the budget (raised before computing them).
 
     Example::
 
@@ -135,12 +143,8 @@ def neuron_alignment(
             f"{type(model).__name__} has no nn.ReLU / nn.LeakyReLU module, so neuron alignment is not defined "
             "(functional relu calls are not seen: use nn.ReLU modules to have them measured)"
         )
-    if x is None:
-        feeding = {name: [] for name in _sequential_feeding(model)}
-        patterns: dict[str, Tensor] = {}
-    else:
-        feeding = _traced_feeding(model, x, dtype, output_fn)
-        patterns = activation_patterns(model, x, dtype=dtype, output_fn=output_fn)
+    feeding = {name: [] for name in _sequential_feeding(model)} if x is None else _traced_feeding(
+        model, x, dtype, output_fn)
     if not feeding:
         how = "in the traced forward" if x is not None else "in the children order of its nn.Sequential containers"
         raise NotApplicableError(
@@ -149,10 +153,38 @@ def neuron_alignment(
             + ("" if x is not None else ": pass a probe batch x=... to trace the data flow of a custom forward")
         )
     modules = dict(model.named_modules())
+    shapes = {name: _neuron_shape(modules[name]) for name in feeding}
+    widest = max(shapes, key=lambda name: shapes[name][0])
+    check_memory(
+        alignment_bytes(list(shapes.values())), memory_budget(modules[widest].weight.device, max_memory_bytes),
+        what=f"neuron alignment of {len(shapes)} layer(s) (n × n float64 cosines each; widest {widest!r} with "
+        f"n = {shapes[widest][0]:,} neurons: {8 * shapes[widest][0] ** 2 / 1024**2:,.1f} MiB per matrix)",
+        remedies="the pairwise cosines have no cheaper exact form: leave alignment out for this model (e.g. "
+        "GeometryMonitor(measures=('dimension', 'flatness')))",
+    )
+    patterns: dict[str, Tensor] = {} if x is None else activation_patterns(
+        model, x, dtype=dtype, output_fn=output_fn)
     return {
         name: _layer_stats(modules[name], [patterns[k] for k in keys], threshold, dtype)
         for name, keys in feeding.items()
     }
+
+
+def alignment_bytes(shapes: list[tuple[int, int]]) -> int:
+    """Peak memory estimate of :func:`neuron_alignment` for layers of (n, fan_in + 1) neurons, in bytes.
+
+    Every layer's (n, n) float64 cosines are kept (8 n²); the largest layer's computation adds
+    19 n² + 16 n (fan_in + 1) (see :func:`neuron_alignment`).
+    """
+    kept = sum(8 * n * n for n, _ in shapes)
+    work = max(19 * n * n + 16 * n * width for n, width in shapes)
+    return kept + work
+
+
+def _neuron_shape(module: nn.Module) -> tuple[int, int]:
+    """(n, length of a neuron): out_features / out_channels and fan_in (+ 1 with a bias)."""
+    weight = module.weight
+    return int(weight.shape[0]), weight[0].numel() + (getattr(module, "bias", None) is not None)
 
 
 def _sequential_feeding(model: nn.Module) -> list[str]:
@@ -239,6 +271,7 @@ def _layer_stats(module: nn.Module, patterns: list[Tensor], threshold: float, dt
     if n > 1:
         others = cosines.masked_fill(torch.eye(n, dtype=torch.bool, device=cosines.device), -math.inf)
         max_cosines = others.max(dim=1).values
+        del others  # one n × n float64 temporary at a time (the memory estimate counts one)
     else:
         max_cosines = torch.full((1,), math.nan, dtype=torch.float64)
     labels = _clusters(cosines > threshold)

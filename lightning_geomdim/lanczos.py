@@ -82,6 +82,8 @@ def lanczos(
     Returns:
         A :class:`LanczosResult`. Cost: ``num_matvecs`` ≤ min(max_iterations, d) products with A, plus
         O(j² d) for the reorthogonalisation and an eigendecomposition of the j × j tridiagonal per step.
+        Memory: the basis, min(max_iterations, d) · d values allocated up front, plus k + 4 vectors of
+        length d (Ritz vectors, q, w, temporaries) and what ``matvec`` holds.
     """
     if not 1 <= k <= dim:
         raise ValueError(f"k must be between 1 and the operator size {dim}, got k={k}")

@@ -75,6 +75,8 @@ def hutchinson(
         num_probes: n ≥ 1.
         generator: source of the probes (the global RNG is never used).
         dtype, device: of the probes (the dtype and device ``matmat`` expects).
+
+    Memory: about 3 · ``num_probes`` vectors of length d (probes, products, their elementwise product).
     """
     if num_probes < 1:
         raise ValueError(f"num_probes must be >= 1, got {num_probes}: pass a positive number of probes")
@@ -92,6 +94,8 @@ def hutch_plus_plus(
 
     k = min(⌊m/3⌋, d) sketch vectors, k products for A Q, and m − 2k Rademacher probes on the deflated
     operator (none when k = d: then Q spans R^d and the result is exact, costing 2d matvecs).
+    Memory: about max(3k, k + 4(m − 2k)) vectors of length d besides what ``matmat`` holds (Q, the probes,
+    their deflated copies and their products).
 
     Args:
         matmat: (dim, n) → (dim, n), A times a block of vectors, A symmetric.
@@ -106,8 +110,8 @@ def hutch_plus_plus(
             "raise the number of trace samples or use Hutchinson"
         )
     k = min(num_matvecs // 3, dim)
-    sketch = rademacher(dim, k, generator=generator, dtype=dtype, device=device)
-    q, _ = torch.linalg.qr(matmat(sketch))  # (d, k), orthonormal columns even when A S is rank-deficient
+    # (d, k), orthonormal columns even when A S is rank-deficient; the sketch S is freed once A S is formed
+    q, _ = torch.linalg.qr(matmat(rademacher(dim, k, generator=generator, dtype=dtype, device=device)))
     low_rank = float(torch.trace(q.T @ matmat(q)))
     if k == dim:
         return TraceEstimate(low_rank, 0.0, 2 * k, exact=True)

@@ -11,6 +11,8 @@ from conftest import gen, mlp, small_cnn
 from torch import Tensor, nn
 
 from lightning_geomdim import AlignmentStats, NotApplicableError, activation_patterns, neuron_alignment
+from lightning_geomdim.alignment import alignment_bytes
+from lightning_geomdim.errors import MemoryBudgetError
 
 
 def set_layer(layer: nn.Module, weight: Tensor, bias: Tensor) -> None:
@@ -197,3 +199,39 @@ def test_global_rng_and_model_state_untouched() -> None:
     for p, g, b in zip(model.parameters(), grads, before, strict=True):
         assert p.grad is g and torch.equal(g, torch.full_like(p, 2.0))
         assert torch.equal(p.detach(), b) and p.dtype == torch.float32
+
+
+class BatchRecorder(nn.Module):
+    """Linear → ReLU → Linear recording the batch size of every forward call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 2)
+        self.batches: list[int] = []
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.batches.append(x.shape[0])
+        return self.out(self.act(self.fc(x)))
+
+
+def test_memory_budget_refused_before_the_cosines_and_the_patterns() -> None:
+    net, _ = clustered_linear()  # one layer: n = 6 neurons of length 4
+    needed = 8 * 6**2 + 19 * 6**2 + 16 * 6 * 4  # kept cosines + the layer's working memory
+    assert alignment_bytes([(6, 4)]) == needed == 1356
+    assert neuron_alignment(net, max_memory_bytes=needed)["0"].num_clusters == 4
+    with pytest.raises(MemoryBudgetError, match=r"n = 6 neurons") as err:
+        neuron_alignment(net, max_memory_bytes=needed - 1)
+    assert "'0'" in str(err.value) and "max_memory_bytes" in str(err.value)
+    # with x: refused after tracing one sample, before the activation patterns of the whole batch
+    model = BatchRecorder()
+    x = torch.randn(7, 3, generator=gen(9))
+    with pytest.raises(MemoryBudgetError):
+        neuron_alignment(model, x, max_memory_bytes=100)
+    assert model.batches and max(model.batches) == 1
+    model.batches.clear()
+    assert list(neuron_alignment(model, x)) == ["fc"] and max(model.batches) == 7
+
+
+def test_memory_estimate_keeps_every_layer_and_works_on_the_widest() -> None:
+    shapes = [(6, 4), (40, 7)]
+    assert alignment_bytes(shapes) == 8 * (36 + 1600) + 19 * 1600 + 16 * 40 * 7

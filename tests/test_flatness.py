@@ -14,6 +14,7 @@ from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import Tensor, nn
 
 from lightning_geomdim import FlatnessResult, batch_functional_dimension, flatness
+from lightning_geomdim.errors import MemoryBudgetError
 from lightning_geomdim.lanczos import lanczos
 from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
 
@@ -277,3 +278,73 @@ def test_estimators_leave_global_rng_alone() -> None:
         hutch_plus_plus(lambda z: a @ z, 4, 3, generator=gen(1))
         lanczos(lambda v: a @ v, 4, k=2, generator=gen(1))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+# --- memory budget: refused before the Hessian-vector products --------------------------------------------
+
+
+class CountingMLP(nn.Module):
+    """An MLP counting its forward calls (every HVP block, probe and dimension pass calls it)."""
+
+    def __init__(self, widths: list[int]) -> None:
+        super().__init__()
+        self.net = mlp(widths, seed=0)
+        self.calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        return self.net(x)
+
+
+def test_budget_too_small_is_refused_before_any_hvp_with_the_numbers() -> None:
+    model = CountingMLP([4, 6, 5, 3])  # P = 83
+    x, y = torch.randn(10, 4, generator=gen(1)), torch.randint(0, 3, (10,), generator=gen(2))
+    # A = input 10·4 + leaf outputs 10·(6 + 6 + 5 + 5 + 3) = 290 values
+    cases = {
+        "lanczos": ["Lanczos basis of 83 vectors", "hutch++ trace: 165 vectors", "lanczos_iterations (now 100"],
+        "dense": ["dense Hessian 3 × P²", "use method='lanczos'"],
+    }
+    for method, parts in cases.items():
+        model.calls = 0
+        with pytest.raises(MemoryBudgetError) as err:
+            flatness(model, F.cross_entropy, x, y, method=method, max_memory_bytes=1000)
+        message = str(err.value)
+        for part in ["P = 83 parameters", "A = 290 activation values", "max_memory_bytes", *parts]:
+            assert part in message
+        assert model.calls == 1  # only the forward pass that counts A: no loss, no HVP, no dimension
+
+
+def test_budget_boundary_is_the_documented_estimate() -> None:
+    model, loss_fn, x, y = ce_case()  # P = 83, A = 290
+    dim = batch_functional_dimension(model, x)
+    kwargs = {"method": "lanczos", "lanczos_iterations": 5, "trace_samples": 9, "chunk_size": 4, "dimension": dim}
+    p, a = 83, 290
+    hvps = lambda c: 12 * p + 3 * a + c * (5 * p + a)  # noqa: E731
+    eigen = (5 + 1 + 4) * p + hvps(1)
+    trace = max(3 * 3, 3 + 4 * 3) * p + hvps(3)  # Hutch++: 3 sketch and 3 probe vectors, 3 vmapped HVPs
+    needed = 8 * (2 * p + max(eigen, trace))
+    with pytest.raises(MemoryBudgetError, match="lanczos_iterations"):
+        flatness(model, loss_fn, x, y, max_memory_bytes=needed - 1, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # 5 Lanczos iterations need not converge
+        res = flatness(model, loss_fn, x, y, max_memory_bytes=needed, **kwargs)
+    assert res.num_hvps <= 5 + 9
+    dense = 8 * (2 * p + 3 * p * p + hvps(4))
+    with pytest.raises(MemoryBudgetError, match="method='lanczos'"):
+        flatness(model, loss_fn, x, y, method="dense", chunk_size=4, dimension=dim, max_memory_bytes=dense - 1)
+    assert flatness(model, loss_fn, x, y, method="dense", chunk_size=4, dimension=dim,
+                    max_memory_bytes=dense).method == "dense"
+
+
+def test_dimension_too_large_for_the_budget_fails_before_the_hessian_work() -> None:
+    model = CountingMLP([4, 40, 40, 3])  # P = 1963; the probe has M = 1200 outputs: a 1200 × 1200 Gram
+    x, y = torch.randn(400, 4, generator=gen(3)), torch.randint(0, 3, (400,), generator=gen(4))
+    budget = 4 * 1024**2  # flatness itself needs ≈ 2.6 MB here, the dimension ≈ 23 MB
+    with pytest.raises(MemoryBudgetError) as alone:
+        batch_functional_dimension(model, x, max_memory_bytes=budget)
+    dimension_calls, model.calls = model.calls, 0
+    with pytest.raises(MemoryBudgetError) as err:
+        flatness(model, F.cross_entropy, x, y, method="lanczos", lanczos_iterations=3, trace_samples=3,
+                 chunk_size=1, max_memory_bytes=budget)
+    assert str(err.value) == str(alone.value)  # the dimension's refusal ...
+    assert model.calls == 2 + dimension_calls  # ... after only the A-counting and loss forwards: no HVP ran
