@@ -264,10 +264,12 @@ class NeuronAlignment(_ProbeMetric):
 
     def __init__(
         self, model: nn.Module, *, threshold: float = 0.99, output_fn: OutputFn | None = None,
-        dtype: torch.dtype = torch.float64, max_samples: int | None = None, **kwargs: Any,
+        dtype: torch.dtype = torch.float64, max_memory_bytes: int | None = None, max_samples: int | None = None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(model, max_samples=max_samples, **kwargs)
-        self.measure_kwargs = {"threshold": float(threshold), "output_fn": output_fn, "dtype": dtype}
+        self.measure_kwargs = {"threshold": float(threshold), "output_fn": output_fn, "dtype": dtype,
+                               "max_memory_bytes": max_memory_bytes}
         self.result: dict[str, AlignmentStats] | None = None
 
     def compute(self) -> Tensor:

@@ -585,7 +585,8 @@ class GeometryMonitor(Callback):
 
     def _alignment(self, trainer: Trainer, module: nn.Module, probe: Probe | None, extras: dict) -> dict[str, float]:
         metric = NeuronAlignment(
-            module, threshold=self.alignment_threshold, output_fn=self.output_fn, dtype=self.dtype, **NO_SYNC
+            module, threshold=self.alignment_threshold, output_fn=self.output_fn, dtype=self.dtype,
+            max_memory_bytes=self._budget, **NO_SYNC,
         )
         if probe is not None:
             metric.update(self._on_device(module, probe)[0])
