@@ -143,6 +143,26 @@ def test_idx_full_source_through_the_datamodule(idx_root: tuple[Path, dict[str, 
         assert all(source[k] == int(lab) for k, lab in zip(keys, labels, strict=True))
 
 
+def test_idx_full_config_runs(idx_root: tuple[Path, dict[str, np.ndarray]]) -> None:
+    """configs/mnist_full.yaml through LightningCLI on the IDX files, shortened to one epoch on small sets."""
+    pytest.importorskip("torchvision", reason="torchvision is not installed (the 'full' extra)")
+    root, _ = idx_root
+    probes = [{"name": "train", "source": "train", "size": 20}, {"name": "test", "source": "val", "size": 20},
+              {"name": "random", "source": "random", "size": 20, "mean": 0.5, "std": 1.0}]
+    mnist.main([
+        "fit", "--config", str(ROOT / "configs" / "mnist_full.yaml"),
+        "--data.root", str(root), "--data.download", "false", "--data.num_train", "40", "--data.num_test", "20",
+        "--trainer.max_epochs", "1",
+        "--trainer.logger.init_args.save_dir", str(root / "logs"),
+        "--trainer.callbacks.init_args.probes", json.dumps(probes),
+        "--trainer.callbacks.init_args.flatness_trace_samples", "5",
+        "--trainer.callbacks.init_args.on_error", "raise",
+    ])
+    values = scalars(root / "logs")
+    assert [s for s, _ in values["geometry/test/batch_functional_dimension"]] == [0]
+    assert values["geometry/test/upper_bound"][0][1] == 20 * 9
+
+
 def test_full_source_offline_and_absent_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError) as info:
         mnist_data.load_torchvision_mnist(tmp_path, download=False)
