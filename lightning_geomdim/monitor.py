@@ -41,7 +41,7 @@ from lightning_geomdim.probes import (
     random_probe,
     tensor_probe,
 )
-from lightning_geomdim.schedule import Event, MeasurementClock, Schedule
+from lightning_geomdim.schedule import Event, MeasurementClock, OverheadBudget, Schedule
 from lightning_geomdim.tracing import RELU_LIKE
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
@@ -96,6 +96,11 @@ class GeometryMonitor(Callback):
     a custom-scalars layout, singular-value histograms and cosine heatmaps (see
     :mod:`lightning_geomdim.tensorboard`).
 
+    **Cost**: with the default ``max_overhead=0.1`` the monitor spends at most about 10 % of the run's wall time
+    measuring: each measure's first point is taken, later scheduled points only while their cost (the duration
+    of their previous measurement) fits in the budget, so the curves are as dense as the budget allows and a
+    warning says when points are skipped. ``max_overhead=None`` takes every scheduled point.
+
     **Models and failures**: any differentiable model (tanh, GELU, ...: the dimension is measured, with no
     hidden-neuron bound claimed). ``linear_regions`` and the alignment keys exist only for models with
     ``nn.ReLU`` / ``nn.LeakyReLU`` modules; otherwise one warning per measure says they are not applicable
@@ -142,10 +147,17 @@ class GeometryMonitor(Callback):
         log_spaced: also measure at log-spaced global steps, this many per decade (1, 2, 3, …, 10, 13, 16, …
             for 10); ``None`` to disable.
         at_start: measure at global step 0, before training (not again when resuming).
+        max_overhead: the most time the monitor may spend measuring, as a fraction of the rest of the run's wall
+            time (0.1: at most 10 % slower). A scheduled measure is skipped (one warning says so) when measuring
+            it, at the cost of its previous measurement, would exceed that; each measure's first point is always
+            taken. Cheap measures keep dense curves, expensive ones get sparser. ``None``: take every scheduled
+            point whatever it costs (a protocol's exact steps; the example configs do this). Under DDP rank 0
+            decides for all processes. See :class:`~lightning_geomdim.schedule.OverheadBudget`.
         schedules: per-measure overrides of the four fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: probe specifications (see above); default ``["train", "val", "random"]``, where ``"val"`` is
             left out when there is no validation data.
-        probe_size: samples per probe unless a probe sets ``size``.
+        probe_size: samples per probe unless a probe sets ``size`` (default 128: for K outputs a 128 K × 128 K
+            Gram matrix, whose O((128 K)³) eigendecomposition dominates the dimension's cost).
         measures: any of ``"dimension"`` (with linear regions), ``"flatness"``, ``"alignment"``.
         module: name of the submodule to measure (as in ``named_modules()``, e.g. ``"net"``); default the
             LightningModule's own ``forward``.
@@ -200,9 +212,10 @@ class GeometryMonitor(Callback):
         every_n_epochs: int | None = 1,
         log_spaced: int | None = None,
         at_start: bool = True,
+        max_overhead: float | None = 0.1,
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         probes: Sequence[str | Mapping[str, Any]] | None = None,
-        probe_size: int = 256,
+        probe_size: int = 128,
         measures: Sequence[str] = MEASURES,
         module: str | None = None,
         input_fn: Callable[[Any], Any] | None = None,
@@ -239,6 +252,8 @@ class GeometryMonitor(Callback):
                 f"schedules has entries for {stray}, which are not measured: use keys among {list(self.measures)}"
             )
         self._clock = MeasurementClock({m: Schedule.from_config(schedules.get(m, {}), base) for m in self.measures})
+        self._time = OverheadBudget(max_overhead)
+        self._warned_overhead = False
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
             raise MisconfigurationException(f"probe_size={probe_size!r} must be a positive integer")
         self._default_probes = probes is None
@@ -308,12 +323,14 @@ class GeometryMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Probe indices/seeds and the last measured step of each measure (saved in Lightning checkpoints)."""
         probes = {name: dict(p.state) for name, p in self.probes.items()} or dict(self._saved_probes)
-        return {"version": 1, "seed": self.seed, "probes": probes, "clock": self._clock.state_dict()}
+        return {"version": 1, "seed": self.seed, "probes": probes, "clock": self._clock.state_dict(),
+                "overhead": self._time.state_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._saved_probes = {str(k): dict(v) for k, v in state_dict.get("probes", {}).items()}
         self.seed = int(state_dict.get("seed", self.seed))
         self._clock.load_state_dict(state_dict.get("clock", {}))
+        self._time.load_state_dict(state_dict.get("overhead", {}))
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -329,16 +346,18 @@ class GeometryMonitor(Callback):
         self._budget = self._agreed_budget(trainer) if trainer.world_size > 1 else self.max_memory_bytes
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.probes = self._build_probes(trainer)
-        if trainer.world_size > 1:
-            # Every process built the same probes unless the dataset draws random augmentations from the global
-            # RNG, which differs between processes: take rank 0's, so that all measure the same inputs.
-            self.probes = trainer.strategy.broadcast(self.probes, src=0)
-        self._check_measure_probes()
-        if self.tensorboard_extras and trainer.is_global_zero:
-            has_relu = any(isinstance(m, RELU_LIKE) for m in self._measured_module(pl_module).modules())
-            for logger in tb.tensorboard_loggers(trainer.loggers):
-                tb.write_layout(logger, list(self.probes), self.measures, regions=has_relu)
+        self._time.start()
+        with self._time.measuring():
+            self.probes = self._build_probes(trainer)
+            if trainer.world_size > 1:
+                # Every process built the same probes unless the dataset draws random augmentations from the
+                # global RNG, which differs between processes: take rank 0's, so that all measure the same inputs.
+                self.probes = trainer.strategy.broadcast(self.probes, src=0)
+            self._check_measure_probes()
+            if self.tensorboard_extras and trainer.is_global_zero:
+                has_relu = any(isinstance(m, RELU_LIKE) for m in self._measured_module(pl_module).modules())
+                for logger in tb.tensorboard_loggers(trainer.loggers):
+                    tb.write_layout(logger, list(self.probes), self.measures, regions=has_relu)
         self._run(trainer, pl_module, "start")
 
     def on_train_batch_end(
@@ -468,6 +487,9 @@ class GeometryMonitor(Callback):
         due = self._clock.due(event, step, trainer.current_epoch)
         if not due or not self.probes:
             return
+        due = self._within_overhead(trainer, due, step)
+        if not due:
+            return
         self._clock.mark(due, step)
         self._failures: dict[tuple[str, str], Exception] = {}
         module = self._measured_module(pl_module)
@@ -476,26 +498,48 @@ class GeometryMonitor(Callback):
         with observer_guard(pl_module):
             dimensions: dict[str, DimensionResult] = {}
             if "dimension" in due:
-                for name, probe in self.probes.items():
-                    metrics.update(self._attempt(
-                        "dimension", name, lambda p=probe: self._dimension(trainer, module, p, dimensions)
-                    ))
-                    if name in dimensions:
-                        extras["spectra"][name] = dimensions[name].singular_values
-                    metrics.update(self._attempt(
-                        "linear_regions", name, lambda p=probe: self._regions(trainer, module, p)
-                    ))
+                with self._time.measuring("dimension"):
+                    for name, probe in self.probes.items():
+                        metrics.update(self._attempt(
+                            "dimension", name, lambda p=probe: self._dimension(trainer, module, p, dimensions)
+                        ))
+                        if name in dimensions:
+                            extras["spectra"][name] = dimensions[name].singular_values
+                        metrics.update(self._attempt(
+                            "linear_regions", name, lambda p=probe: self._regions(trainer, module, p)
+                        ))
             if "flatness" in due:
                 probe = self._flatness_probe()
-                metrics.update(self._attempt(
-                    "flatness", "flatness", lambda: self._flatness(trainer, module, probe, dimensions)
-                ))
+                with self._time.measuring("flatness"):
+                    metrics.update(self._attempt(
+                        "flatness", "flatness", lambda: self._flatness(trainer, module, probe, dimensions)
+                    ))
             if "alignment" in due:
                 probe = self._alignment_probe()
-                metrics.update(self._attempt(
-                    "alignment", "alignment", lambda: self._alignment(trainer, module, probe, extras)
-                ))
-        self._log(trainer, metrics, extras, step)
+                with self._time.measuring("alignment"):
+                    metrics.update(self._attempt(
+                        "alignment", "alignment", lambda: self._alignment(trainer, module, probe, extras)
+                    ))
+        with self._time.measuring():
+            self._log(trainer, metrics, extras, step)
+
+    def _within_overhead(self, trainer: Trainer, due: list[str], step: int) -> list[str]:
+        """The measures of ``due`` that fit in the time budget (rank 0's choice under DDP); warn once on a skip."""
+        taken = self._time.select(due)
+        if trainer.world_size > 1 and self._time.max_overhead is not None:
+            taken = trainer.strategy.broadcast(taken, src=0)  # every process reaches this with the same ``due``
+        skipped = [m for m in due if m not in taken]
+        if skipped and not self._warned_overhead:
+            self._warned_overhead = True
+            costs = ", ".join(f"{m} took {self._time.cost_s.get(m, math.nan):.2f} s" for m in skipped)
+            rank_zero_warn(
+                f"GeometryMonitor: skipped {skipped} at step {step} to stay within max_overhead="
+                f"{self._time.max_overhead} of the training's wall time (measuring so far: "
+                f"{self._time.measuring_s:.1f} s against {self._time.other_s:.1f} s of the rest; last time {costs}). "
+                "Points are taken as the budget allows from now on (no further warning); pass max_overhead=None "
+                "to take every scheduled point, a larger fraction, or a sparser schedule / smaller probes"
+            )
+        return taken
 
     def _attempt(self, measure: str, probe: str, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Run one measure; on failure warn and return NaN for its keys, or raise when on_error="raise"."""

@@ -4,13 +4,16 @@ Events come from three training hooks: ``"start"`` (before the first optimizer s
 optimizer step, at the new ``trainer.global_step``) and ``"epoch"`` (end of a training epoch). Every
 measurement is logged at ``trainer.global_step``, and a measure is taken at most once per global step (two
 rules firing at the same step, or several batches sharing a step under gradient accumulation, give one
-point). :meth:`MeasurementClock.due` is the whole gate; nothing else decides when to measure.
+point). :meth:`MeasurementClock.due` says what the schedules ask for; :meth:`OverheadBudget.select` then keeps
+those the time budget allows (all of them with ``max_overhead=None``). Nothing else decides when to measure.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -114,3 +117,87 @@ class MeasurementClock:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}
+
+
+@dataclass
+class OverheadBudget:
+    """Keep the time spent measuring within ``max_overhead`` times the rest of the run's wall time.
+
+    The run's wall time is split in two: seconds spent measuring (inside :meth:`measuring`) and every other
+    second since :meth:`start` (training steps, validation, data loading, other callbacks). A scheduled measure
+    is taken when its estimated cost, the duration of its previous measurement, still fits:
+    ``measuring_s + cost ≤ max_overhead · other_s``; its first measurement is always taken (its cost is not
+    known yet, and a run should have at least one point). So after a run of T seconds the monitor has spent at
+    most ``max(max_overhead · T, first measurements)``; with ``max_overhead=None`` every scheduled measure is
+    taken. The totals and the costs are checkpointed, so a resumed run keeps its account.
+
+    Attributes:
+        max_overhead: largest ratio of measuring time to the other wall time, > 0; ``None`` for no limit.
+        measuring_s: seconds spent measuring so far.
+        other_s: seconds of the run outside measurements so far (up to the last :meth:`select`).
+        cost_s: the duration of each measure's last measurement, in seconds.
+        clock: the time source, in seconds (``time.perf_counter``).
+    """
+
+    max_overhead: float | None = 0.1
+    measuring_s: float = 0.0
+    other_s: float = 0.0
+    cost_s: dict[str, float] = field(default_factory=dict)
+    clock: Callable[[], float] = time.perf_counter
+    _mark: float | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        value = self.max_overhead
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0
+                                  or not math.isfinite(value)):
+            raise MisconfigurationException(
+                f"max_overhead={value!r} is invalid: pass the largest fraction of the training's wall time the "
+                "monitor may spend measuring (e.g. 0.1), or None to take every scheduled measurement"
+            )
+
+    def start(self) -> None:
+        """Start counting the run's time (at train start; a resumed run adds to the checkpointed totals)."""
+        self._mark = self.clock()
+
+    def _advance(self) -> float:
+        now = self.clock()
+        if self._mark is not None:
+            self.other_s += now - self._mark
+        self._mark = now
+        return now
+
+    def select(self, due: Sequence[str]) -> list[str]:
+        """The measures of ``due`` (in order) that fit in the budget now."""
+        self._advance()
+        if self.max_overhead is None:
+            return list(due)
+        allowed = self.max_overhead * self.other_s
+        spent = self.measuring_s
+        taken = []
+        for measure in due:
+            cost = self.cost_s.get(measure)
+            if cost is None or spent + cost <= allowed:
+                taken.append(measure)
+                spent += cost or 0.0
+        return taken
+
+    @contextlib.contextmanager
+    def measuring(self, measure: str | None = None) -> Iterator[None]:
+        """Count the time of the block as measuring time (and as the cost of ``measure``, when given)."""
+        begin = self._advance()
+        try:
+            yield
+        finally:
+            end = self.clock()
+            self.measuring_s += end - begin
+            if measure is not None:
+                self.cost_s[measure] = end - begin
+            self._mark = end
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"measuring_s": self.measuring_s, "other_s": self.other_s, "cost_s": dict(self.cost_s)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.measuring_s = float(state.get("measuring_s", 0.0))
+        self.other_s = float(state.get("other_s", 0.0))
+        self.cost_s = {str(k): float(v) for k, v in state.get("cost_s", {}).items()}

@@ -78,13 +78,17 @@ class Classifier(L.LightningModule):
 
 
 class Recorder(Callback):
-    """After the monitor: the weights it measured at each step (every rank, to check DDP keeps them equal)."""
+    """After the monitor: the weights it measured at each step (every rank, to check DDP keeps them equal) and the
+    steps at which this process measured the dimension (read from the monitor's checkpointed clock)."""
 
-    def __init__(self):
-        self.weights = {}
+    def __init__(self, monitor):
+        self.weights, self.measured, self.monitor = {}, [], monitor
 
     def on_train_start(self, trainer, pl_module):
-        self.weights[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        step = trainer.global_step
+        self.weights[step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+        if self.monitor.state_dict()["clock"]["last_step"].get("dimension") == step:
+            self.measured.append(step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.on_train_start(trainer, pl_module)
@@ -106,12 +110,14 @@ probes = ["train", "val", "random"]
 if cfg.get("reference"):  # the probes a DDP run measured, as tensor probes under the same names
     model.load_state_dict(torch.load(cfg["reference"])["weights"])
     probes = [{"name": k, "x": v["x"], "y": v["y"]} for k, v in torch.load(cfg["reference"])["probes"].items()]
-monitor = GeometryMonitor(every_n_steps=1, every_n_epochs=None, probes=probes, probe_size=7,
+local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+max_overhead = cfg.get("max_overhead_by_rank", [None, None])[local_rank]
+monitor = GeometryMonitor(max_overhead=max_overhead, every_n_steps=1, every_n_epochs=None, probes=probes, probe_size=7,
                           flatness_top_k=2, on_error=cfg.get("on_error", "warn"),
                           measures=cfg.get("measures", ("dimension", "flatness", "alignment")),
                           distributed_gram=cfg.get("distributed_gram", False))
-torch.manual_seed(int(os.environ.get("LOCAL_RANK", "0")))  # unseeded processes: each its own augmentations
-recorder = Recorder()
+torch.manual_seed(local_rank)  # unseeded processes: each its own augmentations
+recorder = Recorder(monitor)
 trainer = L.Trainer(
     strategy="ddp" if cfg["devices"] > 1 else "auto", accelerator="cpu", devices=cfg["devices"],
     max_epochs=cfg.get("max_epochs", 2), max_steps=cfg.get("max_steps", -1), limit_train_batches=2,
@@ -130,7 +136,7 @@ def digest(t):
 
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
     json.dump({
-        "rank": rank, "world_size": trainer.world_size, "monitor": monitor.state_dict(),
+        "rank": rank, "world_size": trainer.world_size, "monitor": monitor.state_dict(), "measured": recorder.measured,
         "x": {k: digest(p.x) for k, p in monitor.probes.items()},
         "y": {k: digest(p.y) for k, p in monitor.probes.items()},
     }, f)
@@ -185,8 +191,11 @@ def test_ddp_two_processes_agree_log_once_and_equal_a_single_process_run(tmp_pat
     # both ranks took part and hold the same probes (indices, seeds, bytes)
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["world_size"] == 2
-    for key in ("monitor", "x", "y"):
+    for key in ("monitor", "x", "y", "measured"):
+        if key == "monitor":  # the time budget's account is each process's own wall time
+            ranks[0][key].pop("overhead"), ranks[1][key].pop("overhead")
         assert ranks[0][key] == ranks[1][key], key
+    assert ranks[0]["measured"] == [0, 1, 2, 3, 4]
     assert ranks[0]["monitor"]["probes"]["train"]["indices"] == select_indices(32, 7, probe_seed(0, "train"))
     assert ranks[0]["monitor"]["probes"]["val"]["indices"] == select_indices(10, 7, probe_seed(0, "val"))
 
@@ -241,6 +250,23 @@ def test_ddp_distributed_gram_equals_the_single_process_dimension(tmp_path: Path
             res = batch_functional_dimension(net, saved["probes"][probe]["x"], engine="gram")
             assert table[f"geometry/{probe}/batch_functional_dimension"][i][1] == res.rank
             assert table[f"geometry/{probe}/stable_rank"][i][1] == pytest.approx(res.stable_rank, rel=1e-6)
+
+
+def test_ddp_rank_zero_decides_what_the_time_budget_allows(tmp_path: Path) -> None:
+    """Rank 0 may spend any time measuring, rank 1 almost none: rank 1 follows rank 0's choices (a broadcast), so
+    both measure every scheduled step; by itself rank 1 would have measured step 0 only."""
+    out, proc = run_script(tmp_path, "overhead", devices=2, max_overhead_by_rank=[1e6, 1e-9],
+                           measures=["dimension"], max_epochs=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["measured"] == ranks[1]["measured"] == [0, 1, 2]
+    assert [s for s, _ in csv_points(out)["geometry/train/batch_functional_dimension"]] == [0, 1, 2]
+    # alone, the same tiny budget takes the first point only
+    single, proc1 = run_script(tmp_path, "overhead_single", devices=1, max_overhead_by_rank=[1e-9],
+                               measures=["dimension"], max_epochs=1)
+    assert proc1.returncode == 0, proc1.stderr[-3000:]
+    assert json.loads((single / "rank0.json").read_text())["measured"] == [0]
+    assert "GeometryMonitor: skipped ['dimension'] at step 1 to stay within max_overhead=1e-09" in proc1.stderr
 
 
 def test_ddp_on_error_raise_ends_the_whole_job(tmp_path: Path) -> None:

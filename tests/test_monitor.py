@@ -150,7 +150,8 @@ def csv_rows(tr: L.Trainer) -> list[dict[str, str]]:
 def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
     L.seed_everything(0)
     model = Classifier()
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "val", "random"], probe_size=8, flatness_top_k=2)
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probes=["train", "val", "random"], probe_size=8,
+                              flatness_top_k=2)
     tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
     tr.fit(model, **loaders())
     acc = events(tr)
@@ -215,7 +216,7 @@ def test_schedules_log_the_right_steps(
 ) -> None:
     assert log_spaced_steps(4, 21) == [1, 2, 3, 6, 10, 18]
     L.seed_everything(0)
-    monitor = GeometryMonitor(probes=["train"], probe_size=4, measures=["dimension"], **schedule)
+    monitor = GeometryMonitor(max_overhead=None, probes=["train"], probe_size=4, measures=["dimension"], **schedule)
     tr = trainer(tmp_path, monitor, max_epochs=epochs, limit_train_batches=batches)
     tr.fit(Classifier(), **loaders(train=64, val=None))
     assert tr.global_step == epochs * batches
@@ -225,7 +226,8 @@ def test_schedules_log_the_right_steps(
 def test_per_measure_schedules_and_gradient_accumulation(tmp_path: Path) -> None:
     L.seed_everything(0)
     monitor = GeometryMonitor(
-        every_n_steps=1, every_n_epochs=None, probes=["train"], probe_size=4, measures=["dimension", "flatness"],
+        every_n_steps=1, every_n_epochs=None, max_overhead=None, probes=["train"], probe_size=4,
+        measures=["dimension", "flatness"],
         schedules={"flatness": {"every_n_steps": None, "every_n_epochs": 1, "at_start": False}},
     )
     # 4 batches per epoch, accumulate 2: global steps 1, 2 per epoch; each measured once
@@ -236,13 +238,43 @@ def test_per_measure_schedules_and_gradient_accumulation(tmp_path: Path) -> None
     assert steps(acc, "geometry/flatness/max_eigenvalue") == [2, 4]
 
 
+@pytest.mark.parametrize("max_overhead", [1e-9, 1e6])
+def test_time_budget_takes_each_first_point_then_what_fits(tmp_path: Path, max_overhead: float) -> None:
+    """A budget no measurement fits in (1e-9 of the wall time) keeps each measure's first point only, whenever
+    it comes (flatness first at the end of epoch 0), and warns once; an ample one keeps every scheduled point."""
+    L.seed_everything(0)
+    monitor = GeometryMonitor(
+        every_n_steps=1, every_n_epochs=None, max_overhead=max_overhead, probes=["train"], probe_size=4,
+        measures=["dimension", "flatness"],
+        schedules={"flatness": {"every_n_steps": None, "every_n_epochs": 1, "at_start": False}},
+    )
+    tr = trainer(tmp_path, monitor, max_epochs=2, limit_train_batches=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(Classifier(), **loaders(train=64, val=None))
+    skips = [str(w.message) for w in caught if "to stay within max_overhead" in str(w.message)]
+    acc = events(tr)
+    state = monitor.state_dict()["overhead"]
+    assert set(state["cost_s"]) == {"dimension", "flatness"} and state["measuring_s"] > 0 and state["other_s"] > 0
+    if max_overhead < 1:
+        assert steps(acc, "geometry/train/batch_functional_dimension") == [0]
+        assert steps(acc, "geometry/flatness/max_eigenvalue") == [3]
+        assert len(skips) == 1 and skips[0].startswith("GeometryMonitor: skipped ['dimension'] at step 1")
+        assert "pass max_overhead=None to take every scheduled point" in skips[0]
+    else:
+        assert steps(acc, "geometry/train/batch_functional_dimension") == [0, 1, 2, 3, 4, 5, 6]
+        assert steps(acc, "geometry/flatness/max_eigenvalue") == [3, 6]
+        assert skips == []
+
+
 # ---------------------------------------------------------------- other loggers and batch formats
 
 
 def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
     L.seed_everything(0)
     mine = torch.randn(5, IN, generator=torch.Generator().manual_seed(3))
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "val", {"name": "mine", "x": mine}], probe_size=8,
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1,
+                              probes=["train", "val", {"name": "mine", "x": mine}], probe_size=8,
                               measures=["dimension"])
     tr = trainer(tmp_path, monitor, logger="csv", max_epochs=2, limit_train_batches=2)
     model = Classifier()
@@ -262,7 +294,7 @@ def test_csv_logger_gets_the_scalars(tmp_path: Path) -> None:
 
 def test_dict_batches_and_a_named_submodule(tmp_path: Path) -> None:
     L.seed_everything(0)
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=8, module="net",
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probes=["train"], probe_size=8, module="net",
                               measures=["dimension", "flatness", "alignment"])
     tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
     model = NoForward(dict_batches=True)
@@ -282,7 +314,8 @@ def test_dropout_batchnorm_and_the_observer_guarantee(tmp_path: Path) -> None:
     def run(with_monitor: bool) -> tuple[dict[str, torch.Tensor], Any]:
         L.seed_everything(123)
         model = Classifier(dropout=0.5, batchnorm=True)
-        monitor = GeometryMonitor(every_n_steps=1, probes=["train", "val", "random"], probe_size=6, flatness_top_k=2,
+        monitor = GeometryMonitor(max_overhead=None, every_n_steps=1, probes=["train", "val", "random"], probe_size=6,
+                                  flatness_top_k=2,
                                   log_spaced=5) if with_monitor else None
         tr = trainer(tmp_path / str(with_monitor), monitor, logger="csv", max_epochs=2, limit_train_batches=3)
         tr.fit(model, **loaders(train=48))
@@ -311,7 +344,8 @@ def test_dropout_batchnorm_and_the_observer_guarantee(tmp_path: Path) -> None:
 
 def test_a_failing_measure_warns_logs_nan_and_training_continues(tmp_path: Path) -> None:
     L.seed_everything(0)
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=4, measures=["dimension", "flatness"])
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probes=["train"], probe_size=4,
+                              measures=["dimension", "flatness"])
     tr = trainer(tmp_path, monitor, logger="csv", max_epochs=2, limit_train_batches=2)
     with pytest.warns(RuntimeWarning, match="refuses to run in eval mode") as record:
         tr.fit(Classifier(fail_in_eval=True), **loaders(val=None))
@@ -327,7 +361,8 @@ def test_a_failing_measure_warns_logs_nan_and_training_continues(tmp_path: Path)
 
 def test_on_error_raise_is_fatal(tmp_path: Path) -> None:
     L.seed_everything(0)
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=4, measures=["dimension"],
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probes=["train"], probe_size=4,
+                              measures=["dimension"],
                               on_error="raise")
     tr = trainer(tmp_path, monitor, logger="csv", max_epochs=2, limit_train_batches=2)
     with pytest.raises(GeometryError, match=r"dimension on probe 'train' failed.*refuses to run in eval mode"):
@@ -339,7 +374,8 @@ def test_not_applicable_measures_are_skipped_with_one_warning(tmp_path: Path) ->
     L.seed_everything(0)
     model = Classifier()
     model.net[1] = nn.Tanh()  # no ReLU: the dimension is defined, regions and alignment are not
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["train"], probe_size=4, measures=["dimension", "alignment"])
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probes=["train"], probe_size=4,
+                              measures=["dimension", "alignment"])
     tr = trainer(tmp_path, monitor, max_epochs=2, limit_train_batches=2)
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
@@ -365,7 +401,7 @@ def test_not_applicable_measures_are_skipped_with_one_warning(tmp_path: Path) ->
 def test_unsupported_setups_are_refused_before_training(
     tmp_path: Path, monitor_kwargs: dict, model_cls: type, trainer_kwargs: dict, fit_kwargs: dict, match: str
 ) -> None:
-    monitor = GeometryMonitor(probe_size=4, **{"measures": ["dimension"], **monitor_kwargs})
+    monitor = GeometryMonitor(max_overhead=None, probe_size=4, **{"measures": ["dimension"], **monitor_kwargs})
     tr = trainer(tmp_path, monitor, **{"logger": "tb", **trainer_kwargs})
     with pytest.raises(MisconfigurationException, match=match):
         tr.fit(model_cls(), **loaders(**fit_kwargs))
@@ -387,6 +423,10 @@ def test_unsupported_setups_are_refused_before_training(
         ({"dtype": "float16"}, "dtype"),
         ({"on_error": "ignore"}, "on_error"),
         ({"loss_fn": "hinge"}, "loss_fn"),
+        ({"max_overhead": 0}, "max_overhead"),
+        ({"max_overhead": -0.5}, "max_overhead"),
+        ({"max_overhead": "10%"}, "max_overhead"),
+        ({"max_overhead": float("inf")}, "max_overhead"),
     ],
 )
 def test_invalid_arguments_are_refused_at_construction(kwargs: dict, match: str) -> None:
@@ -399,7 +439,8 @@ def test_invalid_arguments_are_refused_at_construction(kwargs: dict, match: str)
 
 def test_validation_only_probe(tmp_path: Path) -> None:
     L.seed_everything(0)
-    monitor = GeometryMonitor(every_n_epochs=1, probes=["val"], probe_size=6, measures=["dimension", "flatness"])
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probes=["val"], probe_size=6,
+                              measures=["dimension", "flatness"])
     tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
     fit = loaders(train=48, val=10)
     tr.fit(Classifier(), **fit)
@@ -416,7 +457,7 @@ def test_validation_only_probe(tmp_path: Path) -> None:
 
 def test_default_probes_leave_out_val_without_validation_data(tmp_path: Path) -> None:
     L.seed_everything(0)
-    monitor = GeometryMonitor(every_n_epochs=1, probe_size=4, measures=["dimension"])
+    monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probe_size=4, measures=["dimension"])
     tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=1)
     tr.fit(Classifier(), **loaders(val=None))
     assert list(monitor.probes) == ["train", "random"]
@@ -425,7 +466,8 @@ def test_default_probes_leave_out_val_without_validation_data(tmp_path: Path) ->
 
 def test_resume_from_checkpoint_keeps_the_probes(tmp_path: Path) -> None:
     L.seed_everything(0)
-    first = GeometryMonitor(every_n_epochs=1, probes=["train", "val", {"name": "noise", "source": "random"}],
+    first = GeometryMonitor(max_overhead=None, every_n_epochs=1,
+                            probes=["train", "val", {"name": "noise", "source": "random"}],
                             probe_size=6, measures=["dimension"], seed=1)
     tr = trainer(tmp_path / "a", first, logger="csv", max_epochs=1, limit_train_batches=2)
     tr.fit(Classifier(), **loaders(train=48))
@@ -436,7 +478,8 @@ def test_resume_from_checkpoint_keeps_the_probes(tmp_path: Path) -> None:
     assert saved["clock"]["last_step"] == {"dimension": 2}
 
     # a new monitor with another seed: resuming restores the probes of the first run
-    second = GeometryMonitor(every_n_epochs=1, probes=["train", "val", {"name": "noise", "source": "random"}],
+    second = GeometryMonitor(max_overhead=None, every_n_epochs=1,
+                             probes=["train", "val", {"name": "noise", "source": "random"}],
                              probe_size=6, measures=["dimension"], seed=99)
     assert second.state_key == first.state_key
     tr2 = trainer(tmp_path / "b", second, logger="csv", max_epochs=2, limit_train_batches=2)
@@ -466,6 +509,7 @@ def test_lightning_cli_yaml_config(tmp_path: Path) -> None:
                 "class_path": "lightning_geomdim.GeometryMonitor",
                 "init_args": {
                     "every_n_epochs": 1,
+                    "max_overhead": None,
                     "probes": ["train", "val", {"name": "noise", "source": "random", "size": 5, "mean": 0.5}],
                     "probe_size": 6,
                     "measures": ["dimension", "flatness"],
@@ -483,7 +527,7 @@ def test_lightning_cli_yaml_config(tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump(config))
     cli = LightningCLI(Classifier, TinyData, args=["fit", "--config", str(path)])
     monitor = next(c for c in cli.trainer.callbacks if isinstance(c, GeometryMonitor))
-    assert monitor.loss_fn == "cross_entropy" and monitor.dtype == torch.float64
+    assert monitor.loss_fn == "cross_entropy" and monitor.dtype == torch.float64 and monitor._time.max_overhead is None
     assert monitor.probes["noise"].num_samples == 5
     rows = csv_rows(cli.trainer)
     assert [int(r["step"]) for r in rows if r.get("geometry/noise/batch_functional_dimension")] == [0, 2]

@@ -93,7 +93,7 @@ def dense_rank(net: nn.Module, x: torch.Tensor) -> int:
 def test_gelu_dimension_is_logged_and_regions_alignment_are_not_applicable_once(tmp_path: Path) -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(IN, 6), nn.GELU(), nn.Linear(6, CLASSES))
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train", "random"], probe_size=8)
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train", "random"], probe_size=8)
     trainer, record = fit(tmp_path, Module(net), classification(), monitor, logger="tb")
     # one warning per measure, not per probe or per measurement
     assert len(messages(record, "not applicable")) == 2
@@ -130,7 +130,7 @@ def test_functional_relu_dimension_is_exact_bound_loose_regions_not_applicable(t
     is min(M, P); linear regions and alignment are not applicable (the message says to use nn.ReLU modules)."""
     torch.manual_seed(1)
     net = FunctionalRelu()
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train"], probe_size=8)
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8)
     trainer, record = fit(tmp_path, Module(net), classification(), monitor)
     assert len(messages(record, r"not applicable.*functional relu calls are not seen")) == 2
     values = logged(trainer)
@@ -143,7 +143,8 @@ def test_functional_relu_dimension_is_exact_bound_loose_regions_not_applicable(t
 def test_batchnorm_model_is_measured_in_eval_mode(tmp_path: Path) -> None:
     torch.manual_seed(2)
     net = nn.Sequential(nn.Linear(IN, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, CLASSES))
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train"], probe_size=8, measures=["dimension"])
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8,
+                              measures=["dimension"])
     trainer, _ = fit(tmp_path, Module(net), classification(), monitor)
     assert net.training  # training mode restored
     x = monitor.probes["train"].x
@@ -210,7 +211,7 @@ def test_non_finite_model_is_skipped_with_a_warning_nan_logged_and_measured_agai
 ) -> None:
     torch.manual_seed(3)
     net = Scaled(nn.Linear(IN, 6), nn.ReLU(), nn.Linear(6, CLASSES))
-    monitor = GeometryMonitor(every_n_steps=1, probes=["train"], probe_size=8)
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=1, probes=["train"], probe_size=8)
     trainer, record = fit(tmp_path, Module(net), classification(), monitor, callbacks=[Poison(2, what)])
     failed = messages(record, "failed and is logged as NaN")
     for measure in ("dimension on probe 'train'", "linear_regions on probe 'train'", "flatness", "alignment"):
@@ -241,7 +242,8 @@ def test_probe_too_large_for_the_budget_is_refused_with_numbers_and_remedy(tmp_p
     g = torch.Generator().manual_seed(4)
     data = TensorDataset(torch.randn(600, 100, generator=g), torch.randint(0, 10, (600,), generator=g))
     budget = 50 * 2**20
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train"], probe_size=600, measures=["dimension", "flatness"],
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=600,
+                              measures=["dimension", "flatness"],
                               max_memory_bytes=budget)
     trainer, record = fit(tmp_path, Module(net), data, monitor)
     # flatness needs that dimension too (for flat_dimension): skipped at once instead of failing after its work
@@ -281,7 +283,7 @@ def token_data() -> TensorDataset:
 def test_token_ids_default_probes_leave_out_random_with_one_warning(tmp_path: Path) -> None:
     torch.manual_seed(5)
     net = Tokens()
-    monitor = GeometryMonitor(every_n_steps=2, probe_size=8)  # default probes: train, random
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probe_size=8)  # default probes: train, random
     trainer, record = fit(tmp_path, Module(net), token_data(), monitor)
     assert list(monitor.probes) == ["train"]
     left_out = messages(record, "random probe")
@@ -297,8 +299,9 @@ def test_token_ids_default_probes_leave_out_random_with_one_warning(tmp_path: Pa
 def test_token_ids_random_probe_with_a_vocabulary_draws_uniform_ids(tmp_path: Path) -> None:
     torch.manual_seed(5)
     net = Tokens()
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train", {"name": "random", "source": "random", "high": 7,
-                                                                 "size": 40}], measures=["dimension"], probe_size=8)
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2,
+                              probes=["train", {"name": "random", "source": "random", "high": 7, "size": 40}],
+                              measures=["dimension"], probe_size=8)
     trainer, _ = fit(tmp_path, Module(net), token_data(), monitor)
     ids = monitor.probes["random"].x
     assert ids.dtype == torch.int64 and ids.shape == (40, 5) and int(ids.min()) == 0 and int(ids.max()) == 6
@@ -311,7 +314,7 @@ def test_token_ids_random_probe_with_a_vocabulary_draws_uniform_ids(tmp_path: Pa
 
 
 def test_token_ids_random_probe_without_a_vocabulary_is_refused(tmp_path: Path) -> None:
-    monitor = GeometryMonitor(probes=["train", "random"], probe_size=8, measures=["dimension"])
+    monitor = GeometryMonitor(max_overhead=None, probes=["train", "random"], probe_size=8, measures=["dimension"])
     with pytest.raises(MisconfigurationException, match=r"random probe 'random'.*torch.int64.*'high'"):
         fit(tmp_path, Module(Tokens()), token_data(), monitor, max_steps=1)
 
@@ -342,7 +345,7 @@ def test_dict_batches_with_keyword_inputs(tmp_path: Path) -> None:
     torch.manual_seed(6)
     net = TwoInputs()
     model = Module(net, inputs_of=lambda b: {"image": b["image"], "extra": b["extra"]}, targets_of=lambda b: b["label"])
-    monitor = GeometryMonitor(every_n_steps=2, probe_size=8, module="net",
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probe_size=8, module="net",
                               input_fn=lambda b: {"image": b["image"], "extra": b["extra"]})
     trainer, record = fit(tmp_path, model, DictData(), monitor)
     assert list(monitor.probes) == ["train"]  # the default random probe cannot imitate a dict: left out
@@ -370,7 +373,8 @@ class TwoHeads(nn.Module):
 def test_multiple_outputs_need_output_fn(tmp_path: Path) -> None:
     torch.manual_seed(7)
     net = TwoHeads()
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train"], probe_size=8, output_fn=lambda out: out[0])
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8,
+                              output_fn=lambda out: out[0])
     trainer, record = fit(tmp_path, Module(net, output_of=lambda out: out[0]), classification(), monitor)
     assert not messages(record, "GeometryMonitor")
     x, y = monitor.probes["train"].x, monitor.probes["train"].y
@@ -383,7 +387,7 @@ def test_multiple_outputs_need_output_fn(tmp_path: Path) -> None:
     assert values["geometry/alignment/net.body/num_neurons"][-1][1] == 6
 
     # without output_fn: every measure warns with the remedy, logs NaN, and training goes on
-    monitor = GeometryMonitor(every_n_steps=2, probes=["train"], probe_size=8)
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8)
     trainer, record = fit(tmp_path / "plain", Module(net, output_of=lambda out: out[0]), classification(), monitor)
     failed = messages(record, "failed and is logged as NaN")
     assert len(failed) == 12 and len(set(failed)) == 4 and all("pass output_fn=" in m for m in failed)  # 4 x 3 steps
@@ -404,7 +408,8 @@ def test_invalid_token_ranges_and_budgets_are_refused_at_construction(kwargs: di
 
 
 def test_random_probe_high_on_floating_inputs_is_refused(tmp_path: Path) -> None:
-    monitor = GeometryMonitor(probes=["train", {"source": "random", "high": 5}], probe_size=8, measures=["dimension"])
+    monitor = GeometryMonitor(max_overhead=None, probes=["train", {"source": "random", "high": 5}], probe_size=8,
+                              measures=["dimension"])
     with pytest.raises(MisconfigurationException, match=r"'high' is for integer inputs.*torch.float32"):
         fit(tmp_path, Module(nn.Linear(IN, CLASSES)), classification(), monitor, max_steps=1)
 

@@ -73,7 +73,8 @@ def run(root: Path, precision: str, *, with_monitor: bool = True, lr: float = 0.
     model = Classifier(lr=lr)
     if weights is not None:
         model.load_state_dict(weights)
-    monitor = GeometryMonitor(every_n_steps=1, probes=["train", "random"], probe_size=8, flatness_top_k=2)
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=1, probes=["train", "random"], probe_size=8,
+                              flatness_top_k=2)
     recorder = StateRecorder()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*AMP with fp16 is not supported on CPU.*")

@@ -67,8 +67,8 @@ def dataloaders() -> dict[str, DataLoader]:
 
 def monitor(seed: int) -> GeometryMonitor:
     # log_spaced=3: steps 1, 2, 5, 10; every epoch: 3, 6, 9, 12; and step 0
-    return GeometryMonitor(every_n_epochs=1, log_spaced=3, probes=["train", "val", "random"], probe_size=6,
-                           flatness_top_k=2, seed=seed)
+    return GeometryMonitor(max_overhead=None, every_n_epochs=1, log_spaced=3, probes=["train", "val", "random"],
+                           probe_size=6, flatness_top_k=2, seed=seed)
 
 
 def fit(root: Path, max_epochs: int, mon: GeometryMonitor, ckpt_path: Path | None = None) -> L.Trainer:
@@ -126,9 +126,11 @@ def test_stopped_and_resumed_run_logs_the_same_curve_as_an_uninterrupted_run(tmp
 def test_resume_with_a_probe_of_another_source_builds_it_afresh(tmp_path: Path) -> None:
     """Saved probes are matched by name and source: "random" now reads the validation set, so it is built anew,
     while "train" keeps the checkpoint's indices although the new monitor has another seed."""
-    first_monitor = GeometryMonitor(every_n_epochs=1, probes=["train", "random"], probe_size=6, measures=["dimension"])
+    first_monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1, probes=["train", "random"], probe_size=6,
+                                    measures=["dimension"])
     fit(tmp_path / "first", 1, first_monitor)
-    second_monitor = GeometryMonitor(every_n_epochs=1, probes=["train", {"name": "random", "source": "val"}],
+    second_monitor = GeometryMonitor(max_overhead=None, every_n_epochs=1,
+                                     probes=["train", {"name": "random", "source": "val"}],
                                      probe_size=6, measures=["dimension"], seed=5)
     assert second_monitor.state_key == first_monitor.state_key
     second = fit(tmp_path / "second", 2, second_monitor, ckpt_path=tmp_path / "first" / "last.ckpt")

@@ -7,7 +7,7 @@ import math
 import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_geomdim.schedule import MeasurementClock, Schedule, is_log_spaced, log_spaced_steps
+from lightning_geomdim.schedule import MeasurementClock, OverheadBudget, Schedule, is_log_spaced, log_spaced_steps
 
 
 def test_log_spaced_steps_are_rounded_powers_of_ten() -> None:
@@ -84,3 +84,46 @@ def test_clock_dedupes_steps_and_keeps_per_measure_schedules() -> None:
     restored.load_state_dict(clock.state_dict())
     assert restored.last_step == {"dimension": 5, "flatness": 5}
     assert restored.due("epoch", step=5, epoch=1) == []
+
+
+class Ticks:
+    """A time source that reads a script of instants (seconds), one per call: the budget's arithmetic, exactly."""
+
+    def __init__(self, *instants: float) -> None:
+        self.instants = list(instants)
+
+    def __call__(self) -> float:
+        return self.instants.pop(0)
+
+
+def test_overhead_budget_takes_first_points_then_what_fits() -> None:
+    ticks = Ticks(0.0, 0.0, 0.0, 2.0, 10.0, 11.0, 40.0, 50.0, 51.0, 100.0)
+    budget = OverheadBudget(0.1, clock=ticks)
+    budget.start()                                                 # t = 0
+    assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]  # t = 0: first points, cost unknown
+    with budget.measuring("dimension"):                           # 0 -> 2
+        pass
+    assert budget.select(["dimension"]) == []                     # t = 10: other 8 s, 2 + 2 > 0.8
+    assert (budget.measuring_s, budget.other_s, budget.cost_s) == (2.0, 8.0, {"dimension": 2.0})
+    with budget.measuring():                                       # 11 -> 40: writing, not a measure's cost
+        pass
+    assert budget.other_s == 9.0 and budget.measuring_s == 31.0 and budget.cost_s == {"dimension": 2.0}
+    assert budget.select(["dimension"]) == []                     # t = 50: other 19 s, 31 + 2 > 1.9
+    assert budget.select(["flatness", "dimension"]) == ["flatness"]  # t = 51: flatness never measured yet
+    assert budget.select(["dimension"]) == []                     # t = 100: other 69 s, 33 > 6.9
+
+    state = budget.state_dict()
+    assert state == {"measuring_s": 31.0, "other_s": 69.0, "cost_s": {"dimension": 2.0}}
+    resumed = OverheadBudget(0.5, clock=Ticks(0.0, 1.0))
+    resumed.load_state_dict(state)
+    resumed.start()                                                # the account goes on: 31 + 2 ≤ 0.5 · 70
+    assert resumed.select(["dimension"]) == ["dimension"] and resumed.other_s == 70.0
+
+
+def test_overhead_budget_none_takes_everything_and_bad_values_are_refused() -> None:
+    budget = OverheadBudget(None, cost_s={"dimension": 1e9})
+    budget.start()
+    assert budget.select(["dimension", "alignment"]) == ["dimension", "alignment"]
+    for bad in (0, -0.1, math.inf, math.nan, True, "0.1"):
+        with pytest.raises(MisconfigurationException, match="max_overhead"):
+            OverheadBudget(bad)  # type: ignore[arg-type]
