@@ -1,0 +1,119 @@
+"""Benchmark the wall-time overhead of GeometryMonitor on the MNIST example at its default schedule.
+
+Trains the MNIST example (``examples/mnist.py``: the paper's MLP [784, 30, 30, 30, 10], SGD lr 0.1, batch 256,
+600 bundled MNIST images, 2,000 held-out images for validation every 10 epochs; the trainer settings of
+``configs/mnist.yaml``, 680 epochs) with and without ``GeometryMonitor(loss_fn=softmax_cross_entropy)``, every
+other argument at its default: measured every epoch and at step 0 within ``max_overhead=0.1``, probes train /
+val / random of 128 samples, all three measures. ``loss_fn`` is the example's own, as in its configs, because its
+``forward`` returns probabilities. Both runs log to a TensorBoardLogger, so only the monitor differs.
+
+The runs alternate (without, with, without, with, ...) in this process after a one-epoch warm-up of each, so
+that a change of machine load hits both; it prints every run, the medians and their ratio, the overhead
+(with / without − 1), how many points each measure took (read back from the TensorBoard events), the monitor's
+own account (measuring seconds against the rest), and whether the monitored run ended with bit-identical
+weights (the observer guarantee).
+
+Examples::
+
+    python benchmarks/bench_callback.py                      # 680 epochs, 3 pairs: about 5 minutes on 2 cores
+    python benchmarks/bench_callback.py --epochs 100 --pairs 1
+    python benchmarks/bench_callback.py --max-overhead none  # every scheduled point (slow: one per epoch)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))  # examples/ is not a package
+from mnist import MNISTClassifier, MNISTDataModule, softmax_cross_entropy
+
+from lightning_geomdim import GeometryMonitor
+
+KEYS = {
+    "dimension": "geometry/train/batch_functional_dimension",
+    "flatness": "geometry/flatness/max_eigenvalue",
+    "alignment": "geometry/alignment/num_clusters",
+}
+
+
+def train(epochs: int, root: str, monitor: GeometryMonitor | None) -> tuple[float, L.Trainer, dict]:
+    """Fit the example from seed 0; return the wall time of ``fit``, the trainer and the final weights."""
+    L.seed_everything(0, verbose=False)
+    model, data = MNISTClassifier(), MNISTDataModule()
+    trainer = L.Trainer(
+        max_epochs=epochs, check_val_every_n_epoch=10, log_every_n_steps=1, num_sanity_val_steps=0,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        logger=TensorBoardLogger(root, name="with" if monitor else "without"),
+        callbacks=[monitor] if monitor else [],
+    )
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    seconds = time.perf_counter() - start
+    return seconds, trainer, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def points(trainer: L.Trainer) -> dict[str, list[int]]:
+    acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    return {m: [e.step for e in acc.Scalars(k)] if k in tags else [] for m, k in KEYS.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--epochs", type=int, default=680, help="training epochs (configs/mnist.yaml: 680)")
+    parser.add_argument("--pairs", type=int, default=3, help="runs without and with the monitor, alternated")
+    parser.add_argument("--max-overhead", default="0.1", help="the monitor's max_overhead, or 'none'")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    max_overhead = None if args.max_overhead.lower() == "none" else float(args.max_overhead)
+    warnings.filterwarnings("ignore")  # Lightning's tips; the monitor's skip warning is summarised below
+
+    def monitor() -> GeometryMonitor:
+        return GeometryMonitor(loss_fn=softmax_cross_entropy, max_overhead=max_overhead)
+
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"MNIST example, {args.epochs} epochs x 3 steps (600 images, batch 256); GeometryMonitor(loss_fn="
+          f"softmax_cross_entropy, max_overhead={max_overhead}), other arguments default; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} thread(s), {os.cpu_count()} CPUs, load avg {load:.1f}", flush=True)
+    with tempfile.TemporaryDirectory() as root:
+        train(1, root, None), train(1, root, monitor())  # warm-up: imports, data, first-call costs
+        without, with_, runs = [], [], []
+        for i in range(args.pairs):
+            t0, _, w0 = train(args.epochs, root, None)
+            mon = monitor()
+            t1, trainer, w1 = train(args.epochs, root, mon)
+            without.append(t0)
+            with_.append(t1)
+            identical = all(torch.equal(w0[k], w1[k]) for k in w0)
+            account = mon.state_dict()["overhead"]
+            runs.append((trainer, account, identical))
+            pts = points(trainer)
+            print(f"pair {i + 1}: without {t0:7.2f} s  with {t1:7.2f} s  -> overhead {t1 / t0 - 1:+6.1%}  "
+                  f"points: " + ", ".join(f"{m} {len(s)} at steps {s}" for m, s in pts.items())
+                  + f"  | monitor's account: measuring {account['measuring_s']:.2f} s / rest "
+                  f"{account['other_s']:.2f} s = {account['measuring_s'] / account['other_s']:.1%}"
+                  f"  | weights bit-identical: {identical}", flush=True)
+    med0, med1 = statistics.median(without), statistics.median(with_)
+    print(f"median without {med0:.2f} s, with {med1:.2f} s -> ratio {med1 / med0:.3f}, overhead "
+          f"{med1 / med0 - 1:+.1%} (target <= +10%); pairs' overheads: "
+          + ", ".join(f"{b / a - 1:+.1%}" for a, b in zip(without, with_, strict=True))
+          + f"; weights bit-identical in every pair: {all(r[2] for r in runs)}")
+
+
+if __name__ == "__main__":
+    main()
