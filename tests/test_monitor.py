@@ -8,6 +8,7 @@ import glob
 import math
 import os
 import random
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -191,6 +192,16 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
         f"geometry/{p}/batch_functional_dimension" for p in ("train", "val", "random")
     ]
     assert "flatness: max eigenvalue and trace" in charts
+
+    # the README's table of logged keys names exactly the scalars that were logged
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    table = readme[readme.index("## Logged keys"):]
+    documented = re.findall(r"^\| `(geometry/[^`]+)` \|", table, flags=re.MULTILINE)
+    patterns = {d: re.compile(re.escape(d).replace("<probe>", "[^/]+").replace("<layer>", ".+").replace("<i>", r"\d+"))
+                for d in documented}
+    logged = [t for t in tags["scalars"] if t.startswith("geometry/")]
+    assert [t for t in logged if not any(p.fullmatch(t) for p in patterns.values())] == []
+    assert [d for d, p in patterns.items() if not any(p.fullmatch(t) for t in logged)] == []
 
 
 def test_cosine_heatmap_colours() -> None:
