@@ -96,10 +96,12 @@ class GeometryMonitor(Callback):
     a custom-scalars layout, singular-value histograms and cosine heatmaps (see
     :mod:`lightning_geomdim.tensorboard`).
 
-    **Cost**: with the default ``max_overhead=0.1`` the monitor spends at most about 10 % of the run's wall time
+    **Cost**: with the default ``max_overhead=0.05`` the monitor spends about 5 % of the run's wall time
     measuring: each measure's first point is taken, later scheduled points only while their cost (the duration
     of their previous measurement) fits in the budget, so the curves are as dense as the budget allows and a
-    warning says when points are skipped. ``max_overhead=None`` takes every scheduled point.
+    warning says when points are skipped. The first points are always taken, so a run shorter than about 20
+    times their cost spends more (``benchmarks/bench_callback.py`` measures the MNIST example).
+    ``max_overhead=None`` takes every scheduled point.
 
     **Models and failures**: any differentiable model (tanh, GELU, ...: the dimension is measured, with no
     hidden-neuron bound claimed). ``linear_regions`` and the alignment keys exist only for models with
@@ -148,7 +150,7 @@ class GeometryMonitor(Callback):
             for 10); ``None`` to disable.
         at_start: measure at global step 0, before training (not again when resuming).
         max_overhead: the most time the monitor may spend measuring, as a fraction of the rest of the run's wall
-            time (0.1: at most 10 % slower). A scheduled measure is skipped (one warning says so) when measuring
+            time (0.05: about 5 % slower). A scheduled measure is skipped (one warning says so) when measuring
             it, at the cost of its previous measurement, would exceed that; each measure's first point is always
             taken. Cheap measures keep dense curves, expensive ones get sparser. ``None``: take every scheduled
             point whatever it costs (a protocol's exact steps; the example configs do this). Under DDP rank 0
@@ -156,8 +158,10 @@ class GeometryMonitor(Callback):
         schedules: per-measure overrides of the four fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: probe specifications (see above); default ``["train", "val", "random"]``, where ``"val"`` is
             left out when there is no validation data.
-        probe_size: samples per probe unless a probe sets ``size`` (default 128: for K outputs a 128 K × 128 K
-            Gram matrix, whose O((128 K)³) eigendecomposition dominates the dimension's cost).
+        probe_size: samples per probe unless a probe sets ``size``. The default, 64, keeps a measurement cheap
+            (for K outputs a 64 K × 64 K Gram matrix, whose O((64 K)³) eigendecomposition dominates the dimension's
+            cost; on the MNIST example one measurement of everything takes about 0.5 s); raise it for a finer
+            picture (the example configs use 200 to 2,000).
         measures: any of ``"dimension"`` (with linear regions), ``"flatness"``, ``"alignment"``.
         module: name of the submodule to measure (as in ``named_modules()``, e.g. ``"net"``); default the
             LightningModule's own ``forward``.
@@ -212,10 +216,10 @@ class GeometryMonitor(Callback):
         every_n_epochs: int | None = 1,
         log_spaced: int | None = None,
         at_start: bool = True,
-        max_overhead: float | None = 0.1,
+        max_overhead: float | None = 0.05,
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         probes: Sequence[str | Mapping[str, Any]] | None = None,
-        probe_size: int = 128,
+        probe_size: int = 64,
         measures: Sequence[str] = MEASURES,
         module: str | None = None,
         input_fn: Callable[[Any], Any] | None = None,

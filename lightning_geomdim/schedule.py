@@ -127,9 +127,10 @@ class OverheadBudget:
     second since :meth:`start` (training steps, validation, data loading, other callbacks). A scheduled measure
     is taken when its estimated cost, the duration of its previous measurement, still fits:
     ``measuring_s + cost ≤ max_overhead · other_s``; its first measurement is always taken (its cost is not
-    known yet, and a run should have at least one point). So after a run of T seconds the monitor has spent at
-    most ``max(max_overhead · T, first measurements)``; with ``max_overhead=None`` every scheduled measure is
-    taken. The totals and the costs are checkpointed, so a resumed run keeps its account.
+    known yet, and a run should have at least one point). So, as far as costs repeat, a run of T seconds spends
+    at most ``max_overhead · T`` plus the first measurements (``max(max_overhead · T, first measurements)`` when
+    those come first, as at step 0); with ``max_overhead=None`` every scheduled measure is taken. The totals and
+    the costs are checkpointed, so a resumed run keeps its account.
 
     Attributes:
         max_overhead: largest ratio of measuring time to the other wall time, > 0; ``None`` for no limit.
@@ -139,7 +140,7 @@ class OverheadBudget:
         clock: the time source, in seconds (``time.perf_counter``).
     """
 
-    max_overhead: float | None = 0.1
+    max_overhead: float | None = 0.05
     measuring_s: float = 0.0
     other_s: float = 0.0
     cost_s: dict[str, float] = field(default_factory=dict)
@@ -152,7 +153,7 @@ class OverheadBudget:
                                   or not math.isfinite(value)):
             raise MisconfigurationException(
                 f"max_overhead={value!r} is invalid: pass the largest fraction of the training's wall time the "
-                "monitor may spend measuring (e.g. 0.1), or None to take every scheduled measurement"
+                "monitor may spend measuring (e.g. 0.05), or None to take every scheduled measurement"
             )
 
     def start(self) -> None:
