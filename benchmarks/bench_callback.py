@@ -4,7 +4,7 @@ Trains the MNIST example (``examples/mnist.py``: the paper's MLP [784, 30, 30, 3
 600 bundled MNIST images, 2,000 held-out images for validation every 10 epochs; the trainer settings of
 ``configs/mnist.yaml``, 680 epochs) with and without ``GeometryMonitor(loss_fn=softmax_cross_entropy)``, every
 other argument at its default: measured every epoch and at step 0 within ``max_overhead=0.05``, probes train /
-val / random of 128 samples, all three measures. ``loss_fn`` is the example's own, as in its configs, because its
+val / random of 64 samples, all three measures. ``loss_fn`` is the example's own, as in its configs, because its
 ``forward`` returns probabilities. Both runs log to a TensorBoardLogger, so only the monitor differs.
 
 The runs come in pairs, in this process, after a one-epoch warm-up of each; the order within a pair alternates

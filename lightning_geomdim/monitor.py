@@ -96,11 +96,11 @@ class GeometryMonitor(Callback):
     a custom-scalars layout, singular-value histograms and cosine heatmaps (see
     :mod:`lightning_geomdim.tensorboard`).
 
-    **Cost**: with the default ``max_overhead=0.05`` the monitor spends about 5 % of the run's wall time
-    measuring: each measure's first point is taken, later scheduled points only while their cost (the duration
-    of their previous measurement) fits in the budget, so the curves are as dense as the budget allows and a
-    warning says when points are skipped. The first points are always taken, so a run shorter than about 20
-    times their cost spends more (``benchmarks/bench_callback.py`` measures the MNIST example).
+    **Cost**: with the default ``max_overhead=0.05`` the monitor spends about 5 % of the run's wall time measuring:
+    each measure's first point is taken, later scheduled points only while their cost (the duration of their
+    previous measurement) fits in the measure's equal share of the budget, so every curve is as dense as its cost
+    allows and a warning says when points are skipped. The first points are always taken, so a run shorter than
+    about 20 times their cost spends more (``benchmarks/bench_callback.py`` measures the MNIST example).
     ``max_overhead=None`` takes every scheduled point.
 
     **Models and failures**: any differentiable model (tanh, GELU, ...: the dimension is measured, with no
@@ -135,12 +135,13 @@ class GeometryMonitor(Callback):
     **Distributed**: single-device strategies and DDP (``strategy="ddp"`` and its spawn/fork variants). Under
     DDP every process measures the whole probe with its own copy of the (identical) weights and the loggers
     write from rank 0 only, so each value is logged once and equals a single-process run's bit for bit. The
-    processes communicate twice, in hooks that all of them run: at setup they agree on the memory budget (the
-    smallest of theirs; with ``accelerator="cpu"`` the default is split among the processes of a node), so
-    they skip (or, with ``on_error="raise"``, all raise on) the same measures; at train start they take rank
-    0's probes (the same unless the dataset draws random augmentations). Measuring involves no collective, so
-    a measure that fails on one process cannot leave the others waiting. Sharded strategies (FSDP, DeepSpeed,
-    model parallel), whose processes hold only shards of the parameters, are refused at setup with a
+    processes communicate only in hooks that all of them run: at setup they agree on the memory budget (the smallest
+    of theirs; with ``accelerator="cpu"`` the default is split among the processes of a node), so they skip (or,
+    with ``on_error="raise"``, all raise on) the same measures; at train start they take rank 0's probes (the same
+    unless the dataset draws random augmentations); and before each scheduled measurement they take rank 0's choice
+    of what fits in the time budget. Measuring itself involves no collective (unless ``distributed_gram``), so a
+    measure that fails on one process cannot leave the others waiting. Sharded strategies (FSDP, DeepSpeed, model
+    parallel), whose processes hold only shards of the parameters, are refused at setup with a
     ``MisconfigurationException`` that names the strategy and the alternatives (a single device or DDP).
 
     Args:
@@ -150,11 +151,11 @@ class GeometryMonitor(Callback):
             for 10); ``None`` to disable.
         at_start: measure at global step 0, before training (not again when resuming).
         max_overhead: the most time the monitor may spend measuring, as a fraction of the rest of the run's wall
-            time (0.05: about 5 % slower). A scheduled measure is skipped (one warning says so) when measuring
-            it, at the cost of its previous measurement, would exceed that; each measure's first point is always
-            taken. Cheap measures keep dense curves, expensive ones get sparser. ``None``: take every scheduled
-            point whatever it costs (a protocol's exact steps; the example configs do this). Under DDP rank 0
-            decides for all processes. See :class:`~lightning_geomdim.schedule.OverheadBudget`.
+            time (0.05: about 5 % slower). A scheduled measure is skipped (one warning says so) when measuring it,
+            at the cost of its previous measurement, would exceed its equal share of that; each measure's first
+            point is always taken. Cheap measures keep dense curves, expensive ones get sparser. ``None``: take
+            every scheduled point whatever it costs (a protocol's exact steps; the example configs do this). Under
+            DDP rank 0 decides for all processes. See :class:`~lightning_geomdim.schedule.OverheadBudget`.
         schedules: per-measure overrides of the four fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: probe specifications (see above); default ``["train", "val", "random"]``, where ``"val"`` is
             left out when there is no validation data.
@@ -256,7 +257,7 @@ class GeometryMonitor(Callback):
                 f"schedules has entries for {stray}, which are not measured: use keys among {list(self.measures)}"
             )
         self._clock = MeasurementClock({m: Schedule.from_config(schedules.get(m, {}), base) for m in self.measures})
-        self._time = OverheadBudget(max_overhead)
+        self._time = OverheadBudget(max_overhead, measures=self.measures)
         self._warned_overhead = False
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
             raise MisconfigurationException(f"probe_size={probe_size!r} must be a positive integer")
@@ -530,8 +531,10 @@ class GeometryMonitor(Callback):
     def _within_overhead(self, trainer: Trainer, due: list[str], step: int) -> list[str]:
         """The measures of ``due`` that fit in the time budget (rank 0's choice under DDP); warn once on a skip."""
         taken = self._time.select(due)
-        if trainer.world_size > 1 and self._time.max_overhead is not None:
-            taken = trainer.strategy.broadcast(taken, src=0)  # every process reaches this with the same ``due``
+        if trainer.world_size > 1:
+            # every process reaches this with the same ``due``, whatever its own max_overhead: no process can be
+            # left alone in the collective
+            taken = trainer.strategy.broadcast(taken, src=0)
         skipped = [m for m in due if m not in taken]
         if skipped and not self._warned_overhead:
             self._warned_overhead = True

@@ -124,25 +124,32 @@ class OverheadBudget:
     """Keep the time spent measuring within ``max_overhead`` times the rest of the run's wall time.
 
     The run's wall time is split in two: seconds spent measuring (inside :meth:`measuring`) and every other
-    second since :meth:`start` (training steps, validation, data loading, other callbacks). A scheduled measure
-    is taken when its estimated cost, the duration of its previous measurement, still fits:
-    ``measuring_s + cost ≤ max_overhead · other_s``; its first measurement is always taken (its cost is not
-    known yet, and a run should have at least one point). So, as far as costs repeat, a run of T seconds spends
-    at most ``max_overhead · T`` plus the first measurements (``max(max_overhead · T, first measurements)`` when
-    those come first, as at step 0); with ``max_overhead=None`` every scheduled measure is taken. The totals and
-    the costs are checkpointed, so a resumed run keeps its account.
+    second since :meth:`start` (training steps, validation, data loading, other callbacks). The budget,
+    ``max_overhead · other_s`` less the measuring time that belongs to no measure (building probes, writing
+    logs), is shared equally among the ``measures``, so that a cheap measure cannot starve an expensive one: a
+    scheduled measure is taken when its estimated cost, the duration of its previous measurement, still fits in
+    its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``. Its first
+    measurement is always taken (its cost is not known yet, and a run should have at least one point). So, as far
+    as costs repeat, a run of T seconds spends at most ``max_overhead · T`` plus the first measurements
+    (``max(max_overhead · T, first measurements)`` when those come first, as at step 0), and each measure gets
+    points in inverse proportion to its cost. With ``max_overhead=None`` every scheduled measure is taken. The
+    account is checkpointed, so a resumed run keeps it.
 
     Attributes:
         max_overhead: largest ratio of measuring time to the other wall time, > 0; ``None`` for no limit.
-        measuring_s: seconds spent measuring so far.
-        other_s: seconds of the run outside measurements so far (up to the last :meth:`select`).
+        measures: the measures that share the budget (default: those seen so far).
+        measuring_s: seconds spent measuring so far, in all.
+        other_s: seconds of the run outside measurements so far (up to the last :meth:`select` or measurement).
+        spent_s: seconds spent so far on each measure.
         cost_s: the duration of each measure's last measurement, in seconds.
         clock: the time source, in seconds (``time.perf_counter``).
     """
 
     max_overhead: float | None = 0.05
+    measures: Sequence[str] = ()
     measuring_s: float = 0.0
     other_s: float = 0.0
+    spent_s: dict[str, float] = field(default_factory=dict)
     cost_s: dict[str, float] = field(default_factory=dict)
     clock: Callable[[], float] = time.perf_counter
     _mark: float | None = field(default=None, repr=False)
@@ -167,24 +174,23 @@ class OverheadBudget:
         self._mark = now
         return now
 
-    def select(self, due: Sequence[str]) -> list[str]:
-        """The measures of ``due`` (in order) that fit in the budget now."""
-        self._advance()
+    def share(self) -> float:
+        """Seconds each measure may have spent by now: (max_overhead · other_s − shared) / number of measures."""
         if self.max_overhead is None:
-            return list(due)
-        allowed = self.max_overhead * self.other_s
-        spent = self.measuring_s
-        taken = []
-        for measure in due:
-            cost = self.cost_s.get(measure)
-            if cost is None or spent + cost <= allowed:
-                taken.append(measure)
-                spent += cost or 0.0
-        return taken
+            return math.inf
+        shared = self.measuring_s - sum(self.spent_s.values())
+        sharing = max(1, len(set(self.measures) | set(self.spent_s)))
+        return (self.max_overhead * self.other_s - shared) / sharing
+
+    def select(self, due: Sequence[str]) -> list[str]:
+        """The measures of ``due`` (in order) that fit in their share of the budget now."""
+        self._advance()
+        share = self.share()
+        return [m for m in due if m not in self.cost_s or self.spent_s.get(m, 0.0) + self.cost_s[m] <= share]
 
     @contextlib.contextmanager
     def measuring(self, measure: str | None = None) -> Iterator[None]:
-        """Count the time of the block as measuring time (and as the cost of ``measure``, when given)."""
+        """Count the time of the block as measuring time: ``measure``'s (its cost), or shared when ``None``."""
         begin = self._advance()
         try:
             yield
@@ -193,12 +199,15 @@ class OverheadBudget:
             self.measuring_s += end - begin
             if measure is not None:
                 self.cost_s[measure] = end - begin
+                self.spent_s[measure] = self.spent_s.get(measure, 0.0) + end - begin
             self._mark = end
 
     def state_dict(self) -> dict[str, Any]:
-        return {"measuring_s": self.measuring_s, "other_s": self.other_s, "cost_s": dict(self.cost_s)}
+        return {"measuring_s": self.measuring_s, "other_s": self.other_s, "spent_s": dict(self.spent_s),
+                "cost_s": dict(self.cost_s)}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.measuring_s = float(state.get("measuring_s", 0.0))
         self.other_s = float(state.get("other_s", 0.0))
+        self.spent_s = {str(k): float(v) for k, v in state.get("spent_s", {}).items()}
         self.cost_s = {str(k): float(v) for k, v in state.get("cost_s", {}).items()}

@@ -86,38 +86,63 @@ def test_clock_dedupes_steps_and_keeps_per_measure_schedules() -> None:
     assert restored.due("epoch", step=5, epoch=1) == []
 
 
-class Ticks:
-    """A time source that reads a script of instants (seconds), one per call: the budget's arithmetic, exactly."""
+class Clock:
+    """A time source that only moves when the test moves it: the budget's arithmetic, exactly."""
 
-    def __init__(self, *instants: float) -> None:
-        self.instants = list(instants)
+    def __init__(self) -> None:
+        self.now = 0.0
 
     def __call__(self) -> float:
-        return self.instants.pop(0)
+        return self.now
 
 
-def test_overhead_budget_takes_first_points_then_what_fits() -> None:
-    ticks = Ticks(0.0, 0.0, 0.0, 2.0, 10.0, 11.0, 40.0, 50.0, 51.0, 100.0)
-    budget = OverheadBudget(0.1, clock=ticks)
-    budget.start()                                                 # t = 0
-    assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]  # t = 0: first points, cost unknown
-    with budget.measuring("dimension"):                           # 0 -> 2
-        pass
-    assert budget.select(["dimension"]) == []                     # t = 10: other 8 s, 2 + 2 > 0.8
-    assert (budget.measuring_s, budget.other_s, budget.cost_s) == (2.0, 8.0, {"dimension": 2.0})
-    with budget.measuring():                                       # 11 -> 40: writing, not a measure's cost
-        pass
-    assert budget.other_s == 9.0 and budget.measuring_s == 31.0 and budget.cost_s == {"dimension": 2.0}
-    assert budget.select(["dimension"]) == []                     # t = 50: other 19 s, 31 + 2 > 1.9
-    assert budget.select(["flatness", "dimension"]) == ["flatness"]  # t = 51: flatness never measured yet
-    assert budget.select(["dimension"]) == []                     # t = 100: other 69 s, 33 > 6.9
+def measure(budget: OverheadBudget, clock: Clock, name: str | None, seconds: float) -> None:
+    with budget.measuring(name):
+        clock.now += seconds
+
+
+def test_overhead_budget_shares_the_budget_among_the_measures() -> None:
+    clock = Clock()
+    budget = OverheadBudget(0.1, measures=("dimension", "flatness"), clock=clock)
+    budget.start()
+    assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]  # first points: costs unknown
+    measure(budget, clock, "dimension", 2.0)
+    measure(budget, clock, "flatness", 1.0)
+    measure(budget, clock, None, 1.0)                 # writing the logs: measuring time of no measure
+    clock.now += 46.0
+    # other 46 s: each measure may have spent (0.1 · 46 − 1) / 2 = 1.8 s; dimension 2 + 2, flatness 1 + 1
+    assert budget.select(["dimension", "flatness"]) == []
+    assert (budget.measuring_s, budget.other_s, budget.share()) == (4.0, 46.0, pytest.approx(1.8))
+    clock.now += 4.0
+    assert budget.select(["dimension", "flatness"]) == ["flatness"]  # share 2.0: flatness 2 fits, dimension 4 not
+    measure(budget, clock, "flatness", 1.5)
+    assert budget.spent_s == {"dimension": 2.0, "flatness": 2.5} and budget.cost_s["flatness"] == 1.5
 
     state = budget.state_dict()
-    assert state == {"measuring_s": 31.0, "other_s": 69.0, "cost_s": {"dimension": 2.0}}
-    resumed = OverheadBudget(0.5, clock=Ticks(0.0, 1.0))
+    assert state == {"measuring_s": 5.5, "other_s": 50.0, "spent_s": {"dimension": 2.0, "flatness": 2.5},
+                     "cost_s": {"dimension": 2.0, "flatness": 1.5}}
+    resumed = OverheadBudget(0.2, measures=("dimension", "flatness"), clock=Clock())
     resumed.load_state_dict(state)
-    resumed.start()                                                # the account goes on: 31 + 2 ≤ 0.5 · 70
-    assert resumed.select(["dimension"]) == ["dimension"] and resumed.other_s == 70.0
+    resumed.start()                                   # the account goes on: (0.2 · 50 − 1) / 2 = 4.5 ≥ 2 + 2
+    assert resumed.select(["dimension"]) == ["dimension"] and resumed.other_s == 50.0
+
+
+def test_overhead_budget_cheap_measures_do_not_starve_expensive_ones() -> None:
+    """Epochs of 13 ms, all three measures due every epoch, costs 60 ms / 390 ms / 10 ms: each measure gets
+    points in inverse proportion to its cost, and the whole stays within the budget plus the first points."""
+    clock, costs = Clock(), {"dimension": 0.06, "flatness": 0.39, "alignment": 0.01}
+    budget = OverheadBudget(0.05, measures=tuple(costs), clock=clock)
+    budget.start()
+    points = dict.fromkeys(costs, 0)
+    for _ in range(100_000):
+        clock.now += 0.013
+        for name in budget.select(list(costs)):
+            points[name] += 1
+            measure(budget, clock, name, costs[name])
+    assert min(points.values()) > 50
+    for name, cost in costs.items():  # each measure spent its share, ≈ 0.05 · 1300 s / 3
+        assert points[name] * cost == pytest.approx(0.05 * budget.other_s / 3, rel=0.02), name
+    assert budget.measuring_s <= 0.05 * budget.other_s + sum(costs.values())
 
 
 def test_overhead_budget_none_takes_everything_and_bad_values_are_refused() -> None:
