@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from lightning_geomdim.activation_patterns import activation_patterns, unit_activity
 from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.memory import check_memory, memory_budget
+from lightning_geomdim.memory import check_memory, format_bytes, memory_budget
 from lightning_geomdim.rank import stable_rank
 from lightning_geomdim.symmetries import AFFINE
 from lightning_geomdim.tracing import RELU_LIKE, LeafCall, call_keys, trace_leaf_calls
@@ -158,7 +158,7 @@ def neuron_alignment(
     check_memory(
         alignment_bytes(list(shapes.values())), memory_budget(modules[widest].weight.device, max_memory_bytes),
         what=f"neuron alignment of {len(shapes)} layer(s) (n × n float64 cosines each; widest {widest!r} with "
-        f"n = {shapes[widest][0]:,} neurons: {8 * shapes[widest][0] ** 2 / 1024**2:,.1f} MiB per matrix)",
+        f"n = {shapes[widest][0]:,} neurons: {format_bytes(8 * shapes[widest][0] ** 2)} per matrix)",
         remedies="the pairwise cosines have no cheaper exact form: leave alignment out for this model (e.g. "
         "GeometryMonitor(measures=('dimension', 'flatness')))",
     )

@@ -30,7 +30,7 @@ from lightning_geomdim.hessian import (
     use_dense_hessian,
 )
 from lightning_geomdim.lanczos import lanczos
-from lightning_geomdim.memory import check_memory, memory_budget
+from lightning_geomdim.memory import check_memory, format_bytes, memory_budget
 from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
 
 Method = Literal["auto", "dense", "lanczos"]
@@ -250,7 +250,7 @@ def _memory_estimate(
         return n if chunk_size is None else max(1, min(chunk_size, n))
 
     def size(values: int) -> str:
-        return _format_bytes(values * itemsize)
+        return format_bytes(values * itemsize)
 
     head = f"flatness (method={method!r}, P = {p:,} parameters, A = {activations:,} activation values"
     if method == "dense":
@@ -282,10 +282,3 @@ def _memory_estimate(
         f"= {size(5 * p + activations)}), a subset of parameters via params=[...], or a smaller probe batch"
     )
     return values * itemsize, what, remedies
-
-
-def _format_bytes(n: int) -> str:
-    for unit, scale in (("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
-        if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} bytes"

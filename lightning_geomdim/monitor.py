@@ -496,7 +496,7 @@ class GeometryMonitor(Callback):
         if not due:
             return
         self._clock.mark(due, step)
-        self._failures: dict[tuple[str, str], Exception] = {}
+        self._failures = {}
         module = self._measured_module(pl_module)
         metrics: dict[str, float] = {}
         extras: dict[str, Any] = {"spectra": {}, "cosines": {}}
@@ -614,7 +614,7 @@ class GeometryMonitor(Callback):
     ) -> dict[str, float]:
         failed = self._failures.get(("dimension", probe.name))
         if failed is not None:
-            # flatness would compute the same dimension (for flat_dimension) after its Hessian work, and fail
+            # flatness would compute the same dimension again (for flat_dimension) and fail the same way
             raise GeometryError(
                 f"skipped, because it needs the batch functional dimension of probe {probe.name!r}, which failed "
                 f"at this step: {type(failed).__name__}: {failed}"

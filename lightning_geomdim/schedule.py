@@ -137,7 +137,7 @@ class OverheadBudget:
 
     Attributes:
         max_overhead: largest ratio of measuring time to the other wall time, > 0; ``None`` for no limit.
-        measures: the measures that share the budget (default: those seen so far).
+        measures: the measures that share the budget (none: one budget for all).
         measuring_s: seconds spent measuring so far, in all.
         other_s: seconds of the run outside measurements so far (up to the last :meth:`select` or measurement).
         spent_s: seconds spent so far on each measure.
@@ -179,8 +179,7 @@ class OverheadBudget:
         if self.max_overhead is None:
             return math.inf
         shared = self.measuring_s - sum(self.spent_s.values())
-        sharing = max(1, len(set(self.measures) | set(self.spent_s)))
-        return (self.max_overhead * self.other_s - shared) / sharing
+        return (self.max_overhead * self.other_s - shared) / max(1, len(self.measures))
 
     def select(self, due: Sequence[str]) -> list[str]:
         """The measures of ``due`` (in order) that fit in their share of the budget now."""
