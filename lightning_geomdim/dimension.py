@@ -6,6 +6,7 @@ neuron permutations and positive rescalings and bounded by min(M, P − hidden n
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,65 +15,84 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.errors import NotApplicableError
+from lightning_geomdim.exact import ExactProgram, exact_program, exact_rank
 from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
 from lightning_geomdim.gram import gram_spectrum, gram_unsupported_reason
 from lightning_geomdim.jacobian import jacobian_spectrum
 from lightning_geomdim.memory import memory_budget
-from lightning_geomdim.rank import (
-    Spectrum,
-    effective_rank,
-    numerical_rank,
-    rank_tolerance,
-    spectral_gap,
-    stable_rank,
-)
+from lightning_geomdim.rank import NumericalSpectrum, Spectrum, numerical_spectrum
 from lightning_geomdim.symmetries import find_symmetries
 
-Engine = Literal["auto", "gram", "jacrev"]
-ENGINES = ("auto", "gram", "jacrev")
+Engine = Literal["auto", "exact", "gram", "jacrev"]
+ENGINES = ("auto", "exact", "gram", "jacrev")
+FLOAT_ENGINES = ("gram", "jacrev")
 
 
 @dataclass(frozen=True)
 class DimensionResult:
-    """The batch functional dimension and the spectrum it was read from.
+    """The batch functional dimension, its bounds, and (optionally) a floating-point spectrum beside it.
 
     Attributes:
-        rank: numerical rank of J (the batch functional dimension).
-        singular_values: σ of J, shape (min(M, P),), float64, descending.
-        tolerance: threshold on σ used to count the rank (see :mod:`lightning_geomdim.rank`).
-        num_outputs: M = N · K, rows of J.
+        rank: with ``engine == "exact"`` the batch functional dimension, exact (the generic rank of J with
+            the activation patterns fixed, see :mod:`lightning_geomdim.exact`); with a floating-point engine
+            ("gram", "jacrev": models that are not piecewise linear, or when asked) the numerical rank of
+            ``spectrum``, an estimate that depends on its tolerance.
+        engine: "exact", "gram" or "jacrev": what produced ``rank``.
+        num_outputs: M = N · K, the entries of the model's output on the probe.
+        num_rows: rows of the measured Jacobian: M, or N·(K − 1) for a softmax head (its logit differences).
         num_params: P, columns of J.
         num_hidden_neurons: hidden units with a recognised positive-rescaling symmetry (0 if none).
-        upper_bound: min(M, P − hidden neurons), with N·(K − 1) rows for a softmax head; min(M, P) when no
-            symmetry is recognised.
-        spectral_gap: σ_r / σ_{r+1}; ``inf`` at full rank, ``nan`` at rank 0.
-        stable_rank: Σσ² / σ_max².
-        effective_rank: exp of the entropy of σ / Σσ.
-        engine: the engine that computed the spectrum ("jacrev" or "gram").
+        upper_bound: min(num_rows, P − hidden neurons), a proven bound on the dimension.
+        spectrum: the floating-point spectrum and its numerical rank (``spectrum=True``, or a float engine);
+            None otherwise.
+        exact_ranks: the rank of each modular draw (exact engine; empty otherwise).
+        failure_bound: exact engine: a bound on the probability that ``rank`` is below the true dimension
+            (0 when it reached ``upper_bound``); nan for floating-point engines, whose error is not bounded.
     """
 
     rank: int
-    singular_values: Tensor
-    tolerance: float
+    engine: str
     num_outputs: int
+    num_rows: int
     num_params: int
     num_hidden_neurons: int
     upper_bound: int
-    spectral_gap: float
-    stable_rank: float
-    effective_rank: float
-    engine: str = "jacrev"
+    spectrum: NumericalSpectrum | None = None
+    exact_ranks: tuple[int, ...] = ()
+    failure_bound: float = math.nan
+
+    @property
+    def exact(self) -> bool:
+        """``rank`` is the exact batch functional dimension (not a numerical rank)."""
+        return self.engine == "exact"
 
 
-def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> str:
-    """Resolve ``engine``: "auto" is "gram" when the Gram engine is exact for this model and probe, else "jacrev".
+def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> tuple[str, ExactProgram | None]:
+    """Resolve ``engine``: "auto" is "exact" where it applies (piecewise-linear networks), else the float engine
+    of :func:`select_float_engine`. Returns the engine and, for "exact", its traced program.
 
     Raises:
         ValueError: unknown ``engine``.
-        NotApplicableError: ``engine="gram"`` on a model it cannot measure exactly (the message says why).
+        NotApplicableError: ``engine="exact"`` or ``"gram"`` on a model it cannot measure (the message says why).
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r}: choose one of {ENGINES}")
+    if engine in ("auto", "exact"):
+        try:
+            return "exact", exact_program(fm, inputs)
+        except NotApplicableError:
+            if engine == "exact":
+                raise
+    return select_float_engine(engine, fm, inputs), None
+
+
+def select_float_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> str:
+    """The floating-point engine: "gram" when it is exact for this model and probe, else "jacrev" (for
+    ``engine`` "auto" or "exact"); ``engine`` itself when it is "gram" or "jacrev".
+
+    Raises:
+        NotApplicableError: ``engine="gram"`` on a model the Gram engine cannot measure exactly.
+    """
     if engine == "jacrev":
         return "jacrev"
     reason = gram_unsupported_reason(fm, inputs)
@@ -84,13 +104,13 @@ def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> str:
 
 
 def compute_spectrum(
-    engine: str, fm: FunctionalModel, inputs: ProbeInputs, num_outputs: int, *, chunk_size: int | None,
+    engine: str, fm: FunctionalModel, inputs: ProbeInputs, num_rows: int, *, chunk_size: int | None,
     budget: int, distributed: bool = False,
 ) -> Spectrum:
-    """Run the resolved ``engine`` ("gram" or "jacrev") and return the singular values of J."""
+    """Run the floating-point ``engine`` ("gram" or "jacrev") and return the singular values of J."""
     if engine == "gram":
-        return gram_spectrum(fm, inputs, num_outputs, chunk_size=chunk_size, budget=budget, distributed=distributed)
-    return jacobian_spectrum(fm, inputs, num_outputs, chunk_size=chunk_size, budget=budget)
+        return gram_spectrum(fm, inputs, num_rows, chunk_size=chunk_size, budget=budget, distributed=distributed)
+    return jacobian_spectrum(fm, inputs, num_rows, chunk_size=chunk_size, budget=budget)
 
 
 def batch_functional_dimension(
@@ -100,13 +120,30 @@ def batch_functional_dimension(
     output_fn: OutputFn | None = None,
     params: Sequence[str] | None = None,
     dtype: torch.dtype = torch.float64,
-    rtol: float | None = None,
-    chunk_size: int | None = None,
     engine: Engine = "auto",
+    spectrum: bool = False,
+    rtol: float | None = None,
+    seed: int = 0,
+    draws: int = 2,
+    chunk_size: int | None = None,
     max_memory_bytes: int | None = None,
     distributed: bool = False,
 ) -> DimensionResult:
     """Batch functional dimension of ``model`` on the probe batch ``x``: rank ∂ vec f_θ(x) / ∂θ.
+
+    Two different numbers can be asked for, and the result says which one ``rank`` is:
+
+    * the **batch functional dimension** (``engine="exact"``, the default wherever it applies): for a
+      piecewise-linear network (ReLU, LeakyReLU, max pooling, ...) the rank of J is determined by the activation
+      patterns on ``x`` for almost every θ; the exact engine computes that generic rank by modular arithmetic,
+      with no tolerance (:mod:`lightning_geomdim.exact`);
+    * a **numerical rank** (``spectrum=True``, or a floating-point engine): the number of singular values of the
+      floating-point J above a tolerance, reported with that tolerance and the engine's resolution. It is not the
+      dimension: σ below the resolution are lost (the Gram engine resolves σ only down to ~2e-6·σ_max on the
+      paper's MLP), and rows scaled by saturated probabilities vanish. On the MNIST example after 680 epochs
+      (600 training images, softmax output) the dimension is 5400 while the float Gram engine on the softmax
+      output counted 1450 and a dense SVD 3482: the median non-maximal probability was 4e-10. Softmax heads are
+      therefore always measured on their logit differences (the same row space in exact arithmetic).
 
     Args:
         model: any ``nn.Module``; evaluated in eval mode (BatchNorm uses its running statistics, Dropout
@@ -118,35 +155,40 @@ def batch_functional_dimension(
             (N, ...) is flattened to M = numel values.
         params: names (as in ``named_parameters()``) of the parameters θ; default every parameter with
             ``requires_grad``.
-        dtype: computation dtype of J, float64 by default whatever the model's dtype: a float32 Jacobian
-            with a float64 tolerance over-counts the rank (SCIENCE.md).
-        rtol: relative tolerance; default ``σ_max · max(M, P) · eps(dtype)`` (numpy's rule) for an SVD of
-            J, ``σ_max · max(max(M, P) · eps(dtype), sqrt(max(M, P) · eps64))`` for σ read from the
-            eigenvalues of the (float64) Gram matrix (see :mod:`lightning_geomdim.rank`). With ``rtol``:
-            ``rtol · σ_max``.
-        chunk_size: number of VJPs vmapped at once (bounds backward memory): rows of J for jacrev, output
-            coordinates per sample for gram.
-        engine: "gram" builds J Jᵀ (M × M) or Jᵀ J (P × P), whichever is smaller, from per-layer factors
-            without forming J, and reads σ = √λ from its eigenvalues; exact for networks of Linear/Conv2d
-            layers with per-sample activations, pooling, flatten, dropout, softmax in between (conditions in
-            :mod:`lightning_geomdim.gram`); peak memory ≈ 16·min(M, P)² bytes plus per-layer factors.
-            "jacrev" forms the dense M × P Jacobian and takes its exact SVD: any differentiable model, the
-            finest resolution (σ down to σ_max·max(M, P)·eps instead of σ_max·sqrt(max(M, P)·eps)), but
-            about 3·M·P·8 bytes and a much slower SVD. "auto" (default) picks "gram" when its conditions
-            hold on this model and probe, "jacrev" otherwise; ``DimensionResult.engine`` says which ran.
+        dtype: computation dtype of the forward pass (patterns) and of the float J, float64 by default
+            whatever the model's dtype: a float32 Jacobian with a float64 tolerance over-counts the rank.
+        engine: "auto" (default): "exact" where it applies, else a floating-point engine ("gram" where
+            exact in floating point, else "jacrev"). "exact": the batch functional dimension of a
+            piecewise-linear network of Linear/Conv2d layers (conditions in :mod:`lightning_geomdim.exact`);
+            peak memory ≈ 24·min(rows, P)² bytes plus per-layer factors. "gram": J Jᵀ or Jᵀ J from per-layer
+            factors, σ = √λ of its float64 eigenvalues (:mod:`lightning_geomdim.gram`). "jacrev": the dense
+            M × P Jacobian and its SVD: any differentiable model, the finest floating-point resolution, about
+            3·M·P·8 bytes and a much slower SVD. ``DimensionResult.engine`` says which ran.
+        spectrum: also compute the floating-point spectrum (``DimensionResult.spectrum``: σ, numerical rank,
+            tolerance, resolution, gap, stable and effective rank) with the float engine that "auto" would
+            pick. Costs a float Gram and its eigendecomposition (O(d³) for d = min(rows, P), several times the
+            exact engine's elimination) or a dense SVD. Always on for a floating-point engine.
+        rtol: relative tolerance of the numerical rank; default the engine's resolution, ``σ_max · max(M, P)
+            · eps(dtype)`` for an SVD, ``σ_max · max(max(M, P) · eps(dtype), sqrt(max(M, P) · eps64))`` for a
+            Gram (see :mod:`lightning_geomdim.rank`). With ``rtol``: ``rtol · σ_max``. No effect on the exact
+            engine's rank.
+        seed: seeds the exact engine's random evaluation points (the global RNG is never used).
+        draws: the exact engine's independent evaluations (≥ 2; one suffices when it reaches the bound).
+        chunk_size: number of VJPs computed at once (bounds backward memory): rows of J for jacrev, output
+            coordinates per sample for gram and exact.
         max_memory_bytes: memory budget; default half the available memory (see
             :mod:`lightning_geomdim.memory`).
         distributed: with the Gram engine and an initialised ``torch.distributed`` process group, divide the
             Gram accumulation among the processes and all-reduce it (see
             :func:`lightning_geomdim.gram.gram_matrix`). A collective: every process must call it, with the
-            same model, probe and arguments. Ignored by the jacrev engine and without a process group.
+            same model, probe and arguments. Ignored by the other engines and without a process group.
 
     Returns:
-        A :class:`DimensionResult`; ``singular_values`` is float64, shape (min(M, P),).
+        A :class:`DimensionResult`.
 
     Raises:
-        ValueError: no trainable parameters, unknown names in ``params``, unknown ``engine``.
-        NotApplicableError: ``engine="gram"`` on a model the Gram engine cannot measure exactly.
+        ValueError: no trainable parameters, unknown names in ``params``, unknown ``engine``, ``draws`` < 2.
+        NotApplicableError: ``engine="exact"`` or ``"gram"`` on a model it cannot measure.
         ProbeError: empty probe, unsupported type, or the model's forward fails on it (chained).
         NonFiniteError: NaN/inf in the parameters or outputs.
         MemoryBudgetError: the engine would exceed the memory budget (raised before allocating).
@@ -156,8 +198,8 @@ def batch_functional_dimension(
         >>> import torch
         >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
         >>> res = batch_functional_dimension(net, torch.randn(16, 3, generator=torch.Generator().manual_seed(0)))
-        >>> res.num_params, res.num_hidden_neurons, res.upper_bound
-        (26, 4, 22)
+        >>> res.engine, res.num_params, res.num_hidden_neurons, res.upper_bound
+        ('exact', 26, 4, 22)
         >>> res.rank <= res.upper_bound
         True
     """
@@ -167,38 +209,27 @@ def batch_functional_dimension(
         out = fm.probe_outputs(inputs)
         num_outputs, num_params = out.numel(), fm.num_params
         symmetries = find_symmetries(fm, inputs)
-        resolved = select_engine(engine, fm, inputs)
-        spectrum = compute_spectrum(
-            resolved, fm, inputs, num_outputs, chunk_size=chunk_size,
-            budget=memory_budget(fm.device, max_memory_bytes), distributed=distributed,
-        )
-    return dimension_from_spectrum(
-        spectrum, num_outputs=num_outputs, num_params=num_params, rtol=rtol, engine=resolved,
-        num_hidden_neurons=symmetries.num_hidden_neurons,
-        upper_bound=symmetries.upper_bound(inputs.num_samples, tuple(out.shape), num_params),
-    )
-
-
-def dimension_from_spectrum(
-    spectrum: Spectrum, *, num_outputs: int, num_params: int, rtol: float | None, engine: str,
-    num_hidden_neurons: int, upper_bound: int,
-) -> DimensionResult:
-    """Count the rank of a spectrum and gather the statistics reported with it."""
-    sv = spectrum.singular_values
-    sigma_max = float(sv[0]) if sv.numel() else 0.0
-    tol = rank_tolerance(sigma_max, num_outputs, num_params, spectrum.dtype, rtol=rtol,
-                         from_gram=spectrum.from_gram)
-    rank = numerical_rank(sv, tol)
+        fm.logit_head = symmetries.softmax_head
+        num_rows = num_outputs - num_outputs // out.shape[-1] if fm.logit_head is not None else num_outputs
+        upper_bound = symmetries.upper_bound(inputs.num_samples, tuple(out.shape), num_params)
+        budget = memory_budget(fm.device, max_memory_bytes)
+        resolved, program = select_engine(engine, fm, inputs)
+        exact = None
+        if program is not None:
+            exact = exact_rank(fm, inputs, upper_bound=upper_bound, program=program, seed=seed, draws=draws,
+                               chunk_size=chunk_size, budget=budget)
+            del program
+        numerical = None
+        if spectrum or exact is None:
+            float_engine = select_float_engine(resolved if exact is None else "auto", fm, inputs)
+            raw = compute_spectrum(float_engine, fm, inputs, num_rows, chunk_size=chunk_size, budget=budget,
+                                   distributed=distributed)
+            numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
     return DimensionResult(
-        rank=rank,
-        singular_values=sv,
-        tolerance=tol,
-        num_outputs=num_outputs,
-        num_params=num_params,
-        num_hidden_neurons=num_hidden_neurons,
-        upper_bound=upper_bound,
-        spectral_gap=spectral_gap(sv, rank),
-        stable_rank=stable_rank(sv),
-        effective_rank=effective_rank(sv),
-        engine=engine,
+        rank=exact.rank if exact is not None else numerical.numerical_rank,  # type: ignore[union-attr]
+        engine="exact" if exact is not None else numerical.engine,  # type: ignore[union-attr]
+        num_outputs=num_outputs, num_rows=num_rows, num_params=num_params,
+        num_hidden_neurons=symmetries.num_hidden_neurons, upper_bound=upper_bound, spectrum=numerical,
+        exact_ranks=exact.ranks if exact is not None else (),
+        failure_bound=exact.failure_bound if exact is not None else math.nan,
     )

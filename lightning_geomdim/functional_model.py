@@ -131,6 +131,10 @@ class FunctionalModel:
     dtype: torch.dtype
     output_fn: OutputFn | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    #: A softmax / log-softmax module whose output is the measured output (set by the dimension measure from
+    #: :func:`~lightning_geomdim.symmetries.find_symmetries`): :meth:`measured_output` then returns the logit
+    #: differences of its input instead (same row space of J, no floating-point saturation).
+    logit_head: nn.Module | None = None
 
     @staticmethod
     def from_module(
@@ -202,6 +206,26 @@ class FunctionalModel:
                 "e.g. output_fn=lambda out: out[0] or output_fn=lambda out: out['logits']"
             )
         return out
+
+    def measured_output(self, params: Mapping[str, Tensor], inputs: ProbeInputs) -> Tensor:
+        """The tensor whose Jacobian the dimension engines measure: f_θ(X), or, when :attr:`logit_head` is set,
+        the logit differences z[..., :-1] − z[..., -1:] of the softmax's input z, shape (N, ..., K − 1).
+
+        For one sample with probabilities p > 0, the softmax Jacobian is (diag(p) − p pᵀ) J_z and the log-softmax
+        one (I − 1 pᵀ) J_z: both have the row space of the differences of the rows of J_z, in exact arithmetic.
+        Their floating-point rank is not that: saturated probabilities (p_k ~ 1e-10 after training) scale rows
+        down to below any tolerance.
+        """
+        if self.logit_head is None:
+            return self(params, inputs)
+        captured: list[Tensor] = []
+        handle = self.logit_head.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+        try:
+            self(params, inputs)
+        finally:
+            handle.remove()
+        z = captured[-1]
+        return z[..., :-1] - z[..., -1:]
 
     def probe_outputs(self, inputs: ProbeInputs) -> Tensor:
         """Evaluate once without autograd, wrapping the model's own errors with the probe's shapes.

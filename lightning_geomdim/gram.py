@@ -63,6 +63,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_geomdim.errors import NotApplicableError
+from lightning_geomdim.finite_field import PrimeField
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
 from lightning_geomdim.memory import check_memory
 from lightning_geomdim.rank import Spectrum
@@ -131,6 +132,8 @@ class GramPlan:
         outputs_per_sample: K (the measured output has M = N · K entries).
         num_params: P, every measured parameter (those of modules that did not run have zero columns).
         activation_numel: entries of all module outputs of the forward pass (for the backward's memory).
+        outputs_per_sample: K, rows of J per sample: the measured output's entries per sample, or for a softmax
+            head (``fm.logit_head``) its logit differences, K_out − K_out / C for C classes.
     """
 
     layers: tuple[GramLayer, ...]
@@ -293,81 +296,111 @@ def gram_plan(fm: FunctionalModel, inputs: ProbeInputs) -> GramPlan:
     Raises:
         NotApplicableError: a condition fails; the message names the module and the alternative engine.
     """
-    problem, plan = _plan(fm, inputs)
+    return traced_graph(fm, inputs)[0]
+
+
+@dataclass(frozen=True)
+class TracedGraph:
+    """The module calls of one traced forward pass and how data flows between them.
+
+    Attributes:
+        calls: every leaf (or parameterised) module call, in execution order, with its input and output.
+        sources: for each call, the index of the call whose output is its input; -1 for the probe input.
+        output: index of the call whose output is the measured output.
+    """
+
+    calls: tuple[_Call, ...]
+    sources: tuple[int, ...]
+    output: int
+
+
+def traced_graph(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[GramPlan, TracedGraph]:
+    """:func:`gram_plan` and the traced call graph it was checked on (the exact engine interprets it).
+
+    Raises:
+        NotApplicableError: as :func:`gram_plan`.
+    """
+    problem, plan, graph = _plan(fm, inputs)
     if problem is not None:
         raise NotApplicableError(
             f"the Gram engine is not exact for this model: {problem}. Use engine='jacrev' (dense Jacobian, "
             "any differentiable model) or engine='auto', which falls back to it"
         )
-    assert plan is not None
-    return plan
+    assert plan is not None and graph is not None
+    return plan, graph
 
 
-def _plan(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[str | None, GramPlan | None]:
+def _plan(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[str | None, GramPlan | None, TracedGraph | None]:
+    none = None, None
     module = fm.module
     if inputs.kwargs or len(inputs.args) != 1 or not isinstance(inputs.args[0], Tensor):
-        return "the probe is not a single positional tensor", None
+        return "the probe is not a single positional tensor", *none
     probe = inputs.args[0]
     n = inputs.num_samples
     if _global_hooks():
-        return "global module forward hooks are registered", None
+        return "global module forward hooks are registered", *none
     named = list(module.named_parameters(remove_duplicate=False))
     if len(named) != len(dict(module.named_parameters())):
-        return "some parameters are shared (tied) between modules", None
+        return "some parameters are shared (tied) between modules", *none
     storages = [p.untyped_storage().data_ptr() for _, p in named if p.numel() > 0]
     if len(storages) != len(set(storages)):
-        return "some parameters share storage (tied or views of one tensor)", None
+        return "some parameters share storage (tied or views of one tensor)", *none
     for name, sub in module.named_modules():
         if any(True for _ in sub.parameters(recurse=False)):
             problem = _affine_problem(name, sub)
             if problem is not None:
-                return problem, None
+                return problem, *none
 
     probe_version = probe._version
     calls, out = _traced_calls(fm, inputs)
-    produced: dict[int, _Call] = {}  # id(tensor) -> latest call that output it (tensors kept alive by calls)
+    produced: dict[int, int] = {}  # id(tensor) -> index of the latest call that output it (kept alive by calls)
+    sources: list[int] = []
     seen_affine: set[str] = set()
     layers: list[GramLayer] = []
     selected = set(fm.params)
     activation_numel = 0
-    for call in calls:
+    for index, call in enumerate(calls):
         label = f"module {call.name or '<root>'!r} ({type(call.module).__name__})"
         inp = call.input
         if not isinstance(inp, Tensor) or inp.dim() == 0 or inp.shape[0] != n:
-            return f"{label} is not called on one tensor of {n} samples", None
+            return f"{label} is not called on one tensor of {n} samples", *none
         src = produced.get(id(inp))
         from_probe = inp is probe and call.input_version == probe_version
-        if not from_probe and (src is None or src.output_version != call.input_version):
+        if not from_probe and (src is None or calls[src].output_version != call.input_version):
             return (f"the input of {label} is computed outside modules (functional code, or an in-place "
-                    "change, between modules)"), None
+                    "change, between modules)"), *none
         if not isinstance(call.output, Tensor) or call.output.dim() == 0 or call.output.shape[0] != n:
-            return f"{label} does not return one tensor of {n} samples", None
+            return f"{label} does not return one tensor of {n} samples", *none
         activation_numel += call.output.numel()
         if isinstance(call.module, AFFINE_TYPES):
             if call.name in seen_affine:
-                return f"{label} is called more than once (shared weights)", None
+                return f"{label} is called more than once (shared weights)", *none
             seen_affine.add(call.name)
             if isinstance(call.module, nn.Conv2d) and inp.dim() != 4:
-                return f"{label} is called on a {inp.dim()}-d input (only batched (N, C, H, W) inputs)", None
+                return f"{label} is called on a {inp.dim()}-d input (only batched (N, C, H, W) inputs)", *none
             layer = _layer(call, selected)
             if layer is not None:
                 layers.append(layer)
         else:
             problem = _per_sample_problem(label, call.module, inp)
             if problem is not None:
-                return problem, None
-        produced[id(call.output)] = call
+                return problem, *none
+        sources.append(-1 if from_probe else src)
+        produced[id(call.output)] = index
     last = produced.get(id(out))
-    if last is None or last.output_version != out._version:
+    if last is None or calls[last].output_version != out._version:
         return ("the measured output is not a module's output (functional code after the last module, or an "
-                "output_fn that computes rather than selects)"), None
+                "output_fn that computes rather than selects)"), *none
     if out.dim() == 0 or out.shape[0] != n:
-        return f"the measured output has shape {tuple(out.shape)}, not ({n}, ...)", None
+        return f"the measured output has shape {tuple(out.shape)}, not ({n}, ...)", *none
+    per_sample = out.numel() // n
+    if fm.logit_head is not None:  # softmax head: the logit differences, C − 1 of every C classes
+        per_sample -= per_sample // out.shape[-1]
     plan = GramPlan(
-        layers=tuple(layers), num_samples=n, outputs_per_sample=out.numel() // n, num_params=fm.num_params,
+        layers=tuple(layers), num_samples=n, outputs_per_sample=per_sample, num_params=fm.num_params,
         activation_numel=activation_numel,
     )
-    return None, plan
+    return None, plan, TracedGraph(tuple(calls), tuple(sources), last)
 
 
 def _layer(call: _Call, selected: set[str]) -> GramLayer | None:
@@ -422,7 +455,7 @@ def layer_factors(
             if name in modules:
                 handles.append(sub.register_forward_hook(lambda m, a, o, _n=name: hook(_n, a, o)))
         with torch.enable_grad():
-            out = fm(fm.params, inputs)
+            out = fm.measured_output(fm.params, inputs)
     finally:
         for h in handles:
             h.remove()
@@ -493,12 +526,13 @@ _BLOCK_ENTRIES = 1 << 21
 
 def _accumulate(
     gram: Tensor, a: Tensor, b: Tensor, *, group: int = 1, scale: Tensor | None = None, lower: bool = True,
-    buffer: Tensor | None = None,
+    buffer: Tensor | None = None, field: PrimeField | None = None,
 ) -> None:
     """gram += (a bᵀ) ⊙ (scale ⊗ 1_{group × group}), by blocks of rows; only the lower triangle if ``lower``.
 
     ``a``, ``b``: (d, r); ``scale``: (d / group, d / group) or None (all ones). Rows are processed ``group`` at
-    a time so that a block of rows always covers whole groups (the K outputs of a sample).
+    a time so that a block of rows always covers whole groups (the K outputs of a sample). With ``field``, every
+    operand holds residues of GF(p) and so does the result (exact products, reduced after each operation).
     """
     d = gram.shape[0]
     groups = d // group
@@ -508,45 +542,74 @@ def _accumulate(
         r0, r1 = g0 * group, g1 * group
         c1 = r1 if lower else d
         target = gram[r0:r1, :c1]
-        if scale is None:
+        if field is not None:
+            prod = field.matmul(a[r0:r1], b[:c1].T)
+        elif scale is None:
             target.addmm_(a[r0:r1], b[:c1].T)
             continue
-        assert buffer is not None
-        prod = torch.mm(a[r0:r1], b[:c1].T, out=buffer[: (r1 - r0) * c1].view(r1 - r0, c1))
-        prod.view(g1 - g0, group, c1 // group, group).mul_(scale[g0:g1, : c1 // group, None].unsqueeze(1))
+        else:
+            assert buffer is not None
+            prod = torch.mm(a[r0:r1], b[:c1].T, out=buffer[: (r1 - r0) * c1].view(r1 - r0, c1))
+        if scale is not None:
+            prod.view(g1 - g0, group, c1 // group, group).mul_(scale[g0:g1, : c1 // group, None].unsqueeze(1))
+            if field is not None:
+                field.reduce_(prod)
         target.add_(prod)
+        if field is not None:
+            field.reduce_(target)
 
 
-def _add_output_gram(gram: Tensor, f: LayerFactors, n: int, k: int, *, lower: bool, buffer: Tensor) -> None:
+def _per_sample_gradients(sig: Tensor, u: Tensor, field: PrimeField | None) -> Tensor:
+    """A(n, k) = Σ_t g_t u_tᵀ: ``sig`` (T, N, K, O), ``u`` (N, T, D) → (N, K, O, D); exact mod p with ``field``."""
+    if field is None:
+        return torch.einsum("tnko,ntd->nkod", sig, u)
+    out = None
+    for start in range(0, sig.shape[0], field.max_inner):
+        part = torch.einsum("tnko,ntd->nkod", sig[start : start + field.max_inner], u[:, start : start + field.max_inner])
+        out = part if out is None else out.add_(part)
+        field.reduce_(out)
+    assert out is not None
+    return out
+
+
+def _position_sum(sig: Tensor, field: PrimeField | None) -> Tensor:
+    """s = Σ_t g_t: ``sig`` (T, M, O) → (M, O)."""
+    return sig.sum(0) if field is None else field.sum(sig, 0)
+
+
+def _add_output_gram(
+    gram: Tensor, f: LayerFactors, n: int, k: int, *, lower: bool, buffer: Tensor, field: PrimeField | None = None,
+) -> None:
     """gram (M × M, rows n·K + k) += this layer's block J_l J_lᵀ (formulas in the module docstring)."""
     lay, u, sig = f.layer, f.inputs, f.signals
     m = n * k
     if not lay.weight:  # bias only: s sᵀ with s = Σ_t g_t
-        s = sig.sum(0)
-        _accumulate(gram, s, s, group=k, lower=lower)
+        s = _position_sum(sig, field)
+        _accumulate(gram, s, s, group=k, lower=lower, field=field)
         return
     if _kernel_cost(lay, m, n) <= _explicit_cost(lay, m):
         for p in range(lay.positions):
             for q in range(lay.positions):
-                c = u[:, p] @ u[:, q].T  # (N, N): ⟨u(x_n)_p, u(x_n')_q⟩
+                # c[n, n'] = ⟨u(x_n)_p, u(x_n')_q⟩ (+ 1 for the bias)
+                c = u[:, p] @ u[:, q].T if field is None else field.matmul(u[:, p], u[:, q].T)
                 if lay.bias:
                     c += 1.0
                 # ⟨g(n,k)_p, g(n',k')_q⟩ · c[n, n']
-                _accumulate(gram, sig[p], sig[q], group=k, scale=c, lower=lower, buffer=buffer)
+                _accumulate(gram, sig[p], sig[q], group=k, scale=c, lower=lower, buffer=buffer, field=field)
         return
     # per-sample weight gradients A(n,k) = Σ_t g_t u_tᵀ, in chunks of output units to bound memory
     sig_nk = sig.view(lay.positions, n, k, lay.units)
     step = max(1, min(lay.units, (m * m) // max(m * lay.features, 1)))
     for start in range(0, lay.units, step):
-        a = torch.einsum("tnko,ntd->nkod", sig_nk[..., start : start + step], u).reshape(m, -1)
-        _accumulate(gram, a, a, group=k, lower=lower)
+        a = _per_sample_gradients(sig_nk[..., start : start + step], u, field).reshape(m, -1)
+        _accumulate(gram, a, a, group=k, lower=lower, field=field)
         del a
     if lay.bias:
-        s = sig.sum(0)
-        _accumulate(gram, s, s, group=k, lower=lower)
+        s = _position_sum(sig, field)
+        _accumulate(gram, s, s, group=k, lower=lower, field=field)
 
 
-def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int) -> Tensor:
+def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int, field: PrimeField | None = None) -> Tensor:
     """Rows (n, k) of J for n in ``samples``, columns grouped by layer (weight then bias), float64."""
     blocks = []
     for f in factors:
@@ -555,16 +618,19 @@ def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int) -> T
         s = samples.stop - samples.start
         if lay.weight:
             g = sig.view(lay.positions, s, k, lay.units)
-            blocks.append(torch.einsum("tnko,ntd->nkod", g, f.inputs[samples]).reshape(s * k, -1))
+            blocks.append(_per_sample_gradients(g, f.inputs[samples], field).reshape(s * k, -1))
         if lay.bias:
-            blocks.append(sig.sum(0))
+            blocks.append(_position_sum(sig, field))
     return torch.cat(blocks, dim=1)
 
 
 def gram_from_factors(
     factors: Sequence[LayerFactors], plan: GramPlan, *, lower_only: bool = False, share: tuple[int, int] = (0, 1),
+    field: PrimeField | None = None,
 ) -> Tensor:
     """The Gram matrix of J on ``plan.side``: J Jᵀ (M × M) or Jᵀ J (P_used × P_used), float64.
+
+    With ``field``, the factors hold residues of GF(p) and the Gram is computed exactly mod p (residues).
 
     With ``lower_only`` only the lower triangle is filled (the upper one holds zeros): half the work, and all
     that ``torch.linalg.eigvalsh(gram, UPLO="L")`` reads.
@@ -583,15 +649,15 @@ def gram_from_factors(
         m = n * k
         costs = [min(_kernel_cost(f.layer, m, n), _explicit_cost(f.layer, m)) for f in factors]
         for i in _balanced_share(costs, index, count):
-            _add_output_gram(gram, factors[i], n, k, lower=lower_only, buffer=buffer)
+            _add_output_gram(gram, factors[i], n, k, lower=lower_only, buffer=buffer, field=field)
     else:
         # Jᵀ J = Σ over chunks of samples of J_Sᵀ J_S; chunks of about d rows keep J_S no larger than the Gram
         per_chunk = max(1, d // max(k, 1))
         starts = list(range(0, n, per_chunk))
         for start in starts[index::count]:
-            rows = _jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k)
+            rows = _jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k, field)
             cols = rows.T.contiguous()
-            _accumulate(gram, cols, cols, lower=lower_only)
+            _accumulate(gram, cols, cols, lower=lower_only, field=field)
             del rows, cols
     return gram.tril_() if lower_only else gram  # blocks on the diagonal also filled some upper entries
 

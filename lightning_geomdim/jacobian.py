@@ -32,11 +32,11 @@ def jacobian_matrix(fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int
     """The dense Jacobian, shape (M, P), dtype ``fm.dtype``; columns in the order of ``fm.params``.
 
     Rows follow ``vec(f_θ(X))`` (row-major flattening of the output), so row n·K + k is ∂f_k(x_n)/∂θ
-    for an (N, K) output.
+    for an (N, K) output; for a softmax head (``fm.logit_head``) the rows of its logit differences.
     """
 
     def flat_output(params: dict[str, Tensor]) -> Tensor:
-        return fm(params, inputs).reshape(-1)
+        return fm.measured_output(params, inputs).reshape(-1)
 
     try:
         blocks = jacrev(flat_output, chunk_size=chunk_size)(fm.params)

@@ -95,3 +95,54 @@ def effective_rank(singular_values: Tensor) -> float:
         return 0.0
     p = s[s > 0] / total
     return float(torch.exp(-(p * p.log()).sum()))
+
+
+def resolution(spectrum: Spectrum, num_rows: int, num_cols: int) -> float:
+    """The smallest σ / σ_max the engine can tell from zero: its default relative tolerance (rule above)."""
+    return rank_tolerance(1.0, num_rows, num_cols, spectrum.dtype, from_gram=spectrum.from_gram)
+
+
+@dataclass(frozen=True)
+class NumericalSpectrum:
+    """A floating-point spectrum of J and the numerical rank read from it at a stated tolerance.
+
+    Not the batch functional dimension: a count of singular values above ``tolerance``, which depends on the
+    tolerance whenever σ decays smoothly through it (look at ``spectral_gap``) and on how the engine rounds.
+
+    Attributes:
+        singular_values: σ of J, shape (min(rows, P),), float64, descending.
+        numerical_rank: #{σ_i > tolerance}.
+        tolerance: the absolute threshold on σ.
+        rtol: tolerance / σ_max (0 for a zero spectrum).
+        resolution: the engine's floor σ / σ_max (its default rtol): ~sqrt(max(M, P)·eps64) for a Gram,
+            max(M, P)·eps for a dense SVD. Singular values below it are indistinguishable from zero.
+        spectral_gap: σ_r / σ_{r+1} at r = numerical_rank (inf: nothing discarded; nan: r = 0).
+        stable_rank: Σσ² / σ_max².
+        effective_rank: exp of the entropy of σ / Σσ.
+        engine: "gram" (σ = √λ of a float64 Gram's eigenvalues) or "jacrev" (SVD of the dense Jacobian).
+    """
+
+    singular_values: Tensor
+    numerical_rank: int
+    tolerance: float
+    rtol: float
+    resolution: float
+    spectral_gap: float
+    stable_rank: float
+    effective_rank: float
+    engine: str
+
+
+def numerical_spectrum(
+    spectrum: Spectrum, num_rows: int, num_cols: int, *, engine: str, rtol: float | None = None,
+) -> NumericalSpectrum:
+    """Count the numerical rank of ``spectrum`` (an engine's σ of a num_rows × num_cols J) and its statistics."""
+    sv = spectrum.singular_values
+    sigma_max = float(sv[0]) if sv.numel() else 0.0
+    tol = rank_tolerance(sigma_max, num_rows, num_cols, spectrum.dtype, rtol=rtol, from_gram=spectrum.from_gram)
+    rank = numerical_rank(sv, tol)
+    return NumericalSpectrum(
+        singular_values=sv, numerical_rank=rank, tolerance=tol, rtol=tol / sigma_max if sigma_max else 0.0,
+        resolution=resolution(spectrum, num_rows, num_cols), spectral_gap=spectral_gap(sv, rank),
+        stable_rank=stable_rank(sv), effective_rank=effective_rank(sv), engine=engine,
+    )

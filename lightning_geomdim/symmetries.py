@@ -11,7 +11,8 @@ K output differentials satisfy one linear relation, so rank J ≤ N·(K − 1).
 
 Recognition is conservative: the structure is read from one traced forward pass, a unit counts only when
 the data flow A → activation → ... → B is seen tensor by tensor (so residual additions or functional code
-in between break the chain), every parameter of A and the weight of B are among the measured parameters,
+in between break the chain), no tensor of the chain is read by anything but the next module of the chain
+(``b(h) + h[:, :2] ** 2`` is not rescaling-invariant), every parameter of A and the weight of B are among the measured parameters,
 and no parameterised module runs twice (shared weights). Anything unrecognised yields no symmetry, i.e. a
 looser bound, never a wrong one.
 """
@@ -41,11 +42,17 @@ class NetworkSymmetries:
 
     Attributes:
         hidden_units: affine module name → number of hidden units with a positive-rescaling symmetry.
-        softmax_output: the output is a softmax / log-softmax over its last dimension.
+        softmax_head: the ``nn.Softmax`` / ``nn.LogSoftmax`` module whose output over its last dimension is the
+            model's output, or None.
     """
 
     hidden_units: dict[str, int]
-    softmax_output: bool
+    softmax_head: nn.Module | None = None
+
+    @property
+    def softmax_output(self) -> bool:
+        """The output is a softmax / log-softmax over its last dimension."""
+        return self.softmax_head is not None
 
     @property
     def num_hidden_neurons(self) -> int:
@@ -71,7 +78,8 @@ def _same(a: object, b: object) -> bool:
 
 def find_symmetries(fm: FunctionalModel, inputs: ProbeInputs) -> NetworkSymmetries:
     """Trace one sample through ``fm`` and recognise its symmetries (rules in the module docstring)."""
-    calls, out = trace_leaf_calls(fm, inputs.select(slice(0, 1)))
+    uses: dict[int, list[int | None]] = {}
+    calls, out = trace_leaf_calls(fm, inputs.select(slice(0, 1)), uses=uses)
     selected = set(fm.params)
     names_of = {id(m): n for n, m in fm.module.named_modules()}
 
@@ -87,10 +95,12 @@ def find_symmetries(fm: FunctionalModel, inputs: ProbeInputs) -> NetworkSymmetri
         for i, a in enumerate(calls):
             if not isinstance(a.module, AFFINE) or not measured(a, bias=True):
                 continue
-            prev, saw_relu = a, False
-            for b in calls[i + 1 :]:
-                if not _same(b.input, prev.output):
+            prev, saw_relu, chain = a, False, {i}
+            for j, b in enumerate(calls[i + 1 :], start=i + 1):
+                # the tensor between prev and b must be read by b alone (and, when in place, by prev)
+                if not _same(b.input, prev.output) or not set(uses.get(id(b.input), [])) <= chain | {j}:
                     break
+                chain.add(j)
                 if isinstance(b.module, AFFINE):
                     if saw_relu and measured(b, bias=False):
                         hidden[a.name] = _units(a.module)
@@ -107,4 +117,4 @@ def find_symmetries(fm: FunctionalModel, inputs: ProbeInputs) -> NetworkSymmetri
         and _same(last.output, out)
         and last.module.dim in (-1, out.dim() - 1)
     )
-    return NetworkSymmetries(hidden, bool(softmax))
+    return NetworkSymmetries(hidden, last.module if softmax and last is not None else None)

@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_leaves
 
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
 
@@ -48,15 +50,72 @@ def forward_hooks(
             h.remove()
 
 
-def trace_leaf_calls(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[list[LeafCall], Tensor]:
-    """Run ``fm`` once without autograd and return the leaf calls in execution order and the output."""
+#: Torch functions that read a tensor's metadata, not its values: not counted as uses.
+_METADATA = frozenset({"__get__", "size", "dim", "numel", "is_floating_point", "is_complex", "element_size"})
+
+
+class _UseRecorder(TorchFunctionMode):
+    """Records, for every tensor read by a torch function, which leaf call was running (None: none was)."""
+
+    def __init__(self, running: list[int]) -> None:
+        super().__init__()
+        self.running = running
+        self.uses: dict[int, list[int | None]] = {}
+        self.alive: list[Tensor] = []  # keeps the tensors alive so that their ids stay unique
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", "") not in _METADATA:
+            where = self.running[-1] if self.running else None
+            for t in tree_leaves((args, kwargs)):
+                if isinstance(t, Tensor):
+                    self.uses.setdefault(id(t), []).append(where)
+                    self.alive.append(t)
+        return func(*args, **kwargs)
+
+
+def trace_leaf_calls(
+    fm: FunctionalModel, inputs: ProbeInputs, *, uses: dict[int, list[int | None]] | None = None,
+) -> tuple[list[LeafCall], Tensor]:
+    """Run ``fm`` once without autograd and return the leaf calls in execution order and the output.
+
+    ``uses``: when given, filled with id(tensor) → for every torch function that read the tensor's values, the
+    index in the returned calls of the leaf call running at the time (None: code outside leaf modules, e.g.
+    ``h + h[:, :2] ** 2`` in a container's ``forward``). Every tensor read stays alive during the trace, so ids
+    are unique; query only tensors the returned calls hold (their ids stay valid while the calls live).
+    """
     calls: list[LeafCall] = []
+    pending: list[tuple[str, nn.Module, Any]] = []
+    running: list[int] = []
+    order: list[int] = []  # call index of each recorded call, in completion order
 
-    def record(name: str, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-        calls.append(LeafCall(name, m, args[0] if args else None, out))
+    def before(m: nn.Module, args: tuple[Any, ...], name: str) -> None:
+        running.append(len(pending))
+        pending.append((name, m, args[0] if args else None))
 
-    with forward_hooks(fm.module, record), torch.no_grad():
-        out = fm(fm.params, inputs)
+    def after(m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+        index = running.pop()
+        name, module, inp = pending[index]
+        calls.append(LeafCall(name, module, inp, out))
+        order.append(index)
+
+    handles = []
+    recorder = _UseRecorder(running)
+    try:
+        for name, sub in fm.module.named_modules():
+            if next(sub.children(), None) is None:
+                handles.append(sub.register_forward_pre_hook(lambda m, a, _n=name: before(m, a, _n)))
+                handles.append(sub.register_forward_hook(after))
+        with torch.no_grad(), (recorder if uses is not None else contextlib.nullcontext()):
+            out = fm(fm.params, inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    # leaves never nest, so completion order is call order; map pending indices to positions in ``calls``
+    position = {index: i for i, index in enumerate(order)}
+    if uses is not None:
+        for key, where in recorder.uses.items():
+            uses[key] = [None if w is None else position.get(w) for w in where]
     return calls, out
 
 

@@ -1,0 +1,492 @@
+"""The exact engine: the batch functional dimension of a piecewise-linear network, without a tolerance.
+
+With the activation patterns D of the network on the probe X fixed (ReLU masks, LeakyReLU slopes, ReLU6 /
+Hardtanh clamps, max-pooling argmax), every entry of J = ∂ vec f_θ(X) / ∂θ is a polynomial in θ whose
+coefficients are made of the float64 numbers of X (and of the frozen parameters). Its *generic* rank over θ is
+the batch functional dimension (BFD) for almost every θ with those patterns, and the local dimension of the image
+set {f_θ'(X) : θ' near θ} (Bona-Pellissier, Malgouyres, Bachoc, arXiv 2402.08269; ``docs/science.md``).
+
+The engine computes that rank exactly, by evaluation at a random point modulo a prime p:
+
+1. one traced float forward pass records the patterns and checks the structure (the conditions of the Gram
+   engine, :mod:`lightning_geomdim.gram`, plus: every parameter-free module is piecewise linear or linear);
+2. the network is re-run in GF(p) with the patterns fixed, at random nonzero residues for the measured
+   parameters (exact zeros of θ stay zero: pruned weights), the exact images of X and of the frozen parameters
+   (:meth:`~lightning_geomdim.finite_field.PrimeField.from_float`), and backpropagated once per output
+   coordinate class, giving the per-layer factors of the Gram engine as residues;
+3. the Gram matrix J Jᵀ (or Jᵀ J) is assembled from them exactly mod p by the Gram engine's own code, and its
+   rank over GF(p) is computed by blocked elimination (:func:`~lightning_geomdim.finite_field.rank_mod_p`).
+
+Why it is right. rank(J Jᵀ) = rank J over the formally real field R(θ) (vᵀJJᵀv is a sum of squares), so a
+nonzero r × r minor of the Gram exists, a polynomial of degree ≤ 2(L − 1)·r in θ for L affine layers. Reduction
+mod p maps minors to minors, so the rank found is never above the true one; it is equal unless the random point
+is a root of that minor, probability ≤ 2(L − 1)·r / p (Schwartz–Zippel), or every coefficient of the minor is
+divisible by p. Each draw uses another prime and fresh residues; the result is the maximum over ``draws`` (≥ 2)
+draws, except that a draw reaching the proven upper bound min(rows, P − hidden neurons) is already exact.
+:attr:`ExactRank.failure_bound` is Π_i min(1, 2(L − 1)·bound / p_i) (0 when the bound was reached). For the
+paper's MLP at N = 600 (L = 4, bound 5,400): 7.7e-3 per draw with p ≈ 4.2e6, 6e-5 for two.
+
+Softmax / log-softmax heads are measured on their logit differences (same row space; see
+:meth:`~lightning_geomdim.functional_model.FunctionalModel.measured_output`).
+
+Supported modules: ``nn.Linear``, ``nn.Conv2d`` (as in the Gram engine) with ReLU, LeakyReLU, ReLU6,
+Hardtanh, Identity, dropout (eval), max / average / adaptive pooling, Flatten / Unflatten between them and a
+final Softmax / LogSoftmax. Anything else (GELU, tanh, normalisation, residual sums) raises
+:class:`~lightning_geomdim.errors.NotApplicableError` with the reason; ``engine="auto"`` then falls back to a
+floating-point engine.
+
+Cost: one float forward pass, then per draw a forward and ``K`` batched backward passes in float64 residues, the
+Gram assembly (as the Gram engine's, with a reduction after each product) and (2/3)·d³ flops of elimination for
+d = min(rows, P) — no eigendecomposition. Peak memory: the Gram engine's (:func:`~lightning_geomdim.gram.gram_bytes`)
+plus one d × d working matrix.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_geomdim.errors import NotApplicableError
+from lightning_geomdim.finite_field import DEFAULT_PRIME, PrimeField, _is_prime, rank_mod_p
+from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.gram import (
+    AFFINE_TYPES,
+    GramPlan,
+    LayerFactors,
+    _conv_padding,
+    _unify,
+    gram_bytes,
+    gram_from_factors,
+    traced_graph,
+)
+from lightning_geomdim.memory import check_memory
+
+#: Piecewise-linear activations: with the pattern fixed, y = s ⊙ z + c.
+PIECEWISE_LINEAR: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
+_MAX_POOL: dict[type[nn.Module], tuple[int, Callable[..., Any]]] = {
+    nn.MaxPool1d: (1, F.max_pool1d), nn.MaxPool2d: (2, F.max_pool2d), nn.MaxPool3d: (3, F.max_pool3d),
+    nn.AdaptiveMaxPool1d: (1, F.adaptive_max_pool1d), nn.AdaptiveMaxPool2d: (2, F.adaptive_max_pool2d),
+    nn.AdaptiveMaxPool3d: (3, F.adaptive_max_pool3d),
+}
+_AVG_POOL: dict[type[nn.Module], int] = {
+    nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
+}
+_RESHAPE: tuple[type[nn.Module], ...] = (
+    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.FeatureAlphaDropout,
+)
+#: Largest per-plane linear map (entries) stored densely for an average pooling.
+_MAX_PLANE_MAP = 1 << 24
+#: The draws' primes: the largest primes below 2^22, one per draw.
+PRIMES: tuple[int, ...] = tuple(q for q in range(DEFAULT_PRIME, DEFAULT_PRIME - 2000, -1) if _is_prime(q))[:8]
+
+
+@dataclass(frozen=True)
+class ExactRank:
+    """The exact batch functional dimension and how it was obtained.
+
+    Attributes:
+        rank: the generic rank of J with the activation patterns fixed: max over the draws.
+        ranks: the rank over GF(p_i) of each draw, in order.
+        primes: the prime of each draw.
+        failure_bound: an upper bound on the probability that ``rank`` is below the true value (module doc).
+    """
+
+    rank: int
+    ranks: tuple[int, ...]
+    primes: tuple[int, ...]
+    failure_bound: float
+
+
+# --------------------------------------------------------------------------------------------- the program
+
+
+def _residue_of_constant(field: PrimeField, value: float) -> float:
+    """The residue of a module constant (slope, clamp value, pooling weight): the simplest fraction with
+    denominator ≤ 2^20 whose float64 is ``value`` (0.01 → 1/100, 1/9 → 1/9), else the exact dyadic value."""
+    fraction = Fraction(value).limit_denominator(1 << 20)
+    if float(fraction) != value:
+        return float(field.from_float(torch.tensor([value], dtype=torch.float64))[0])
+    return field.from_int(fraction.numerator * pow(fraction.denominator, -1, field.p))
+
+
+class _Step:
+    """One module call of the network, in GF(p), with the float patterns fixed."""
+
+    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        """Cotangents (C, N, *out) → (C, N, *in)."""
+        raise NotImplementedError
+
+
+@dataclass
+class _Affine(_Step):
+    name: str
+    module: nn.Module
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    def _weight(self, theta: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
+        prefix = f"{self.name}." if self.name else ""
+        return theta[prefix + "weight"], theta.get(prefix + "bias")
+
+    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        w, b = self._weight(theta)
+        if isinstance(self.module, nn.Linear):
+            y = field.matmul(x, w.T)
+            return y if b is None else field.reduce_(y.add_(b))
+        m = self.module
+        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
+        y = field.matmul(w.reshape(w.shape[0], -1), cols)  # (N, O, L)
+        if b is not None:
+            field.reduce_(y.add_(b[:, None]))
+        return y.reshape(self.out_shape)
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        w, _ = self._weight(theta)
+        c = g.shape[0]
+        if isinstance(self.module, nn.Linear):
+            return field.matmul(g, w)
+        m = self.module
+        o = w.shape[0]
+        cols = field.matmul(w.reshape(o, -1).T, g.reshape(-1, o, math.prod(self.out_shape[2:])))  # (C·N, D, L)
+        x = F.fold(cols, self.in_shape[2:], m.kernel_size, dilation=m.dilation, padding=_conv_padding(m),
+                   stride=m.stride)
+        return field.reduce_(x).reshape(c, *self.in_shape)
+
+
+@dataclass
+class _Diagonal(_Step):
+    """y = s ⊙ z + c with the pattern's slopes s and clamp constants c (residues, shape of z)."""
+
+    slope: Tensor
+    offset: Tensor | None
+
+    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        y = field.mul(x, self.slope)
+        return y if self.offset is None else field.reduce_(y.add_(self.offset))
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        return field.mul(g, self.slope)
+
+
+@dataclass
+class _Gather(_Step):
+    """Max pooling with its argmax fixed: y = x[index] per plane (index over the last ``dims`` dims)."""
+
+    index: Tensor  # (planes, out positions), int64
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    dims: int
+
+    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        planes = x.reshape(self.index.shape[0], -1)
+        return planes.gather(1, self.index).reshape(self.out_shape)
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        c = g.shape[0]
+        flat = g.reshape(c, self.index.shape[0], -1)
+        size = math.prod(self.in_shape[len(self.in_shape) - self.dims :])
+        out = flat.new_zeros(c, self.index.shape[0], size)
+        out.scatter_add_(2, self.index.expand(c, *self.index.shape), flat)
+        return field.reduce_(out).reshape(c, *self.in_shape)
+
+
+@dataclass
+class _PlaneLinear(_Step):
+    """A linear map applied to every plane (last ``dims`` dims) alike, e.g. average pooling: (out, in) residues."""
+
+    matrix: Tensor
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    dims: int
+
+    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        lead = self.in_shape[: len(self.in_shape) - self.dims]
+        return field.matmul(x.reshape(*lead, -1), self.matrix.T).reshape(self.out_shape)
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        c = g.shape[0]
+        lead = self.in_shape[: len(self.in_shape) - self.dims]
+        return field.matmul(g.reshape(c, *lead, -1), self.matrix).reshape(c, *self.in_shape)
+
+
+@dataclass
+class _Reshape(_Step):
+    """Identity, dropout in eval mode, Flatten, Unflatten: values unchanged, shape changed."""
+
+    module: nn.Module
+    in_shape: tuple[int, ...]
+
+    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        return self.module(x)
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        return g.reshape(g.shape[0], *self.in_shape)
+
+
+@dataclass(frozen=True)
+class ExactProgram:
+    """The network as a program over GF(p) with its activation patterns fixed, read from one traced pass.
+
+    Attributes:
+        plan: the Gram plan (measured layers, N, rows per sample, P).
+        steps: one step per module call (None for the softmax head, whose input is measured).
+        sources: for each call, the call whose output is its input (-1: the probe).
+        measured: the call whose output is measured (-1: the probe itself).
+        head: the measured tensor is a softmax head's input, measured as logit differences.
+        probe: the probe input, float64.
+        depth: L, the number of affine layers (bounds the degree of J's entries in θ by L − 1).
+    """
+
+    plan: GramPlan
+    steps: tuple[_Step | None, ...]
+    sources: tuple[int, ...]
+    measured: int
+    head: bool
+    probe: Tensor
+    depth: int
+
+
+def exact_program(fm: FunctionalModel, inputs: ProbeInputs) -> ExactProgram:
+    """Trace ``fm`` on ``inputs`` once, check that the exact engine applies and record the patterns.
+
+    Raises:
+        NotApplicableError: the structure is not supported (the message names the module and why).
+    """
+    try:
+        plan, graph = traced_graph(fm, inputs)
+    except NotApplicableError as err:
+        raise NotApplicableError(str(err).replace("the Gram engine is not exact", "the exact engine does not apply")
+                                 .replace("engine='jacrev' (dense Jacobian, any differentiable model) or "
+                                          "engine='auto', which falls back to it",
+                                          "engine='auto', which falls back to a floating-point engine")) from None
+    steps: list[_Step | None] = []
+    depth = 0
+    measured = graph.output
+    for index, call in enumerate(graph.calls):
+        module = call.module
+        z = call.input
+        label = f"module {call.name or '<root>'!r} ({type(module).__name__})"
+        if isinstance(module, AFFINE_TYPES):
+            steps.append(_Affine(call.name, module, tuple(z.shape), tuple(call.output.shape)))
+            depth += 1
+        elif isinstance(module, PIECEWISE_LINEAR):
+            steps.append(_activation(module, z))
+        elif type(module) in _MAX_POOL:
+            dims, pool = _MAX_POOL[type(module)]
+            steps.append(_max_pool(module, z, dims, pool))
+        elif type(module) in _AVG_POOL:
+            steps.append(_average_pool(module, z, _AVG_POOL[type(module)], label))
+        elif type(module) in _RESHAPE:
+            steps.append(_Reshape(module, tuple(z.shape)))
+        elif module is fm.logit_head and index == graph.output:
+            steps.append(None)
+            measured = graph.sources[index]
+        else:
+            raise NotApplicableError(
+                f"the exact engine does not apply: {label} is not piecewise linear, so the dimension is not "
+                "determined by activation patterns; engine='auto' measures it with a floating-point engine "
+                "(a numerical rank)"
+            )
+    probe = inputs.args[0].to(torch.float64)
+    return ExactProgram(plan, tuple(steps), graph.sources, measured, measured != graph.output, probe, depth)
+
+
+def _activation(module: nn.Module, z: Tensor) -> _Diagonal:
+    # floats here; converted to residues per field in _field_constants
+    if isinstance(module, nn.ReLU):
+        return _Diagonal((z > 0).to(torch.float64), None)
+    if isinstance(module, nn.LeakyReLU):
+        # an in-place LeakyReLU with a negative slope flips signs; the recorded z is its output then
+        return _Diagonal(torch.where(z > 0, 1.0, module.negative_slope).to(torch.float64), None)
+    low, high = (0.0, 6.0) if isinstance(module, nn.ReLU6) else (module.min_val, module.max_val)
+    inside = ((z > low) & (z < high)).to(torch.float64)
+    offset = torch.where(z >= high, high, 0.0) + torch.where(z <= low, low, 0.0)
+    return _Diagonal(inside, offset.to(torch.float64))
+
+
+def _max_pool(module: nn.Module, z: Tensor, dims: int, pool: Callable[..., Any]) -> _Gather:
+    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
+        out, index = pool(z, module.output_size, return_indices=True)
+    else:
+        out, index = pool(z, module.kernel_size, module.stride, module.padding, module.dilation,
+                          ceil_mode=module.ceil_mode, return_indices=True)
+    planes = math.prod(z.shape[: z.dim() - dims])
+    return _Gather(index.reshape(planes, -1), tuple(z.shape), tuple(out.shape), dims)
+
+
+def _average_pool(module: nn.Module, z: Tensor, dims: int, label: str) -> _PlaneLinear:
+    plane = z.shape[z.dim() - dims :]
+    size = math.prod(plane)
+    basis = torch.eye(size, dtype=torch.float64, device=z.device).reshape(size, *([1] * (z.dim() - dims - 1)), *plane)
+    with torch.no_grad():
+        images = module(basis)  # (size, 1…, *out plane): column j of the map
+    out_size = images[0].numel()
+    if size * out_size > _MAX_PLANE_MAP:
+        raise NotApplicableError(
+            f"the exact engine does not apply: {label} maps planes of {size} to {out_size} entries, a "
+            f"{out_size} × {size} map too large to hold; engine='auto' falls back to a floating-point engine"
+        )
+    matrix = images.reshape(size, out_size).T.contiguous()
+    with torch.no_grad():
+        out = module(z)
+    return _PlaneLinear(matrix, tuple(z.shape), tuple(out.shape), dims)
+
+
+# --------------------------------------------------------------------------------------------- one draw
+
+
+def _field_steps(program: ExactProgram, field: PrimeField) -> list[_Step | None]:
+    """The program's float constants (slopes, clamps, pooling weights) as residues of ``field``."""
+    steps: list[_Step | None] = []
+    for step in program.steps:
+        if isinstance(step, _Diagonal):
+            offset = None if step.offset is None else _constants(field, step.offset)
+            step = _Diagonal(_constants(field, step.slope), offset)
+        elif isinstance(step, _PlaneLinear):
+            step = _PlaneLinear(_constants(field, step.matrix), step.in_shape, step.out_shape, step.dims)
+        steps.append(step)
+    return steps
+
+
+def _constants(field: PrimeField, values: Tensor) -> Tensor:
+    distinct, index = torch.unique(values, return_inverse=True)
+    table = torch.tensor([_residue_of_constant(field, v) for v in distinct.tolist()], dtype=torch.float64,
+                         device=values.device)
+    return table[index]
+
+
+def _parameters(fm: FunctionalModel, field: PrimeField, generator: torch.Generator) -> dict[str, Tensor]:
+    """Random nonzero residues for the measured parameters (zeros kept), exact images of the frozen ones."""
+    theta = {}
+    for name, value in fm.params.items():
+        draw = field.random(tuple(value.shape), generator, device=value.device)
+        theta[name] = draw.masked_fill_(value == 0, 0.0)
+    for name, value in fm.frozen.items():
+        if value.is_floating_point():
+            theta[name] = field.from_float(value)
+    return theta
+
+
+def _seeds(shape: tuple[int, ...], head: bool, device: torch.device) -> Tensor:
+    """Cotangents (K, *shape) at the measured tensor: e_k, or for a softmax head the logit differences'
+    e_(…, c) − e_(…, C−1) for c < C − 1 (rows in the order of ``z[..., :-1] − z[..., -1:]``)."""
+    if not head:
+        size = math.prod(shape)
+        return torch.eye(size, dtype=torch.float64, device=device).reshape(size, *shape)
+    rows = (*shape[:-1], shape[-1] - 1)
+    size = math.prod(rows)
+    eye = torch.eye(size, dtype=torch.float64, device=device).reshape(size, *rows)
+    return torch.cat([eye, -eye.sum(-1, keepdim=True)], dim=-1)
+
+
+def _draw(
+    fm: FunctionalModel, program: ExactProgram, field: PrimeField, generator: torch.Generator, chunk_size: int | None,
+) -> Tensor:
+    """J Jᵀ (or Jᵀ J) mod p at one random point: residues, float64, the full symmetric matrix."""
+    steps = _field_steps(program, field)
+    theta = _parameters(fm, field, generator)
+    n = program.plan.num_samples
+    values: list[Tensor | None] = [None] * len(steps)
+    inputs: dict[int, Tensor] = {}
+    x0 = field.from_float(program.probe)
+    for i, step in enumerate(steps):
+        src = program.sources[i]
+        x = x0 if src < 0 else values[src]
+        assert x is not None or step is None
+        if isinstance(step, _Affine):
+            inputs[i] = x
+        values[i] = None if step is None else step.forward(field, x, theta)
+    measured = x0 if program.measured < 0 else values[program.measured]
+    assert measured is not None
+    seeds = _seeds(tuple(measured.shape[1:]), program.head, measured.device)
+    k = seeds.shape[0]
+    step_k = k if chunk_size is None else max(1, min(int(chunk_size), k))
+    signals: dict[int, list[Tensor]] = {i: [] for i in inputs}
+    for start in range(0, k, step_k):
+        chunk = seeds[start : start + step_k]
+        grads: dict[int, Tensor] = {}
+        if program.measured >= 0:
+            grads[program.measured] = chunk[:, None].expand(chunk.shape[0], n, *chunk.shape[1:])
+        for i in reversed(range(len(steps))):
+            g = grads.pop(i, None)
+            step = steps[i]
+            if i in inputs:
+                out_shape = values[i].shape  # type: ignore[union-attr]
+                signals[i].append(torch.zeros(chunk.shape[0], *out_shape, dtype=torch.float64, device=x0.device)
+                                  if g is None else g)
+            if g is None or step is None:
+                continue
+            src = program.sources[i]
+            if src >= 0:
+                g_in = step.backward(field, g, theta)
+                grads[src] = g_in if src not in grads else field.reduce_(grads[src] + g_in)
+    del values
+    by_name = {steps[i].name: i for i in inputs}  # type: ignore[union-attr]
+    factors = []
+    for layer in program.plan.layers:
+        i = by_name[layer.name]
+        factors.append(_unify(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k))
+    gram = gram_from_factors(factors, program.plan, lower_only=True, field=field)
+    del factors
+    return gram.add_(gram.tril(-1).T)
+
+
+def exact_rank(
+    fm: FunctionalModel, inputs: ProbeInputs, *, upper_bound: int, program: ExactProgram | None = None,
+    seed: int = 0, draws: int = 2, chunk_size: int | None = None, budget: int | None = None,
+) -> ExactRank:
+    """The exact batch functional dimension of ``fm`` on ``inputs`` (method and guarantees in the module doc).
+
+    Args:
+        upper_bound: a proven bound on the rank (min(rows, P − hidden neurons)): a draw reaching it stops.
+        program: :func:`exact_program` of the same model and inputs, when already traced.
+        seed: seeds the private generator of the random residues; the global RNG is not used.
+        draws: independent evaluations (each with its own prime), at least 2; the maximum is returned.
+        chunk_size: output coordinate classes backpropagated at once (bounds the backward's memory).
+        budget: memory budget in bytes, checked before anything is allocated.
+
+    Raises:
+        NotApplicableError: the engine does not apply (see :func:`exact_program`).
+        MemoryBudgetError: the estimate exceeds ``budget``.
+        ValueError: ``draws`` < 2 or more than the available primes.
+    """
+    if not 2 <= draws <= len(PRIMES):
+        raise ValueError(f"draws={draws!r} must be between 2 and {len(PRIMES)}")
+    if program is None:
+        program = exact_program(fm, inputs)
+    plan = program.plan
+    if budget is not None:
+        check_memory(
+            gram_bytes(plan, 8, chunk_size=chunk_size) + 8 * plan.size**2, budget,
+            what=f"the {plan.size} × {plan.size} Gram matrix of J mod p (M = {plan.num_outputs}, P = "
+            f"{plan.num_params}) with its per-layer factors and elimination copy (engine='exact')",
+            remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
+            "chunk_size (output coordinates backpropagated at once)",
+        )
+    generator = torch.Generator().manual_seed(int(seed))
+    ranks: list[int] = []
+    primes: list[int] = []
+    for p in PRIMES[:draws]:
+        field = PrimeField(p)
+        gram = _draw(fm, program, field, generator, chunk_size)
+        ranks.append(rank_mod_p(gram, field, upper_bound=upper_bound))
+        primes.append(p)
+        del gram
+        if ranks[-1] >= upper_bound:
+            break
+    rank = max(ranks)
+    degree = 2 * max(program.depth - 1, 0) * upper_bound
+    failure = 0.0 if rank >= upper_bound or degree == 0 else math.prod(min(1.0, degree / p) for p in primes)
+    return ExactRank(rank, tuple(ranks), tuple(primes), failure)
