@@ -135,9 +135,9 @@ def child(n: int, seed: int, threads: int, eig_alone: bool) -> None:
             eig = time.perf_counter() - start
     print(json.dumps({
         "n": n, "rank": res.rank, "engine": res.engine, "ours_s": ours, "eigvalsh_s": eig, "peak_bytes": peak,
-        "predicted_bytes": gram_bytes(plan), "gram_size": plan.size, "side": plan.side, "gap": res.spectral_gap,
+        "predicted_bytes": gram_bytes(plan), "gram_size": plan.size, "side": plan.side, "gap": res.spectrum.spectral_gap,
         "upper_bound": res.upper_bound,
-        "sigma_ratio": float(res.singular_values[res.rank - 1] / res.singular_values[0]),
+        "sigma_ratio": float(res.spectrum.singular_values[res.rank - 1] / res.spectrum.singular_values[0]),
     }))
 
 

@@ -49,7 +49,7 @@ def main() -> None:
         res = batch_functional_dimension(model, x, engine=engine)
         results[engine] = res
         print(f"engine={engine:6s} rank {res.rank} (bound {res.upper_bound}, M {res.num_outputs}, P {res.num_params})"
-              f" gap {res.spectral_gap:.3g} tol/σ_max {res.tolerance / res.singular_values[0]:.2e}"
+              f" gap {res.spectrum.spectral_gap:.3g} tol/σ_max {res.spectrum.tolerance / res.spectrum.singular_values[0]:.2e}"
               f" in {time.perf_counter() - start:.1f} s", flush=True)
     sv = results["jacrev"].singular_values
     lo, hi = results["jacrev"].tolerance, results["gram"].tolerance

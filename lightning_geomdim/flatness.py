@@ -12,7 +12,7 @@
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -95,6 +95,7 @@ def flatness(
     output_fn: OutputFn | None = None,
     chunk_size: int | None = 32,
     dimension: DimensionResult | None = None,
+    dimension_options: Mapping[str, Any] | None = None,
     max_memory_bytes: int | None = None,
 ) -> FlatnessResult:
     """Hessian top eigenvalues, trace and flat dimension of ``loss_fn(model(x), y)`` w.r.t. the parameters.
@@ -124,6 +125,9 @@ def flatness(
         dimension: a :class:`DimensionResult` already computed for the same model, x and params, to reuse
             for ``flat_dimension`` instead of recomputing it. Without it the dimension is computed (with its
             own memory check) before any Hessian-vector product, so a probe too large for it fails early.
+        dimension_options: further arguments of :func:`~lightning_geomdim.batch_functional_dimension` for that
+            computation (``engine``, ``rtol``, ``seed``, ``draws``, ``distributed``), so that the flat dimension
+            comes from the same dimension as the one measured elsewhere.
         max_memory_bytes: memory budget in bytes, of the curvature and of the functional dimension; default
             half the available memory (see :mod:`lightning_geomdim.memory`).
 
@@ -198,6 +202,7 @@ def flatness(
         if dimension is None:  # before the HVPs: a probe too large for it fails before the expensive part
             dimension = batch_functional_dimension(
                 model, x, output_fn=output_fn, params=params, dtype=dtype, max_memory_bytes=max_memory_bytes,
+                **dict(dimension_options or {}),
             )
         if resolved == "dense":
             eigenvalues = torch.linalg.eigvalsh(op.dense(budget=budget)).to(torch.float64)

@@ -93,6 +93,8 @@ class _ProbeMetric(Metric):
     higher_is_better = None
 
     def __init__(self, model: nn.Module, *, max_samples: int | None = None, **kwargs: Any) -> None:
+        # compute() measures the model's current weights, which change without update(): never cache its result
+        kwargs.setdefault("compute_with_cache", False)
         super().__init__(**kwargs)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -144,8 +146,9 @@ class BatchFunctionalDimension(_ProbeMetric):
     """Batch functional dimension of ``model`` on the accumulated inputs (see
     :func:`~lightning_geomdim.batch_functional_dimension` for every argument).
 
-    ``compute()`` returns the rank as a float64 scalar tensor; ``result`` holds the
-    :class:`~lightning_geomdim.DimensionResult` (bounds, spectrum, gap). ``max_samples`` keeps only the first
+    ``compute()`` measures the model's weights *at the time of the call* (never a cached value) and returns
+    ``result.rank`` as a float64 scalar tensor: the exact dimension when ``result.engine == "exact"``, else a
+    numerical rank; ``result`` holds the :class:`~lightning_geomdim.DimensionResult` (bounds, optional spectrum). ``max_samples`` keeps only the first
     N accumulated inputs (after the cross-process gather).
     """
 
@@ -156,7 +159,10 @@ class BatchFunctionalDimension(_ProbeMetric):
         output_fn: OutputFn | None = None,
         params: Sequence[str] | None = None,
         engine: str = "auto",
+        spectrum: bool = False,
         rtol: float | None = None,
+        seed: int = 0,
+        draws: int = 2,
         dtype: torch.dtype = torch.float64,
         chunk_size: int | None = None,
         max_memory_bytes: int | None = None,
@@ -166,8 +172,9 @@ class BatchFunctionalDimension(_ProbeMetric):
     ) -> None:
         super().__init__(model, max_samples=max_samples, **kwargs)
         self.measure_kwargs = {
-            "output_fn": output_fn, "params": params, "engine": engine, "rtol": rtol, "dtype": dtype,
-            "chunk_size": chunk_size, "max_memory_bytes": max_memory_bytes, "distributed": distributed,
+            "output_fn": output_fn, "params": params, "engine": engine, "spectrum": spectrum, "rtol": rtol,
+            "seed": seed, "draws": draws, "dtype": dtype, "chunk_size": chunk_size,
+            "max_memory_bytes": max_memory_bytes, "distributed": distributed,
         }
         self.result: DimensionResult | None = None
 
@@ -207,7 +214,8 @@ class Flatness(_ProbeMetric):
     ``loss_fn``: a callable ``(output, target) -> scalar``, ``"cross_entropy"``, ``"mse"``, or ``None`` for
     cross-entropy on integer targets and MSE otherwise. ``seed`` seeds a private generator for the Lanczos
     start vector and the trace probes, fresh at every ``compute()``, so equal weights give equal values.
-    ``dimension``: a ``DimensionResult`` of the same model and inputs to reuse for the flat dimension.
+    ``dimension``: a ``DimensionResult`` of the same model and inputs to reuse for the flat dimension;
+    ``dimension_options``: the dimension's settings when it is computed here (see ``flatness``).
     ``compute()`` returns λ_max as a float64 scalar tensor; ``result`` holds the ``FlatnessResult``.
     """
 
@@ -224,6 +232,7 @@ class Flatness(_ProbeMetric):
         params: Sequence[str] | None = None,
         dtype: torch.dtype = torch.float64,
         dimension: DimensionResult | None = None,
+        dimension_options: Mapping[str, Any] | None = None,
         max_memory_bytes: int | None = None,
         max_samples: int | None = None,
         **kwargs: Any,
@@ -235,7 +244,8 @@ class Flatness(_ProbeMetric):
         self.seed = int(seed)
         self.measure_kwargs = {
             "top_k": top_k, "trace_samples": trace_samples, "method": method, "output_fn": output_fn,
-            "params": params, "dtype": dtype, "dimension": dimension, "max_memory_bytes": max_memory_bytes,
+            "params": params, "dtype": dtype, "dimension": dimension, "dimension_options": dimension_options,
+            "max_memory_bytes": max_memory_bytes,
         }
         self.result: FlatnessResult | None = None
 

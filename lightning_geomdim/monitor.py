@@ -63,13 +63,18 @@ class GeometryMonitor(Callback):
     ============================================================  ==========================================
     key                                                           value
     ============================================================  ==========================================
-    ``geometry/<probe>/batch_functional_dimension``               rank J, J = ∂ vec f_θ(X) / ∂θ (M × P)
-    ``geometry/<probe>/upper_bound``                              min(M, P − hidden neurons) (softmax:
-                                                                  N·(K − 1) rows)
-    ``geometry/<probe>/num_outputs``                              M = N · K, the rows of J
+    ``geometry/<probe>/batch_functional_dimension``               the batch functional dimension, exact (exact
+                                                                  engine; absent for models it does not apply to)
+    ``geometry/<probe>/upper_bound``                              min(rows, P − hidden neurons), a proven bound
+    ``geometry/<probe>/num_outputs``                              M = N · K, the model's outputs on the probe
+    ``geometry/<probe>/num_rows``                                 rows of J: M, or N·(K − 1) for a softmax head
     ``geometry/<probe>/num_params``                               P, the measured parameters
     ``geometry/<probe>/num_hidden_neurons``                       hidden units with a rescaling symmetry
-    ``geometry/<probe>/spectral_gap``                             σ_r / σ_{r+1} at the rank r (inf: full)
+    ``geometry/<probe>/numerical_rank``                           floating-point rank #{σ > tolerance}: not the
+                                                                  dimension (``spectrum=True``)
+    ``geometry/<probe>/numerical_rank_rtol``                      that tolerance / σ_max
+    ``geometry/<probe>/resolution``                               the float engine's floor σ / σ_max
+    ``geometry/<probe>/spectral_gap``                             σ_r / σ_{r+1} at the numerical rank (inf: full)
     ``geometry/<probe>/stable_rank``                              Σσ² / σ_max²
     ``geometry/<probe>/effective_rank``                           exp(entropy of σ / Σσ)
     ``geometry/<probe>/linear_regions``                           distinct ReLU activation patterns on X
@@ -229,6 +234,7 @@ class GeometryMonitor(Callback):
         loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
         params: Sequence[str] | None = None,
         engine: str = "auto",
+        spectrum: bool = True,
         distributed_gram: bool = False,
         dtype: str | torch.dtype = "float64",
         rtol: float | None = None,
@@ -292,6 +298,7 @@ class GeometryMonitor(Callback):
         self.loss_fn = loss_fn
         self.params = list(params) if params is not None else None
         self.engine = engine
+        self.spectrum = bool(spectrum)
         self.distributed_gram = bool(distributed_gram)
         self.dtype = dtype
         self.rtol = rtol
@@ -508,8 +515,8 @@ class GeometryMonitor(Callback):
                         metrics.update(self._attempt(
                             "dimension", name, lambda p=probe: self._dimension(trainer, module, p, dimensions)
                         ))
-                        if name in dimensions:
-                            extras["spectra"][name] = dimensions[name].singular_values
+                        if name in dimensions and dimensions[name].spectrum is not None:
+                            extras["spectra"][name] = dimensions[name].spectrum.singular_values
                         metrics.update(self._attempt(
                             "linear_regions", name, lambda p=probe: self._regions(trainer, module, p)
                         ))
@@ -587,8 +594,8 @@ class GeometryMonitor(Callback):
         self, trainer: Trainer, module: nn.Module, probe: Probe, out: dict[str, DimensionResult]
     ) -> dict[str, float]:
         metric = BatchFunctionalDimension(
-            module, output_fn=self.output_fn, params=self.params, engine=self.engine, rtol=self.rtol,
-            dtype=self.dtype, max_memory_bytes=self._budget, distributed=self.distributed_gram, **NO_SYNC,
+            module, output_fn=self.output_fn, params=self.params, dtype=self.dtype, max_memory_bytes=self._budget,
+            **self._dimension_options(), spectrum=self.spectrum, **NO_SYNC,
         )
         metric.update(self._on_device(module, probe)[0])
         metric.compute()
@@ -596,11 +603,23 @@ class GeometryMonitor(Callback):
         metric.reset()
         out[probe.name] = res
         values = {
-            "batch_functional_dimension": res.rank, "upper_bound": res.upper_bound, "num_outputs": res.num_outputs,
+            "upper_bound": res.upper_bound, "num_outputs": res.num_outputs, "num_rows": res.num_rows,
             "num_params": res.num_params, "num_hidden_neurons": res.num_hidden_neurons,
-            "spectral_gap": res.spectral_gap, "stable_rank": res.stable_rank, "effective_rank": res.effective_rank,
         }
+        if res.exact:  # only the exact engine's rank is the dimension; a float engine's is a numerical rank
+            values["batch_functional_dimension"] = res.rank
+        if res.spectrum is not None:
+            spec = res.spectrum
+            values.update({
+                "numerical_rank": spec.numerical_rank, "numerical_rank_rtol": spec.rtol,
+                "resolution": spec.resolution, "spectral_gap": spec.spectral_gap, "stable_rank": spec.stable_rank,
+                "effective_rank": spec.effective_rank,
+            })
         return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
+
+    def _dimension_options(self) -> dict[str, Any]:
+        """The settings of the dimension, shared by the dimension measure and flatness' flat dimension."""
+        return {"engine": self.engine, "rtol": self.rtol, "seed": self.seed, "distributed": self.distributed_gram}
 
     def _regions(self, trainer: Trainer, module: nn.Module, probe: Probe) -> dict[str, float]:
         metric = LinearRegions(module, output_fn=self.output_fn, dtype=self.dtype, **NO_SYNC)
@@ -622,7 +641,8 @@ class GeometryMonitor(Callback):
         metric = Flatness(
             module, self.loss_fn, top_k=self.flatness_top_k, trace_samples=self.flatness_trace_samples,
             seed=self.seed, dtype=self.dtype, params=self.params, output_fn=self.output_fn,
-            dimension=dimensions.get(probe.name), max_memory_bytes=self._budget, **NO_SYNC,
+            dimension=dimensions.get(probe.name), dimension_options=self._dimension_options(),
+            max_memory_bytes=self._budget, **NO_SYNC,
         )
         metric.update(*self._on_device(module, probe))
         metric.compute()

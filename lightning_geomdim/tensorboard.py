@@ -53,10 +53,10 @@ def custom_scalars_layout(
     charts: dict[str, list] = {}
     if "dimension" in measures:
         for p in probes:
-            charts[f"{p}: dimension and bounds"] = [
+            charts[f"{p}: dimension, numerical rank and bounds"] = [
                 "Multiline",
-                tags(f"geometry/{p}/batch_functional_dimension", f"geometry/{p}/upper_bound",
-                     f"geometry/{p}/num_outputs"),
+                tags(f"geometry/{p}/batch_functional_dimension", f"geometry/{p}/numerical_rank",
+                     f"geometry/{p}/upper_bound", f"geometry/{p}/num_rows"),
             ]
         charts["batch functional dimension: " + " vs ".join(probes)] = [
             "Multiline", tags(*(f"geometry/{p}/batch_functional_dimension" for p in probes))

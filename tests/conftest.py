@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 #: Engines of batch_functional_dimension that every core test runs against.
-ENGINES = ["jacrev", "gram"]
+ENGINES = ["jacrev", "gram", "exact"]
 
 
 @pytest.fixture(params=ENGINES)
@@ -47,15 +47,23 @@ def small_cnn(seed: int = 0) -> nn.Sequential:
     )
 
 
-def dense_jacobian(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Explicit float64 Jacobian (M, P) with torch.autograd.functional.jacobian over all trainable params."""
+def dense_jacobian(model: nn.Module, x: torch.Tensor, *, logit_differences: bool = False) -> torch.Tensor:
+    """Explicit float64 Jacobian (M, P) with torch.autograd.functional.jacobian over all trainable params.
+
+    ``logit_differences``: ``model`` is an ``nn.Sequential`` ending with a softmax; measure instead the
+    differences z[..., :-1] − z[..., -1:] of its input z (rows N·(K − 1)).
+    """
     ref = copy.deepcopy(model).double().eval()
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     values = tuple(p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad)
     x64 = x.double()
+    body = ref[:-1] if logit_differences else ref
 
     def f(*ps: torch.Tensor) -> torch.Tensor:
-        return torch.func.functional_call(ref, dict(zip(names, ps, strict=True)), (x64,)).reshape(-1)
+        out = torch.func.functional_call(body, dict(zip(names, ps, strict=True)), (x64,))
+        if logit_differences:
+            out = out[..., :-1] - out[..., -1:]
+        return out.reshape(-1)
 
     blocks = torch.autograd.functional.jacobian(f, values)
     m = blocks[0].shape[0]

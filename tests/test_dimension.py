@@ -15,19 +15,20 @@ from lightning_geomdim import DimensionResult, batch_functional_dimension
 
 
 def check_against_dense(model: nn.Module, x: torch.Tensor, engine: str, **kwargs) -> DimensionResult:
-    res = batch_functional_dimension(model, x, engine=engine, **kwargs)
-    jac = dense_jacobian(model, x)
+    res = batch_functional_dimension(model, x, engine=engine, spectrum=True, **kwargs)
+    assert res.engine == engine or engine == "auto"
+    jac = dense_jacobian(model, x, logit_differences=res.num_rows != res.num_outputs)
     ref_sv = torch.linalg.svdvals(jac)
-    assert res.num_outputs == jac.shape[0]
+    assert res.num_rows == jac.shape[0]
     assert res.num_params == jac.shape[1]
     assert res.rank == numpy_rank(jac)
-    assert res.singular_values.dtype == torch.float64
-    assert res.singular_values.shape == (min(jac.shape),)
+    assert res.spectrum.singular_values.dtype == torch.float64
+    assert res.spectrum.singular_values.shape == (min(jac.shape),)
     # descending, and the leading values agree with the dense SVD
-    assert torch.all(res.singular_values[:-1] >= res.singular_values[1:])
+    assert torch.all(res.spectrum.singular_values[:-1] >= res.spectrum.singular_values[1:])
     k = res.rank
-    torch.testing.assert_close(res.singular_values[:k], ref_sv[:k], rtol=1e-6, atol=1e-9 * float(ref_sv[0]))
-    assert res.rank <= res.upper_bound <= min(res.num_outputs, res.num_params)
+    torch.testing.assert_close(res.spectrum.singular_values[:k], ref_sv[:k], rtol=1e-6, atol=1e-9 * float(ref_sv[0]))
+    assert res.rank <= res.upper_bound <= min(res.num_rows, res.num_params)
     return res
 
 
@@ -84,8 +85,8 @@ def test_float32_computation_overcounts_with_float64_tolerance() -> None:
     exact = batch_functional_dimension(model, x, engine="jacrev")
     in_f32 = batch_functional_dimension(model, x, engine="jacrev", dtype=torch.float32)
     assert exact.rank == numpy_rank(dense_jacobian(model, x))
-    float64_tol = float(in_f32.singular_values[0]) * max(in_f32.num_outputs, in_f32.num_params) * 2.2e-16
-    overcount = int((in_f32.singular_values > float64_tol).sum())
+    float64_tol = float(in_f32.spectrum.singular_values[0]) * max(in_f32.num_outputs, in_f32.num_params) * 2.2e-16
+    overcount = int((in_f32.spectrum.singular_values > float64_tol).sum())
     assert overcount > exact.rank  # round-off counted as rank
     assert in_f32.rank == exact.rank  # the dtype-matched tolerance is right here
 
@@ -113,23 +114,28 @@ def test_always_active_network_is_linear(engine: str) -> None:
 def test_rtol_counts_relative_to_sigma_max(engine: str) -> None:
     model = mlp([3, 5, 2], seed=10)
     x = torch.randn(10, 3, generator=gen(10))
-    res = batch_functional_dimension(model, x, engine=engine, rtol=0.1)
-    assert res.tolerance == pytest.approx(0.1 * float(res.singular_values[0]))
-    assert res.rank == int((res.singular_values > 0.1 * res.singular_values[0]).sum())
+    res = batch_functional_dimension(model, x, engine=engine, rtol=0.1, spectrum=True)
+    spec = res.spectrum
+    assert spec.tolerance == pytest.approx(0.1 * float(spec.singular_values[0])) and spec.rtol == pytest.approx(0.1)
+    assert spec.numerical_rank == int((spec.singular_values > 0.1 * spec.singular_values[0]).sum())
+    # the numerical rank follows the tolerance; the exact dimension does not depend on one
+    exact = batch_functional_dimension(model, x, engine="exact")
+    assert res.rank == (exact.rank if engine == "exact" else spec.numerical_rank)
+    assert spec.numerical_rank < exact.rank
 
 
 def test_spectrum_statistics_match_definitions(engine: str) -> None:
     model = mlp([3, 5, 2], seed=11)
     x = torch.randn(4, 3, generator=gen(11))
-    res = batch_functional_dimension(model, x, engine=engine)
+    res = batch_functional_dimension(model, x, engine=engine, spectrum=True)
     s = torch.linalg.svdvals(dense_jacobian(model, x))
-    assert res.stable_rank == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-6)
+    assert res.spectrum.stable_rank == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-6)
     p = s / s.sum()
-    assert res.effective_rank == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
+    assert res.spectrum.effective_rank == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
     if res.rank < s.numel():
-        assert res.spectral_gap == pytest.approx(float(s[res.rank - 1] / s[res.rank]), rel=1e-3)
+        assert res.spectrum.spectral_gap == pytest.approx(float(s[res.rank - 1] / s[res.rank]), rel=1e-3)
     else:
-        assert res.spectral_gap == float("inf")
+        assert res.spectrum.spectral_gap == float("inf")
 
 
 def test_params_subset_measures_only_those_columns(engine: str) -> None:
@@ -328,4 +334,4 @@ def test_model_torch_func_cannot_transform_falls_back_with_warning() -> None:
         res = batch_functional_dimension(model, x, engine="jacrev")
     jac = dense_jacobian(model, x)
     assert res.rank == numpy_rank(jac)
-    torch.testing.assert_close(res.singular_values, torch.linalg.svdvals(jac))
+    torch.testing.assert_close(res.spectrum.singular_values, torch.linalg.svdvals(jac))

@@ -217,9 +217,9 @@ def test_ddp_two_processes_agree_log_once_and_equal_a_single_process_run(tmp_pat
     net = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
     for step in range(5):
         net.load_state_dict({k.removeprefix("net."): v for k, v in saved[0]["weights"][step].items()})
-        res = batch_functional_dimension(net, saved[0]["probes"]["train"]["x"])
+        res = batch_functional_dimension(net, saved[0]["probes"]["train"]["x"], spectrum=True)
         assert table["geometry/train/batch_functional_dimension"][step][1] == res.rank
-        assert table["geometry/train/stable_rank"][step][1] == pytest.approx(res.stable_rank, rel=1e-12)
+        assert table["geometry/train/stable_rank"][step][1] == pytest.approx(res.spectrum.stable_rank, rel=1e-12)
     assert len(set(table["geometry/flatness/max_eigenvalue"][i][1] for i in range(5))) == 5  # the weights moved
 
     # a single-process run on the same probes and the final weights (lr=0, measured at step 0) logs exactly the
@@ -249,7 +249,7 @@ def test_ddp_distributed_gram_equals_the_single_process_dimension(tmp_path: Path
         for probe in ("train", "val"):
             res = batch_functional_dimension(net, saved["probes"][probe]["x"], engine="gram")
             assert table[f"geometry/{probe}/batch_functional_dimension"][i][1] == res.rank
-            assert table[f"geometry/{probe}/stable_rank"][i][1] == pytest.approx(res.stable_rank, rel=1e-6)
+            assert table[f"geometry/{probe}/stable_rank"][i][1] == pytest.approx(res.spectrum.stable_rank, rel=1e-6)
 
 
 def test_ddp_rank_zero_decides_what_the_time_budget_allows(tmp_path: Path) -> None:

@@ -170,6 +170,13 @@ def test_panels_zero_in_every_row(flint_rank: Callable[..., int]) -> None:
     check_rank(x, flint_rank, 4)
 
 
+def test_wide_matrix_with_leading_zero_columns(flint_rank: Callable[..., int]) -> None:
+    x = torch.zeros(20, 3000, dtype=torch.float64)
+    x[:, 1500] = FIELD.random((20,), gen(13))
+    x[15:, -1] = 1.0  # nonzero only below the candidate rows
+    assert check_rank(x, flint_rank, 4) == 2
+
+
 def test_zero_rows(flint_rank: Callable[..., int]) -> None:
     x = low_rank(30, 25, 15, seed=7)
     x[::3] = 0

@@ -16,18 +16,19 @@ from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, mea
 from lightning_geomdim.gram import gram_bytes, gram_matrix, gram_plan, gram_unsupported_reason
 
 
-def assert_matches_dense(model: nn.Module, x: torch.Tensor, **kwargs: object) -> torch.Tensor:
-    """gram, jacrev and auto agree with numpy's rank of the dense float64 Jacobian; σ agree to 1e-7 σ_max."""
-    jac = dense_jacobian(model, x)
-    expected = numpy_rank(jac)
-    sv = torch.linalg.svdvals(jac)
+def assert_matches_dense(model: nn.Module, x: torch.Tensor, auto_engine: str = "exact", **kwargs: object) -> torch.Tensor:
+    """gram, jacrev and auto (the exact engine) agree with numpy's rank of the dense float64 Jacobian (of the logit
+    differences for softmax heads); σ agree to 1e-7 σ_max."""
     gram = batch_functional_dimension(model, x, engine="gram", **kwargs)
     dense = batch_functional_dimension(model, x, engine="jacrev", **kwargs)
     auto = batch_functional_dimension(model, x, **kwargs)
-    assert gram.engine == "gram" and auto.engine == "gram" and dense.engine == "jacrev"
+    jac = dense_jacobian(model, x, logit_differences=gram.num_rows != gram.num_outputs)
+    expected = numpy_rank(jac)
+    sv = torch.linalg.svdvals(jac)
+    assert gram.engine == "gram" and auto.engine == auto_engine and dense.engine == "jacrev"
     assert gram.rank == dense.rank == auto.rank == expected
-    assert gram.singular_values.shape == sv.shape and gram.singular_values.dtype == torch.float64
-    torch.testing.assert_close(gram.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
+    assert gram.spectrum.singular_values.shape == sv.shape and gram.spectrum.singular_values.dtype == torch.float64
+    torch.testing.assert_close(gram.spectrum.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
     return jac
 
 
@@ -108,7 +109,7 @@ def test_params_subset_only_measured_blocks_contribute() -> None:
     res = batch_functional_dimension(model, x, params=names, engine="gram")
     assert res.num_params == jac.shape[1] and res.rank == numpy_rank(jac)
     sv = torch.linalg.svdvals(jac)
-    torch.testing.assert_close(res.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
+    torch.testing.assert_close(res.spectrum.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
 
 
 def test_frozen_layer_excluded_and_more_rows_than_params() -> None:
@@ -133,9 +134,9 @@ def test_module_that_never_runs_gives_zero_singular_values() -> None:
     x = torch.randn(16, 3, generator=gen(8))  # M = 32 > P_used = 26, P = 46
     res = batch_functional_dimension(model, x, engine="gram")
     jac = dense_jacobian(model, x)
-    assert res.engine == "gram" and res.rank == numpy_rank(jac) and res.singular_values.shape == (32,)
+    assert res.engine == "gram" and res.rank == numpy_rank(jac) and res.spectrum.singular_values.shape == (32,)
     sv = torch.linalg.svdvals(jac)
-    torch.testing.assert_close(res.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
+    torch.testing.assert_close(res.spectrum.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
 
 
 def test_linear_on_sequences_and_per_sample_modules() -> None:
@@ -146,7 +147,7 @@ def test_linear_on_sequences_and_per_sample_modules() -> None:
     )
     x = torch.randn(6, 5, 3, generator=gen(9))  # Linear applied at 5 positions per sample
     model.train()  # measured in eval mode regardless; mode restored
-    assert_matches_dense(model, x)
+    assert_matches_dense(model, x, auto_engine="gram")  # tanh: not piecewise linear
     assert model.training
 
 
@@ -162,7 +163,7 @@ def test_chunk_size_gives_same_gram() -> None:
     x = torch.randn(7, 4, generator=gen(11))
     a = batch_functional_dimension(model, x, engine="gram")
     b = batch_functional_dimension(model, x, engine="gram", chunk_size=1)
-    torch.testing.assert_close(a.singular_values, b.singular_values)
+    torch.testing.assert_close(a.spectrum.singular_values, b.spectrum.singular_values)
 
 
 @pytest.mark.parametrize("num_samples", [3, 34])  # M = 9 < P = 97 and M = 102 > P
@@ -310,7 +311,7 @@ def test_output_fn_that_selects_is_gram_and_one_that_computes_falls_back() -> No
 
     model, x = Pair(), torch.randn(5, 3, generator=gen(16))
     picked = batch_functional_dimension(model, x, output_fn=lambda out: out[0])
-    assert picked.engine == "gram" and picked.rank == numpy_rank(dense_jacobian(model.net, x))
+    assert picked.engine == "exact" and picked.rank == numpy_rank(dense_jacobian(model.net, x))
     doubled = batch_functional_dimension(model, x, output_fn=lambda out: 2 * out[0])
     assert doubled.engine == "jacrev" and doubled.rank == picked.rank
 

@@ -63,7 +63,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         results = {}
         for name, (make_model, make_x) in CASES.items():
             res = batch_functional_dimension(make_model(), make_x(), engine="gram", distributed=True)
-            results[name] = (res.rank, res.singular_values)
+            results[name] = (res.rank, res.spectrum.singular_values)
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -78,6 +78,6 @@ def test_two_processes_all_reduce_to_the_single_process_result(tmp_path: Path) -
             rank, sv = results[name]
             assert rank == single.rank, name
             # summation order differs: equal to the Gram's resolution (the rank tolerance), tighter above it
-            torch.testing.assert_close(sv, single.singular_values, rtol=1e-9, atol=single.tolerance)
-            torch.testing.assert_close(sv[:rank], single.singular_values[:rank], rtol=1e-9, atol=0)
+            torch.testing.assert_close(sv, single.spectrum.singular_values, rtol=1e-9, atol=single.spectrum.tolerance)
+            torch.testing.assert_close(sv[:rank], single.spectrum.singular_values[:rank], rtol=1e-9, atol=0)
         torch.testing.assert_close(per_rank[0][name][1], per_rank[1][name][1], rtol=0, atol=0)  # same everywhere

@@ -30,17 +30,30 @@ from lightning_geomdim import (
 from lightning_geomdim.metrics import resolve_loss_fn
 
 
+def test_compute_measures_the_current_weights_not_a_cached_value() -> None:
+    model = mlp([3, 4, 2], seed=2)
+    x = torch.randn(12, 3, generator=gen(2))
+    metric = BatchFunctionalDimension(model)
+    metric.update(x)
+    before = int(metric.compute())
+    assert before == numpy_rank(dense_jacobian(model, x)) > 2
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)  # every hidden unit dies: only the last bias moves f
+    after = int(metric.compute())  # no update() in between: torchmetrics would return its cached value
+    assert after == 2 == numpy_rank(dense_jacobian(model, x))
+
+
 def test_dimension_accumulates_updates_and_matches_the_dense_rank() -> None:
     model = mlp([3, 5, 2], seed=1)
     x = torch.randn(9, 3, generator=gen(1))
-    metric = BatchFunctionalDimension(model)
+    metric = BatchFunctionalDimension(model, spectrum=True)
     for chunk in x.split(4):
         metric.update(chunk)
     value = metric.compute()
     jac = dense_jacobian(model, x)
     assert value.dtype == torch.float64 and value.shape == ()
-    assert int(value) == metric.result.rank == numpy_rank(jac)
-    torch.testing.assert_close(metric.result.singular_values, torch.linalg.svdvals(jac), rtol=1e-6, atol=1e-9)
+    assert int(value) == metric.result.rank == numpy_rank(jac) and metric.result.engine == "exact"
+    torch.testing.assert_close(metric.result.spectrum.singular_values, torch.linalg.svdvals(jac), rtol=1e-6, atol=1e-9)
     assert metric.result.num_outputs == 18 and metric.result.num_params == 32
     metric.reset()
     assert metric.result is None and metric.inputs_0 == []

@@ -158,8 +158,9 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
     acc = events(tr)
     tags = acc.Tags()
     for probe in ("train", "val", "random"):
-        for key in ("batch_functional_dimension", "upper_bound", "num_outputs", "num_params", "num_hidden_neurons",
-                    "spectral_gap", "stable_rank", "effective_rank", "linear_regions"):
+        for key in ("batch_functional_dimension", "upper_bound", "num_outputs", "num_rows", "num_params",
+                    "num_hidden_neurons", "numerical_rank", "numerical_rank_rtol", "resolution", "spectral_gap",
+                    "stable_rank", "effective_rank", "linear_regions"):
             assert steps(acc, f"geometry/{probe}/{key}") == [0, 2], key
         assert f"geometry/{probe}/log10_singular_values" in tags["histograms"]
         assert [e.step for e in acc.Histograms(f"geometry/{probe}/log10_singular_values")] == [0, 2]
@@ -176,8 +177,11 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
 
     # the last values are those of the final weights on the stored probe (float64 measure)
     x = monitor.probes["train"].x
-    res = batch_functional_dimension(model.net, x)
+    res = batch_functional_dimension(model.net, x, spectrum=True)
+    assert res.engine == "exact"
     assert acc.Scalars("geometry/train/batch_functional_dimension")[-1].value == res.rank
+    assert acc.Scalars("geometry/train/numerical_rank")[-1].value == res.spectrum.numerical_rank
+    assert acc.Scalars("geometry/train/resolution")[-1].value == pytest.approx(res.spectrum.resolution)
     assert acc.Scalars("geometry/train/upper_bound")[-1].value == res.upper_bound == min(8 * CLASSES, 51 - HIDDEN)
     assert acc.Scalars("geometry/train/num_outputs")[-1].value == 8 * CLASSES
 
@@ -185,8 +189,9 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
     config = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
     layout = layout_pb2.Layout.FromString(config)
     charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts["train: dimension and bounds"] == [
-        r"geometry/train/batch_functional_dimension", r"geometry/train/upper_bound", r"geometry/train/num_outputs",
+    assert charts["train: dimension, numerical rank and bounds"] == [
+        r"geometry/train/batch_functional_dimension", r"geometry/train/numerical_rank", r"geometry/train/upper_bound",
+        r"geometry/train/num_rows",
     ]
     assert charts["batch functional dimension: train vs val vs random"] == [
         f"geometry/{p}/batch_functional_dimension" for p in ("train", "val", "random")
@@ -332,7 +337,9 @@ def test_dropout_batchnorm_and_the_observer_guarantee(tmp_path: Path) -> None:
         tr.fit(model, **loaders(train=48))
         if with_monitor:
             rows = csv_rows(tr)
-            assert sum(bool(r.get("geometry/random/batch_functional_dimension")) for r in rows) == 7
+            # BatchNorm is not supported by the exact engine: a float engine's numerical rank, not the dimension
+            assert sum(bool(r.get("geometry/random/numerical_rank")) for r in rows) == 7
+            assert not any(r.get("geometry/random/batch_functional_dimension") for r in rows)
             assert sum(bool(r.get("geometry/flatness/max_eigenvalue")) for r in rows) == 7
             # measured in eval mode: BatchNorm is affine there, Dropout off: the ReLU scaling bound holds
             assert all(float(r["geometry/train/num_hidden_neurons"]) == 0 for r in rows
@@ -394,7 +401,8 @@ def test_not_applicable_measures_are_skipped_with_one_warning(tmp_path: Path) ->
     messages = [str(w.message) for w in record if "not applicable" in str(w.message)]
     assert len(messages) == 2  # once for linear regions, once for alignment, not at every measurement
     acc = events(tr)
-    assert steps(acc, "geometry/train/batch_functional_dimension") == [0, 2, 4]
+    assert steps(acc, "geometry/train/numerical_rank") == [0, 2, 4]  # tanh: not piecewise linear, no exact dimension
+    assert "geometry/train/batch_functional_dimension" not in acc.Tags()["scalars"]
     assert not [t for t in acc.Tags()["scalars"] if "linear_regions" in t or "alignment" in t]
 
 

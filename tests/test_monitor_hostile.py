@@ -103,10 +103,10 @@ def test_gelu_dimension_is_logged_and_regions_alignment_are_not_applicable_once(
     acc.Reload()
     tags = acc.Tags()["scalars"]
     assert not [t for t in tags if "linear_regions" in t or "alignment" in t]  # nothing invented
-    assert [e.step for e in acc.Scalars("geometry/train/batch_functional_dimension")] == [0, 2, 4]
+    assert [e.step for e in acc.Scalars("geometry/train/numerical_rank")] == [0, 2, 4]
     assert [e.step for e in acc.Scalars("geometry/flatness/max_eigenvalue")] == [0, 2, 4]
     x = monitor.probes["train"].x
-    assert acc.Scalars("geometry/train/batch_functional_dimension")[-1].value == dense_rank(net, x)
+    assert acc.Scalars("geometry/train/numerical_rank")[-1].value == dense_rank(net, x)
     assert acc.Scalars("geometry/train/num_hidden_neurons")[-1].value == 0
     # the custom-scalars layout has no chart of linear regions either
     layout = layout_pb2.Layout.FromString(acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
@@ -134,7 +134,7 @@ def test_functional_relu_dimension_is_exact_bound_loose_regions_not_applicable(t
     trainer, record = fit(tmp_path, Module(net), classification(), monitor)
     assert len(messages(record, r"not applicable.*functional relu calls are not seen")) == 2
     values = logged(trainer)
-    assert values["geometry/train/batch_functional_dimension"][-1][1] == dense_rank(net, monitor.probes["train"].x)
+    assert values["geometry/train/numerical_rank"][-1][1] == dense_rank(net, monitor.probes["train"].x)
     assert values["geometry/train/upper_bound"][-1][1] == min(8 * CLASSES, 51)
     assert values["geometry/train/num_hidden_neurons"][-1][1] == 0
     assert not [k for k in values if "linear_regions" in k or "alignment" in k]
@@ -166,7 +166,7 @@ def test_batchnorm_model_is_measured_in_eval_mode(tmp_path: Path) -> None:
     logged_stable_rank = values["geometry/train/stable_rank"][-1][1]
     assert logged_stable_rank == pytest.approx(stable_rank(eval_jac), rel=1e-9)
     assert logged_stable_rank != pytest.approx(stable_rank(train_jac), rel=1e-3)
-    assert values["geometry/train/batch_functional_dimension"][-1][1] == numpy_rank(eval_jac)
+    assert values["geometry/train/numerical_rank"][-1][1] == numpy_rank(eval_jac)
 
 
 # ---------------------------------------------------------------- NaN / inf
@@ -225,7 +225,7 @@ def test_non_finite_model_is_skipped_with_a_warning_nan_logged_and_measured_agai
         assert all(math.isnan(v) for s, v in points if s == 2), key
         assert all(math.isfinite(v) or v == math.inf for s, v in points if s != 2), key  # inf: spectral gap
     x, y = monitor.probes["train"].x, monitor.probes["train"].y
-    assert values["geometry/train/batch_functional_dimension"][-1][1] == dense_rank(net, x)
+    assert values["geometry/train/numerical_rank"][-1][1] == dense_rank(net, x)
     res = flatness(net, nn.functional.cross_entropy, x, y)
     assert values["geometry/flatness/max_eigenvalue"][-1][1] == res.max_eigenvalue
 
@@ -291,7 +291,7 @@ def test_token_ids_default_probes_leave_out_random_with_one_warning(tmp_path: Pa
     tokens = monitor.probes["train"].x
     assert tokens.dtype == torch.int64
     values = logged(trainer)
-    assert values["geometry/train/batch_functional_dimension"][-1][1] == batch_functional_dimension(net, tokens).rank
+    assert values["geometry/train/numerical_rank"][-1][1] == batch_functional_dimension(net, tokens).rank
     assert values["geometry/train/num_params"][-1][1] == 7 * 3 + 3 * CLASSES + CLASSES
     assert [s for s, _ in values["geometry/flatness/max_eigenvalue"]] == [0, 2, 4]
 
@@ -310,7 +310,7 @@ def test_token_ids_random_probe_with_a_vocabulary_draws_uniform_ids(tmp_path: Pa
     # what a resumed run rebuilds from the checkpoint, whatever its own seed
     assert torch.equal(random_probe(ProbeSpec.parse("random", 8), None, 99, saved).x, ids)
     values = logged(trainer)
-    assert values["geometry/random/batch_functional_dimension"][-1][1] == batch_functional_dimension(net, ids).rank
+    assert values["geometry/random/numerical_rank"][-1][1] == batch_functional_dimension(net, ids).rank
 
 
 def test_token_ids_random_probe_without_a_vocabulary_is_refused(tmp_path: Path) -> None:
@@ -353,7 +353,7 @@ def test_dict_batches_with_keyword_inputs(tmp_path: Path) -> None:
     x = monitor.probes["train"].x
     assert set(x) == {"image", "extra"} and x["image"].shape == (8, IN) and monitor.probes["train"].y.shape == (8,)
     values = logged(trainer)
-    assert values["geometry/train/batch_functional_dimension"][-1][1] == batch_functional_dimension(net, x).rank
+    assert values["geometry/train/numerical_rank"][-1][1] == batch_functional_dimension(net, x).rank
     assert values["geometry/train/linear_regions"][-1][1] >= 1
     assert [s for s, _ in values["geometry/flatness/max_eigenvalue"]] == [0, 2, 4]
     assert [s for s, _ in values["geometry/alignment/a/num_clusters"]] == [0, 2, 4]

@@ -113,7 +113,7 @@ def test_low_precision_training_is_measured_in_float64_and_left_untouched(tmp_pa
 
     # the last values equal those of a float32 run (lr=0, measured at step 0) of the same weights
     values = logged(watched)
-    assert [s for s, _ in values["geometry/train/batch_functional_dimension"]] == [0, 1, 2, 3, 4]
+    assert [s for s, _ in values["geometry/train/numerical_rank"]] == [0, 1, 2, 3, 4]
     weights32 = {k: v.float() if v.is_floating_point() else v for k, v in model.state_dict().items()}
     reference, _, _ = run(tmp_path / "float32", "32-true", lr=0.0, weights=weights32, max_steps=1)
     ref = logged(reference)
@@ -126,8 +126,8 @@ def test_low_precision_training_is_measured_in_float64_and_left_untouched(tmp_pa
     net32 = Classifier().net
     net32.load_state_dict({k.removeprefix("net."): v for k, v in weights32.items()})
     res = batch_functional_dimension(net32, monitor.probes["train"].x)
-    assert values["geometry/train/batch_functional_dimension"][-1][1] == res.rank
-    assert values["geometry/train/stable_rank"][-1][1] == res.stable_rank
+    assert values["geometry/train/numerical_rank"][-1][1] == res.rank
+    assert values["geometry/train/stable_rank"][-1][1] == res.spectrum.stable_rank
     assert values["geometry/train/num_hidden_neurons"][-1][1] == 0  # BatchNorm in between: no rescaling claimed
 
 
