@@ -122,6 +122,7 @@ def batch_functional_dimension(
     dtype: torch.dtype = torch.float64,
     engine: Engine = "auto",
     spectrum: bool = False,
+    logit_differences: bool = True,
     rtol: float | None = None,
     seed: int = 0,
     draws: int = 2,
@@ -168,6 +169,10 @@ def batch_functional_dimension(
             tolerance, resolution, gap, stable and effective rank) with the float engine that "auto" would
             pick. Costs a float Gram and its eigendecomposition (O(d³) for d = min(rows, P), several times the
             exact engine's elimination) or a dense SVD. Always on for a floating-point engine.
+        logit_differences: measure a softmax / log-softmax head (the last module, over the last dimension) on the
+            differences of its input logits, N·(K − 1) rows with the same row space as the softmax output's J in
+            exact arithmetic. ``False`` measures the softmax output itself, which only a floating-point engine
+            can do (its numerical rank collapses when the probabilities saturate; "auto" then picks one).
         rtol: relative tolerance of the numerical rank; default the engine's resolution, ``σ_max · max(M, P)
             · eps(dtype)`` for an SVD, ``σ_max · max(max(M, P) · eps(dtype), sqrt(max(M, P) · eps64))`` for a
             Gram (see :mod:`lightning_geomdim.rank`). With ``rtol``: ``rtol · σ_max``. No effect on the exact
@@ -209,7 +214,7 @@ def batch_functional_dimension(
         out = fm.probe_outputs(inputs)
         num_outputs, num_params = out.numel(), fm.num_params
         symmetries = find_symmetries(fm, inputs)
-        fm.logit_head = symmetries.softmax_head
+        fm.logit_head = symmetries.softmax_head if logit_differences else None
         num_rows = num_outputs - num_outputs // out.shape[-1] if fm.logit_head is not None else num_outputs
         upper_bound = symmetries.upper_bound(inputs.num_samples, tuple(out.shape), num_params)
         budget = memory_budget(fm.device, max_memory_bytes)
