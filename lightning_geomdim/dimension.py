@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.exact import ExactProgram, exact_program, exact_rank

@@ -565,7 +565,8 @@ def _per_sample_gradients(sig: Tensor, u: Tensor, field: PrimeField | None) -> T
         return torch.einsum("tnko,ntd->nkod", sig, u)
     out = None
     for start in range(0, sig.shape[0], field.max_inner):
-        part = torch.einsum("tnko,ntd->nkod", sig[start : start + field.max_inner], u[:, start : start + field.max_inner])
+        stop = start + field.max_inner
+        part = torch.einsum("tnko,ntd->nkod", sig[start:stop], u[:, start:stop])
         out = part if out is None else out.add_(part)
         field.reduce_(out)
     assert out is not None

@@ -148,8 +148,8 @@ class BatchFunctionalDimension(_ProbeMetric):
 
     ``compute()`` measures the model's weights *at the time of the call* (never a cached value) and returns
     ``result.rank`` as a float64 scalar tensor: the exact dimension when ``result.engine == "exact"``, else a
-    numerical rank; ``result`` holds the :class:`~lightning_geomdim.DimensionResult` (bounds, optional spectrum). ``max_samples`` keeps only the first
-    N accumulated inputs (after the cross-process gather).
+    numerical rank; ``result`` holds the :class:`~lightning_geomdim.DimensionResult` (bounds, optional spectrum).
+    ``max_samples`` keeps only the first N accumulated inputs (after the cross-process gather).
     """
 
     def __init__(

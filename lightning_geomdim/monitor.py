@@ -96,6 +96,16 @@ class GeometryMonitor(Callback):
     ``geometry/alignment/num_clusters``                           sum of num_clusters over the layers
     ============================================================  ==========================================
 
+    **Two numbers, one meaning each.** ``batch_functional_dimension`` is the dimension of the set of outputs
+    {f_θ'(X)} near θ: for a piecewise-linear network it is fixed by the activation patterns on X, and the exact
+    engine computes it by modular arithmetic, with no tolerance. ``numerical_rank`` counts the singular values of
+    the floating-point J above a tolerance; it is not the dimension, and the two differ whenever σ falls below
+    the engine's ``resolution`` (~2e-6 σ_max for a float64 Gram on the paper's MLP) or rows are scaled down by
+    saturated softmax probabilities. On the MNIST example after 680 epochs (600 training images, median
+    non-maximal probability 4e-10) the dimension is 5400 = 600 · 9, while the float Gram of the softmax output
+    counted 1450 and a dense SVD 3482. Softmax heads are therefore measured on their logit differences (same row
+    space, no saturation), by every engine.
+
     The dimension keys are logged per probe; flatness on ``flatness_probe``, alignment on
     ``alignment_probe``. With a ``TensorBoardLogger`` (and ``tensorboard_extras=True``) the monitor also writes
     a custom-scalars layout, singular-value histograms and cosine heatmaps (see
@@ -180,7 +190,14 @@ class GeometryMonitor(Callback):
             cross-entropy for integer targets and mean squared error otherwise.
         params: names of the measured parameters; default every parameter with ``requires_grad``.
         engine: engine of the batch functional dimension (passed to
-            :func:`~lightning_geomdim.batch_functional_dimension`).
+            :func:`~lightning_geomdim.batch_functional_dimension`): "auto" (default) is the exact engine
+            wherever it applies (piecewise-linear networks), else a floating-point one, whose rank is logged as
+            ``numerical_rank`` only.
+        spectrum: also log the floating-point spectrum beside the exact dimension (``numerical_rank`` with its
+            tolerance and the engine's ``resolution``, gap, stable and effective rank, singular-value histogram).
+            On by default so that the two numbers can be compared on the same chart; it costs a float Gram and
+            its eigendecomposition per probe (about as much as the exact dimension again, more on large probes):
+            ``spectrum=False`` halves the cost of the dimension measure.
         distributed_gram: under DDP, divide the Gram engine's accumulation among the processes and all-reduce
             it (``distributed=True`` of :func:`~lightning_geomdim.batch_functional_dimension`): each process
             then holds the whole Gram with 1/W of the work. Off by default, so that measuring makes no
@@ -188,7 +205,8 @@ class GeometryMonitor(Callback):
             same (agreed) memory budget, so all take the same path; values equal a single process to the Gram's
             resolution rather than bit for bit (the summation order differs).
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
-        rtol: relative rank tolerance; default the dtype's rule (see :mod:`lightning_geomdim.rank`).
+        rtol: relative tolerance of the numerical rank; default the engine's resolution (see
+            :mod:`lightning_geomdim.rank`). No effect on the exact dimension.
         max_memory_bytes: memory budget of a measure, in bytes; default half the available memory (see
             :mod:`lightning_geomdim.memory`). A measure that would exceed it is refused before allocating, with
             the numbers and the remedies in the warning, and logged as NaN.

@@ -12,9 +12,9 @@ K output differentials satisfy one linear relation, so rank J ≤ N·(K − 1).
 Recognition is conservative: the structure is read from one traced forward pass, a unit counts only when
 the data flow A → activation → ... → B is seen tensor by tensor (so residual additions or functional code
 in between break the chain), no tensor of the chain is read by anything but the next module of the chain
-(``b(h) + h[:, :2] ** 2`` is not rescaling-invariant), every parameter of A and the weight of B are among the measured parameters,
-and no parameterised module runs twice (shared weights). Anything unrecognised yields no symmetry, i.e. a
-looser bound, never a wrong one.
+(``b(h) + h[:, :2] ** 2`` is not rescaling-invariant), every parameter of A and the weight of B are among the
+measured parameters, and no parameterised module runs twice (shared weights). Anything unrecognised yields no
+symmetry, i.e. a looser bound, never a wrong one.
 """
 
 from __future__ import annotations

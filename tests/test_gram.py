@@ -16,7 +16,9 @@ from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, mea
 from lightning_geomdim.gram import gram_bytes, gram_matrix, gram_plan, gram_unsupported_reason
 
 
-def assert_matches_dense(model: nn.Module, x: torch.Tensor, auto_engine: str = "exact", **kwargs: object) -> torch.Tensor:
+def assert_matches_dense(
+    model: nn.Module, x: torch.Tensor, auto_engine: str = "exact", **kwargs: object
+) -> torch.Tensor:
     """gram, jacrev and auto (the exact engine) agree with numpy's rank of the dense float64 Jacobian (of the logit
     differences for softmax heads); σ agree to 1e-7 σ_max."""
     gram = batch_functional_dimension(model, x, engine="gram", **kwargs)
