@@ -348,3 +348,16 @@ def test_dimension_too_large_for_the_budget_fails_before_the_hessian_work() -> N
                  chunk_size=1, max_memory_bytes=budget)
     assert str(err.value) == str(alone.value)  # the dimension's refusal ...
     assert model.calls == 2 + dimension_calls  # ... after only the A-counting and loss forwards: no HVP ran
+
+
+def test_flat_dimension_is_computed_with_the_given_dimension_settings() -> None:
+    """Without a ``dimension``, flatness computes one with ``dimension_options``, not with silent defaults."""
+    model = mlp([3, 5, 2], seed=31)
+    x, y = torch.randn(10, 3, generator=gen(31)), torch.randint(0, 2, (10,), generator=gen(32))
+    options = {"engine": "jacrev", "rtol": 0.5}
+    res = flatness(model, F.cross_entropy, x, y, dimension_options=options)
+    coarse = batch_functional_dimension(model, x, **options)
+    exact = batch_functional_dimension(model, x)
+    assert res.functional_dimension == coarse.rank < exact.rank
+    assert res.flat_dimension == res.num_params - coarse.rank
+    assert flatness(model, F.cross_entropy, x, y).functional_dimension == exact.rank  # default: the exact engine

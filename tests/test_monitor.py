@@ -572,3 +572,21 @@ def test_readme_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert steps(acc, "geometry/val/batch_functional_dimension") == [0, 1, 2, 3, 4, 6, 10]
     assert steps(acc, "geometry/flatness/max_eigenvalue") == [0]
     assert acc.Scalars("geometry/random/upper_bound")[0].value == 244 - 16
+
+
+def test_flat_dimension_uses_the_monitors_dimension_settings_when_measured_alone(tmp_path: Path) -> None:
+    """Flatness due at a step where the dimension is not: its flat dimension is computed with the monitor's
+    engine and rtol, so it equals P − the dimension the monitor logs with those settings."""
+    L.seed_everything(0)
+    model = Classifier()
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=1, at_start=False, probes=["train"], probe_size=8,
+                              engine="gram", rtol=0.3, measures=["dimension", "flatness"],
+                              schedules={"dimension": {"every_n_steps": 2, "every_n_epochs": None}})
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=3)
+    tr.fit(model, **loaders())
+    acc = events(tr)
+    assert steps(acc, "geometry/train/numerical_rank") == [2]
+    assert steps(acc, "geometry/flatness/flat_dimension") == [1, 2, 3]
+    res = batch_functional_dimension(model.net, monitor.probes["train"].x, engine="gram", rtol=0.3)
+    assert res.rank < batch_functional_dimension(model.net, monitor.probes["train"].x).rank  # the settings matter
+    assert acc.Scalars("geometry/flatness/flat_dimension")[-1].value == res.num_params - res.rank
