@@ -1,7 +1,10 @@
-"""Batch functional dimension: rank of J = ∂ vec f_θ(X) / ∂θ on a probe batch X.
+"""Batch functional dimension: rank of J = ∂ vec f_θ(X) / ∂θ on a probe batch X, for almost every θ.
 
-See SCIENCE.md: for almost every θ this is the local dimension of {f_θ(X)} near θ; it is invariant under
-neuron permutations and positive rescalings and bounded by min(M, P − hidden neurons) for ReLU networks.
+It is the local dimension of {f_θ'(X)} near θ (Bona-Pellissier, Malgouyres, Bachoc, arXiv 2402.08269); it is
+invariant under neuron permutations and positive rescalings and bounded by min(M, P − hidden neurons) for ReLU
+networks. Three engines: "exact" (:mod:`lightning_geomdim.exact`, the dimension itself for piecewise-linear
+networks) and the floating-point "gram" (:mod:`lightning_geomdim.gram`) and "jacrev"
+(:mod:`lightning_geomdim.jacobian`), whose numerical rank (:mod:`lightning_geomdim.rank`) depends on a tolerance.
 """
 
 from __future__ import annotations
