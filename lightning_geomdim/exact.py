@@ -54,12 +54,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_geomdim.errors import NotApplicableError
-from lightning_geomdim.finite_field import DEFAULT_PRIME, PrimeField, _is_prime, rank_mod_p
+from lightning_geomdim.finite_field import DEFAULT_PRIME, PrimeField, _is_prime, rank_mod_p_symmetric
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
 from lightning_geomdim.gram import (
     AFFINE_TYPES,
     GramPlan,
-    LayerFactors,
     _conv_padding,
     _unify,
     gram_bytes,
@@ -481,7 +480,7 @@ def exact_rank(
     for p in PRIMES[:draws]:
         field = PrimeField(p)
         gram = _draw(fm, program, field, generator, chunk_size)
-        ranks.append(rank_mod_p(gram, field, upper_bound=upper_bound))
+        ranks.append(rank_mod_p_symmetric(gram, field, upper_bound=upper_bound))
         primes.append(p)
         del gram
         if ranks[-1] >= upper_bound:
