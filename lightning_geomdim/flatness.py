@@ -1,16 +1,22 @@
 """Flatness of the loss at the current parameters: Hessian top eigenvalues, trace, flat dimension.
 
-* ``max_eigenvalue`` / ``top_eigenvalues``: largest algebraic eigenvalues of H = ∇²_θ L, by Lanczos with full
-  reorthogonalisation on Hessian-vector products (:mod:`lightning_geomdim.lanczos`), or exactly from the dense
-  H for small P (rule in :mod:`lightning_geomdim.hessian`: P ≤ 199 with the default budgets).
+* ``max_eigenvalue`` / ``top_eigenvalues`` (and, on request, ``eigenvectors``): largest algebraic eigenvalues of
+  H = ∇²_θ L with their multiplicities, by restarted Lanczos with full reorthogonalisation on Hessian-vector
+  products (:mod:`lightning_geomdim.lanczos`: a check run from a random vector orthogonal to the eigenvectors
+  found catches copies of repeated eigenvalues, which one Krylov space cannot hold), or exactly from the dense
+  H for small P (rule in :mod:`lightning_geomdim.hessian`: P ≤ 399 with the default budgets).
 * ``trace``: tr H by Hutch++ (or Hutchinson) on Rademacher probes (:mod:`lightning_geomdim.trace_estimation`),
   exact on the dense path.
 * ``flat_dimension``: P − batch functional dimension on x. At an interpolating minimum of a squared loss
-  H = (2/N) JᵀJ, so this is the dimension of the manifold of nearby minimisers (SCIENCE.md).
+  H = (2/N) JᵀJ, so this is the dimension of the manifold of nearby minimisers (SCIENCE.md). It is the
+  expensive part of a call on realistic probes (one batch functional dimension, exact engine by default; on
+  the paper's MLP with 600 images about 5–6 s of a 6–7 s call, benchmarks/README.md): pass ``dimension=`` to
+  reuse one already computed, or ``flat_dimension=False`` to skip it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,6 +28,7 @@ from torch import Tensor, nn
 from lightning_geomdim.dimension import DimensionResult, batch_functional_dimension
 from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
 from lightning_geomdim.hessian import (
+    DEFAULT_CHUNK_SIZE,
     HessianOperator,
     LossFn,
     activation_numel,
@@ -29,7 +36,7 @@ from lightning_geomdim.hessian import (
     hvp_values,
     use_dense_hessian,
 )
-from lightning_geomdim.lanczos import lanczos
+from lightning_geomdim.lanczos import default_tolerance, lanczos, lanczos_vectors, one_thread
 from lightning_geomdim.memory import check_memory, format_bytes, memory_budget
 from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
 
@@ -41,6 +48,11 @@ DEFAULT_TRACE_SAMPLES = 99
 
 #: Seed of the generator used when the caller passes none (results are then reproducible run to run).
 DEFAULT_SEED = 0
+
+#: Default budget of Lanczos HVPs: enough for the check run and for a top eigenvalue repeated top_k = 5 times
+#: (measured: 136 HVPs for a linear model whose top eigenvalue has multiplicity 10; 42–60 for top_k = 1 on
+#: MLPs). Only what convergence needs is spent; the basis memory does not grow with it.
+DEFAULT_LANCZOS_ITERATIONS = 300
 
 
 @dataclass(frozen=True)
@@ -54,13 +66,21 @@ class FlatnessResult:
             residual of a true eigenvalue); zeros on the dense path.
         trace: tr H (exact on the dense path, else the Hutch++/Hutchinson estimate).
         trace_std_error: estimated standard error of ``trace``; 0.0 when exact.
-        flat_dimension: P − ``functional_dimension``, the dimension of the flat directions.
-        functional_dimension: batch functional dimension (rank of ∂ vec f_θ(x) / ∂θ) on x.
+        flat_dimension: P − ``functional_dimension``, the dimension of the flat directions; ``None`` when the call
+            passed ``flat_dimension=False``.
+        functional_dimension: batch functional dimension (rank of ∂ vec f_θ(x) / ∂θ) on x (``DimensionResult.rank``
+            of the given or computed dimension); ``None`` with ``flat_dimension=False``.
         num_params: P, the number of trainable parameters measured.
         loss: L(θ) on (x, y).
         num_hvps: Hessian-vector products spent (P on the dense path).
         method: "dense" or "lanczos", the path that ran.
-        converged: Lanczos met its tolerance (always True on the dense path).
+        converged: Lanczos met its tolerance and its check run found no eigenvalue above the top_k-th, i.e. no
+            copy of a repeated eigenvalue is missing (see :class:`~lightning_geomdim.lanczos.LanczosResult`);
+            always True on the dense path.
+        eigenvectors: with ``return_eigenvectors=True``, shape (P, top_k), float64, on the CPU: orthonormal
+            eigenvectors (Ritz vectors on the Lanczos path, each with residual ``eigenvalue_residuals[i]``),
+            column i for ``top_eigenvalues[i]``, rows ordered as the parameters (``params`` order, each
+            flattened); else ``None``. Within a repeated eigenvalue any orthonormal basis of its eigenspace.
     """
 
     max_eigenvalue: float
@@ -68,13 +88,14 @@ class FlatnessResult:
     eigenvalue_residuals: Tensor
     trace: float
     trace_std_error: float
-    flat_dimension: int
-    functional_dimension: int
+    flat_dimension: int | None
+    functional_dimension: int | None
     num_params: int
     loss: float
     num_hvps: int
     method: str
     converged: bool
+    eigenvectors: Tensor | None = None
 
 
 def flatness(
@@ -89,13 +110,16 @@ def flatness(
     dtype: torch.dtype = torch.float64,
     method: Method = "auto",
     trace_method: TraceMethod = "hutch++",
-    lanczos_iterations: int = 100,
+    lanczos_iterations: int = DEFAULT_LANCZOS_ITERATIONS,
     lanczos_tol: float | None = None,
+    lanczos_basis: int | None = None,
     params: Sequence[str] | None = None,
     output_fn: OutputFn | None = None,
-    chunk_size: int | None = 32,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+    flat_dimension: bool = True,
     dimension: DimensionResult | None = None,
     dimension_options: Mapping[str, Any] | None = None,
+    return_eigenvectors: bool = False,
     max_memory_bytes: int | None = None,
 ) -> FlatnessResult:
     """Hessian top eigenvalues, trace and flat dimension of ``loss_fn(model(x), y)`` w.r.t. the parameters.
@@ -115,44 +139,59 @@ def flatness(
         dtype: computation dtype (float64 by default).
         method: "dense" forms H (P HVPs, exact eigenvalues and trace), "lanczos" never forms it; "auto"
             picks "dense" when that costs no more HVPs than the Lanczos path may, P ≤ lanczos_iterations +
-            trace_samples (199 by default), and P ≤ :data:`~lightning_geomdim.hessian.DENSE_HESSIAN_MAX_PARAMS`.
+            trace_samples (399 by default), and P ≤ :data:`~lightning_geomdim.hessian.DENSE_HESSIAN_MAX_PARAMS`.
         trace_method: "hutch++" (default) or "hutchinson", on the Lanczos path.
-        lanczos_iterations: at most this many Lanczos HVPs (a warning is emitted when it did not converge).
+        lanczos_iterations: at most this many Lanczos HVPs over all its runs (a warning is emitted when it did
+            not converge); only what convergence needs is spent.
         lanczos_tol: relative residual for Lanczos convergence, default √eps(dtype).
+        lanczos_basis: vectors a Lanczos run keeps before it thick-restarts (bounds its memory; default
+            max(40, 2 top_k + 20), :func:`~lightning_geomdim.lanczos.default_basis_size`).
         params: names of the parameters θ; default every parameter with ``requires_grad``.
         output_fn: maps the model's raw output to the tensor given to ``loss_fn``.
-        chunk_size: HVPs vmapped at once (dense Hessian and trace probes).
-        dimension: a :class:`DimensionResult` already computed for the same model, x and params, to reuse
-            for ``flat_dimension`` instead of recomputing it. Without it the dimension is computed (with its
-            own memory check) before any Hessian-vector product, so a probe too large for it fails early.
+        chunk_size: HVPs computed at once as one batched backward (dense Hessian and trace probes); default 1,
+            one at a time, which was never more than 15 % slower than batching on CPU except for tiny models
+            (:mod:`lightning_geomdim.hessian`); ``None`` batches a whole block.
+        flat_dimension: compute ``flat_dimension`` / ``functional_dimension`` (default). ``False`` skips the
+            batch functional dimension, often the most expensive part of the call, and both fields are
+            ``None``; ``dimension`` must then be ``None``.
+        dimension: a :class:`DimensionResult` already computed for the same model, x and params (e.g. by the
+            dimension measure at the same step), reused for ``flat_dimension`` instead of recomputing it.
+            Without it the dimension is computed (with its own memory check) before any Hessian-vector
+            product, so a probe too large for it fails early.
         dimension_options: further arguments of :func:`~lightning_geomdim.batch_functional_dimension` for that
             computation (``engine``, ``rtol``, ``seed``, ``draws``, ``distributed``), so that the flat dimension
             comes from the same dimension as the one measured elsewhere.
+        return_eigenvectors: also return the top_k eigenvectors (``FlatnessResult.eigenvectors``, (P, top_k)
+            float64 on the CPU; P · top_k more values in memory).
         max_memory_bytes: memory budget in bytes, of the curvature and of the functional dimension; default
             half the available memory (see :mod:`lightning_geomdim.memory`).
 
     Returns:
         A :class:`FlatnessResult`. Cost: dense path P HVPs; Lanczos path at most ``lanczos_iterations`` +
-        ``trace_samples`` HVPs; plus one batch functional dimension (unless ``dimension`` is given).
+        ``trace_samples`` HVPs; plus one batch functional dimension (unless ``dimension`` is given or
+        ``flat_dimension=False``).
 
     Memory (checked before any HVP, after one forward pass that counts A, the values of a forward pass:
     :func:`~lightning_geomdim.hessian.activation_numel`), in values of ``dtype`` (8 bytes for float64):
-    2 P (parameter copies) plus, with c = min(chunk_size, vectors in one block) vmapped HVPs holding
-    :func:`~lightning_geomdim.hessian.hvp_values` = 12 P + 3 A + c · (5 P + A),
+    2 P (parameter copies) plus, with c = min(chunk_size, vectors in one block) HVPs at once holding
+    :func:`~lightning_geomdim.hessian.hvp_values` = 14 P + 4 A + (c − 1)(10 P + 3 A) (the cached gradient graph
+    included),
 
     * dense: 3 P² (identity, chunks of H, their concatenation) + HVPs of c = min(chunk_size, P);
     * Lanczos: the larger of its two phases, run one after the other:
-      eigenvalues (j + top_k + 4) · P with j = min(lanczos_iterations, P) (basis, Ritz vectors, temporaries)
+      eigenvalues (b + 2 top_k + 4) · P, b = min(lanczos_basis, lanczos_iterations, P) the basis of a run
+      (:func:`~lightning_geomdim.lanczos.lanczos_vectors`; it does not grow with ``lanczos_iterations``)
       + one HVP; trace: Hutch++ with m = trace_samples, s = ⌊m/3⌋ sketch and p = m − 2s probe vectors,
-      max(3s, s + 4p) · P (2 m · P at most), Hutchinson 3 m · P, + c vmapped HVPs.
+      max(3s, s + 4p) · P (2 m · P at most), Hutchinson 3 m · P, + c HVPs;
+    * ``return_eigenvectors``: top_k · P more (the eigenvectors kept through the trace phase).
 
-    At the defaults (100 iterations, 99 trace samples, chunk_size 32) the trace phase dominates: about
-    (2 + 165 + 12 + 160) P + 35 A values, ≈ 2.7 kB per parameter in float64 (68 GB at 25M parameters)
-    plus 280 bytes per activation value. Lower ``trace_samples`` / ``chunk_size`` first.
+    At the defaults (basis 40, 99 trace samples, chunk_size 1) the trace phase dominates: about
+    (2 + 165 + 14) P + 4 A values, ≈ 1.45 kB per parameter in float64 (36 GB at 25M parameters) plus 32 bytes
+    per activation value. Lower ``trace_samples`` first.
 
     Raises:
-        ValueError: invalid top_k, trace_samples, method; ``loss_fn`` not returning a scalar; a ``dimension``
-            with a different number of parameters.
+        ValueError: invalid top_k, trace_samples, method, lanczos_basis; ``loss_fn`` not returning a scalar; a
+            ``dimension`` with a different number of parameters, or given with ``flat_dimension=False``.
         ProbeError, NonFiniteError: as in ``batch_functional_dimension``.
         MemoryBudgetError: the estimate above, or the functional dimension, exceeds the budget; raised
             before the Hessian-vector products.
@@ -174,6 +213,10 @@ def flatness(
     minimum = 3 if trace_method == "hutch++" else 1
     if trace_samples < minimum:
         raise ValueError(f"trace_samples must be >= {minimum} for {trace_method}, got {trace_samples}")
+    if not flat_dimension and dimension is not None:
+        raise ValueError(
+            "dimension= was given with flat_dimension=False: pass flat_dimension=True to use it, or drop it"
+        )
     generator = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
     budget = memory_budget(next((p.device for p in model.parameters()), torch.device("cpu")), max_memory_bytes)
 
@@ -185,6 +228,8 @@ def flatness(
         num_params = op.num_params
         if not 1 <= top_k <= num_params:
             raise ValueError(f"top_k must be between 1 and the number of parameters P={num_params}, got {top_k}")
+        if lanczos_basis is not None and lanczos_basis < min(top_k + 2, num_params):
+            raise ValueError(f"lanczos_basis ({lanczos_basis}) must be at least top_k + 2 = {top_k + 2}")
         if dimension is not None and dimension.num_params != num_params:
             raise ValueError(
                 f"dimension was computed for P={dimension.num_params} parameters but the loss has P={num_params}: "
@@ -194,31 +239,52 @@ def flatness(
         resolved = method if method != "auto" else ("dense" if dense else "lanczos")
         needed, what, remedies = _memory_estimate(
             resolved, num_params, activations, torch.empty((), dtype=dtype).element_size(), top_k=top_k,
-            lanczos_iterations=lanczos_iterations, trace_samples=trace_samples, trace_method=trace_method,
-            chunk_size=chunk_size,
+            lanczos_iterations=lanczos_iterations, lanczos_basis=lanczos_basis, trace_samples=trace_samples,
+            trace_method=trace_method, chunk_size=chunk_size, return_eigenvectors=return_eigenvectors,
         )
         check_memory(needed, budget, what=what, remedies=remedies)
         loss = op.loss_value()
-        if dimension is None:  # before the HVPs: a probe too large for it fails before the expensive part
+        if flat_dimension and dimension is None:  # before the HVPs: a probe too large fails before the HVPs
             dimension = batch_functional_dimension(
                 model, x, output_fn=output_fn, params=params, dtype=dtype, max_memory_bytes=max_memory_bytes,
                 **dict(dimension_options or {}),
             )
+        vectors = None
         if resolved == "dense":
-            eigenvalues = torch.linalg.eigvalsh(op.dense(budget=budget)).to(torch.float64)
+            h = op.dense(budget=budget)
+            with one_thread() if h.device.type == "cpu" else contextlib.nullcontext():  # P ≤ 2048: see one_thread
+                if return_eigenvectors:
+                    eigenvalues, basis = torch.linalg.eigh(h)
+                    vectors = basis[:, -top_k:].flip(1).to(device="cpu", dtype=torch.float64)
+                    del basis
+                else:
+                    eigenvalues = torch.linalg.eigvalsh(h)
+            del h
+            eigenvalues = eigenvalues.to(torch.float64)
             top = eigenvalues[-top_k:].flip(0)
             residuals = torch.zeros(top_k, dtype=torch.float64)
             trace, trace_std_error, converged = float(eigenvalues.sum()), 0.0, True
         else:
             result = lanczos(
                 op.matvec, num_params, k=top_k, max_iterations=max(lanczos_iterations, top_k), tol=lanczos_tol,
-                generator=generator, dtype=dtype, device=fm.device,
+                generator=generator, dtype=dtype, device=fm.device, max_basis=lanczos_basis,
             )
             top, residuals, converged = result.eigenvalues, result.residuals, result.converged
+            spent = result.num_matvecs
+            if return_eigenvectors:
+                vectors = result.eigenvectors.to(device="cpu", dtype=torch.float64)
+            del result
             if not converged:
+                scale = float(top.abs().max())
+                tol = lanczos_tol if lanczos_tol is not None else default_tolerance(dtype)
+                reason = (
+                    "the top_k Ritz pairs converged, but the check for missed copies of repeated eigenvalues ran "
+                    "out of iterations" if bool((residuals <= tol * scale).all()) else
+                    f"largest residual {float(residuals.max()):.3g}"
+                )
                 warnings.warn(
-                    f"Lanczos did not converge in {result.num_matvecs} iterations (largest residual "
-                    f"{float(residuals.max()):.3g}): raise lanczos_iterations for accurate eigenvalues",
+                    f"Lanczos did not converge in {spent} iterations ({reason}): raise "
+                    "lanczos_iterations for accurate eigenvalues",
                     RuntimeWarning,
                     stacklevel=2,
                 )
@@ -227,31 +293,35 @@ def flatness(
                                  device=fm.device)
             trace, trace_std_error = estimate.value, estimate.std_error
         num_hvps = op.num_hvps
+        op.release()
 
+    rank = dimension.rank if dimension is not None else None
     return FlatnessResult(
         max_eigenvalue=float(top[0]),
         top_eigenvalues=top.cpu(),
         eigenvalue_residuals=residuals.cpu(),
         trace=float(trace),
         trace_std_error=float(trace_std_error),
-        flat_dimension=num_params - dimension.rank,
-        functional_dimension=dimension.rank,
+        flat_dimension=num_params - rank if rank is not None else None,
+        functional_dimension=rank,
         num_params=num_params,
         loss=loss,
         num_hvps=num_hvps,
         method=resolved,
         converged=converged,
+        eigenvectors=vectors,
     )
 
 
 def _memory_estimate(
     method: str, num_params: int, activations: int, itemsize: int, *, top_k: int, lanczos_iterations: int,
-    trace_samples: int, trace_method: str, chunk_size: int | None,
+    lanczos_basis: int | None, trace_samples: int, trace_method: str, chunk_size: int | None,
+    return_eigenvectors: bool,
 ) -> tuple[int, str, str]:
     """(bytes, what, remedies) for :func:`check_memory`: the peak estimate of :func:`flatness`' docstring."""
     p = num_params
 
-    def vmapped(n: int) -> int:
+    def at_once(n: int) -> int:
         return n if chunk_size is None else max(1, min(chunk_size, n))
 
     def size(values: int) -> str:
@@ -259,31 +329,36 @@ def _memory_estimate(
 
     head = f"flatness (method={method!r}, P = {p:,} parameters, A = {activations:,} activation values"
     if method == "dense":
-        c = vmapped(p)
+        c = at_once(p)
         hessian, hvps = 3 * p * p, hvp_values(p, activations, c)
         values = 2 * p + hessian + hvps
-        what = f"{head}): dense Hessian 3 × P² = {size(hessian)} + {c} vmapped HVPs {size(hvps)}"
+        what = f"{head}): dense Hessian 3 × P² = {size(hessian)} + {c} HVPs at once {size(hvps)}"
         remedies = (
             "use method='lanczos' (matrix-free), a smaller chunk_size, or a subset of parameters via params=[...]"
         )
         return values * itemsize, what, remedies
-    steps = min(max(lanczos_iterations, top_k), p)
-    eigen = (steps + top_k + 4) * p + hvp_values(p, activations, 1)
+    iterations = max(lanczos_iterations, top_k)
+    vectors_lanczos = lanczos_vectors(p, k=top_k, max_iterations=iterations, max_basis=lanczos_basis)
+    basis = vectors_lanczos - 2 * top_k - 4
+    eigen = vectors_lanczos * p + hvp_values(p, activations, 1)
+    kept = top_k * p if return_eigenvectors else 0
     if trace_method == "hutch++":
         sketch = min(trace_samples // 3, p)
         probes = 0 if sketch == p else trace_samples - 2 * sketch
-        vectors, c = max(3 * sketch, sketch + 4 * probes), vmapped(max(sketch, probes))
+        vectors, c = max(3 * sketch, sketch + 4 * probes), at_once(max(sketch, probes))
     else:
-        vectors, c = 3 * trace_samples, vmapped(trace_samples)
-    trace = vectors * p + hvp_values(p, activations, c)
+        vectors, c = 3 * trace_samples, at_once(trace_samples)
+    trace = vectors * p + hvp_values(p, activations, c) + kept
     values = 2 * p + max(eigen, trace)
     what = (
-        f"{head}): Lanczos basis of {steps} vectors + {top_k + 4} more + 1 HVP = {size(eigen)}, then the "
-        f"{trace_method} trace: {vectors} vectors of P + {c} vmapped HVPs = {size(trace)}"
+        f"{head}): Lanczos basis of {basis} vectors + {2 * top_k + 4} more + 1 HVP = {size(eigen)}, then the "
+        f"{trace_method} trace: {vectors} vectors of P + {c} HVPs at once"
+        + (f" + {top_k} eigenvectors" if kept else "") + f" = {size(trace)}"
     )
     remedies = (
-        f"lower lanczos_iterations (now {lanczos_iterations}: {size(p)} per iteration) or trace_samples "
-        f"(now {trace_samples}), a smaller chunk_size (now {chunk_size}: each vmapped HVP holds 5 P + A values "
-        f"= {size(5 * p + activations)}), a subset of parameters via params=[...], or a smaller probe batch"
+        f"lower lanczos_basis (now {basis}: {size(p)} per vector) or trace_samples "
+        f"(now {trace_samples}), a smaller chunk_size (now {chunk_size}: each further HVP at once holds 10 P + 3 A "
+        f"values = {size(10 * p + 3 * activations)}), a subset of parameters via params=[...], or a smaller probe "
+        "batch"
     )
     return values * itemsize, what, remedies
