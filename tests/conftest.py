@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
 from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from lightning_geomdim.lanczos import one_thread as lanczos_one_thread
 
 #: Engines of batch_functional_dimension that every core test runs against.
 ENGINES = ["jacrev", "gram", "exact"]
@@ -17,6 +20,14 @@ ENGINES = ["jacrev", "gram", "exact"]
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread: on a 2-core machine shared with busy processes, two OpenMP threads made small products
+    and eigendecompositions up to 50× slower (waiting for each other)."""
+    with lanczos_one_thread():
+        yield
 
 
 def gen(seed: int = 0) -> torch.Generator:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,14 +21,8 @@ from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a 2-core machine shared with busy processes, two OpenMP threads made these small
-    products and eigendecompositions up to 50× slower (waiting for each other). Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: One intra-op thread (``conftest.one_thread``): results do not depend on it, the time does.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def explicit_hessian(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor) -> Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import importlib
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import pytest
 import torch
@@ -25,14 +25,8 @@ from lightning_geomdim.lanczos import default_tolerance, lanczos, lanczos_vector
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread: on a 2-core machine shared with busy processes, two OpenMP threads made these small
-    products and eigendecompositions up to 50× slower (waiting for each other). Results do not depend on it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+#: One intra-op thread (``conftest.one_thread``): results do not depend on it, the time does.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dense_hessian(
