@@ -23,6 +23,7 @@ from lightning_geomdim.errors import (
     ProbeError,
 )
 from lightning_geomdim.flatness import FlatnessResult, flatness
+from lightning_geomdim.rank import NumericalSpectrum
 
 if TYPE_CHECKING:
     from lightning_geomdim.metrics import BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
@@ -58,6 +59,7 @@ __all__ = [
     "NeuronAlignment",
     "NonFiniteError",
     "NotApplicableError",
+    "NumericalSpectrum",
     "ProbeError",
     "Schedule",
     "UnitActivity",
