@@ -215,7 +215,8 @@ class Flatness(_ProbeMetric):
     cross-entropy on integer targets and MSE otherwise. ``seed`` seeds a private generator for the Lanczos
     start vector and the trace probes, fresh at every ``compute()``, so equal weights give equal values.
     ``dimension``: a ``DimensionResult`` of the same model and inputs to reuse for the flat dimension;
-    ``dimension_options``: the dimension's settings when it is computed here (see ``flatness``).
+    ``dimension_options``: the dimension's settings when it is computed here (see ``flatness``);
+    ``flat_dimension=False`` skips the flat dimension, ``return_eigenvectors=True`` keeps the top eigenvectors.
     ``compute()`` returns λ_max as a float64 scalar tensor; ``result`` holds the ``FlatnessResult``.
     """
 
@@ -233,6 +234,8 @@ class Flatness(_ProbeMetric):
         dtype: torch.dtype = torch.float64,
         dimension: DimensionResult | None = None,
         dimension_options: Mapping[str, Any] | None = None,
+        flat_dimension: bool = True,
+        return_eigenvectors: bool = False,
         max_memory_bytes: int | None = None,
         max_samples: int | None = None,
         **kwargs: Any,
@@ -245,6 +248,7 @@ class Flatness(_ProbeMetric):
         self.measure_kwargs = {
             "top_k": top_k, "trace_samples": trace_samples, "method": method, "output_fn": output_fn,
             "params": params, "dtype": dtype, "dimension": dimension, "dimension_options": dimension_options,
+            "flat_dimension": flat_dimension, "return_eigenvectors": return_eigenvectors,
             "max_memory_bytes": max_memory_bytes,
         }
         self.result: FlatnessResult | None = None

@@ -214,6 +214,9 @@ class GeometryMonitor(Callback):
             first probe with targets.
         flatness_top_k: number of top Hessian eigenvalues.
         flatness_trace_samples: Hessian-vector products spent on the trace estimate.
+        flatness_flat_dimension: log ``geometry/flatness/flat_dimension`` (P − the batch functional dimension of
+            the flatness probe: reused when the dimension was measured at the same step, else computed with the
+            same settings). ``False`` skips it, and with it the flatness measure's dependence on the dimension.
         alignment_probe: probe used for the activity statistics of alignment; default ``"train"`` if it
             exists, else the first probe.
         alignment_threshold: cosine above which two neurons are in the same direction cluster.
@@ -260,6 +263,7 @@ class GeometryMonitor(Callback):
         flatness_probe: str | None = None,
         flatness_top_k: int = 1,
         flatness_trace_samples: int = 99,
+        flatness_flat_dimension: bool = True,
         alignment_probe: str | None = None,
         alignment_threshold: float = 0.99,
         tensorboard_extras: bool = True,
@@ -332,6 +336,7 @@ class GeometryMonitor(Callback):
         self.flatness_probe = flatness_probe
         self.flatness_top_k = flatness_top_k
         self.flatness_trace_samples = flatness_trace_samples
+        self.flatness_flat_dimension = bool(flatness_flat_dimension)
         self.alignment_probe = alignment_probe
         self.alignment_threshold = float(alignment_threshold)
         self.tensorboard_extras = tensorboard_extras
@@ -650,7 +655,7 @@ class GeometryMonitor(Callback):
         self, trainer: Trainer, module: nn.Module, probe: Probe, dimensions: Mapping[str, DimensionResult]
     ) -> dict[str, float]:
         failed = self._failures.get(("dimension", probe.name))
-        if failed is not None:
+        if failed is not None and self.flatness_flat_dimension:
             # flatness would compute the same dimension again (for flat_dimension) and fail the same way
             raise GeometryError(
                 f"skipped, because it needs the batch functional dimension of probe {probe.name!r}, which failed "
@@ -659,14 +664,15 @@ class GeometryMonitor(Callback):
         metric = Flatness(
             module, self.loss_fn, top_k=self.flatness_top_k, trace_samples=self.flatness_trace_samples,
             seed=self.seed, dtype=self.dtype, params=self.params, output_fn=self.output_fn,
-            dimension=dimensions.get(probe.name), dimension_options=self._dimension_options(),
+            dimension=dimensions.get(probe.name) if self.flatness_flat_dimension else None,
+            dimension_options=self._dimension_options(), flat_dimension=self.flatness_flat_dimension,
             max_memory_bytes=self._budget, **NO_SYNC,
         )
         metric.update(*self._on_device(module, probe))
         metric.compute()
         res = metric.result
         metric.reset()
-        values = {k: float(getattr(res, k)) for k in FLATNESS_KEYS}
+        values = {k: float(getattr(res, k)) for k in FLATNESS_KEYS if getattr(res, k) is not None}
         values["num_params"] = float(res.num_params)
         if self.flatness_top_k > 1:
             values.update({f"eigenvalue_{i + 1}": float(v) for i, v in enumerate(res.top_eigenvalues.tolist())})

@@ -590,3 +590,14 @@ def test_flat_dimension_uses_the_monitors_dimension_settings_when_measured_alone
     res = batch_functional_dimension(model.net, monitor.probes["train"].x, engine="gram", rtol=0.3)
     assert res.rank < batch_functional_dimension(model.net, monitor.probes["train"].x).rank  # the settings matter
     assert acc.Scalars("geometry/flatness/flat_dimension")[-1].value == res.num_params - res.rank
+
+
+def test_flatness_without_flat_dimension_skips_it_and_does_not_need_the_dimension(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=1, probes=["train"], probe_size=8,
+                              measures=["flatness"], flatness_flat_dimension=False)
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
+    tr.fit(Classifier(), **loaders())
+    scalars = events(tr).Tags()["scalars"]
+    assert steps(events(tr), "geometry/flatness/max_eigenvalue") == [0, 1, 2]
+    assert "geometry/flatness/flat_dimension" not in scalars and "geometry/flatness/trace" in scalars
