@@ -15,7 +15,8 @@ The engine computes that rank exactly, by evaluation at a random point modulo a 
    (:meth:`~lightning_geomdim.finite_field.PrimeField.from_float`), and backpropagated once per output
    coordinate class, giving the per-layer factors of the Gram engine as residues;
 3. the Gram matrix J Jᵀ (or Jᵀ J) is assembled from them exactly mod p by the Gram engine's own code, and its
-   rank over GF(p) is computed by blocked elimination (:func:`~lightning_geomdim.finite_field.rank_mod_p`).
+   rank over GF(p) is computed by blocked symmetric elimination with sweeps
+   (:func:`~lightning_geomdim.finite_field.rank_mod_p_symmetric`).
 
 Why it is right. rank(J Jᵀ) = rank J over the formally real field R(θ) (vᵀJJᵀv is a sum of squares), so a
 nonzero r × r minor of the Gram exists, a polynomial of degree ≤ 2(L − 1)·r in θ for L affine layers. Reduction
@@ -36,8 +37,8 @@ final Softmax / LogSoftmax. Anything else (GELU, tanh, normalisation, residual s
 floating-point engine.
 
 Cost: one float forward pass, then per draw a forward and ``K`` batched backward passes in float64 residues, the
-Gram assembly (as the Gram engine's, with a reduction after each product) and (2/3)·d³ flops of elimination for
-d = min(rows, P) — no eigendecomposition. Peak memory: the Gram engine's (:func:`~lightning_geomdim.gram.gram_bytes`)
+Gram assembly (as the Gram engine's, with a reduction after each product) and about d³/3 flops of symmetric
+elimination for d = min(rows, P) — no eigendecomposition. Peak memory: the Gram engine's (:func:`~lightning_geomdim.gram.gram_bytes`)
 plus one d × d working matrix.
 """
 
