@@ -38,8 +38,8 @@ floating-point engine.
 
 Cost: one float forward pass, then per draw a forward and ``K`` batched backward passes in float64 residues, the
 Gram assembly (as the Gram engine's, with a reduction after each product) and about d³/3 flops of symmetric
-elimination for d = min(rows, P) — no eigendecomposition. Peak memory: the Gram engine's (:func:`~lightning_geomdim.gram.gram_bytes`)
-plus one d × d working matrix.
+elimination for d = min(rows, P) — no eigendecomposition. Peak memory: the Gram engine's
+(:func:`~lightning_geomdim.gram.gram_bytes`) plus one d × d working matrix.
 """
 
 from __future__ import annotations
