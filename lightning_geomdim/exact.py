@@ -62,9 +62,9 @@ from lightning_geomdim.gram import (
     GramPlan,
     _conv_padding,
     _unify,
+    check_structure,
     gram_bytes,
     gram_from_factors,
-    traced_graph,
 )
 from lightning_geomdim.memory import check_memory
 
@@ -264,13 +264,12 @@ def exact_program(fm: FunctionalModel, inputs: ProbeInputs) -> ExactProgram:
     Raises:
         NotApplicableError: the structure is not supported (the message names the module and why).
     """
-    try:
-        plan, graph = traced_graph(fm, inputs)
-    except NotApplicableError as err:
-        raise NotApplicableError(str(err).replace("the Gram engine is not exact", "the exact engine does not apply")
-                                 .replace("engine='jacrev' (dense Jacobian, any differentiable model) or "
-                                          "engine='auto', which falls back to it",
-                                          "engine='auto', which falls back to a floating-point engine")) from None
+    problem, plan, graph = check_structure(fm, inputs)
+    if problem is not None:
+        raise NotApplicableError(
+            f"the exact engine does not apply: {problem}. engine='auto' falls back to a floating-point engine"
+        )
+    assert plan is not None and graph is not None
     steps: list[_Step | None] = []
     depth = 0
     measured = graph.output

@@ -156,7 +156,7 @@ class PrimeField:
         return self.mul(m, table[index])
 
     def from_int(self, value: int) -> float:
-        """The centred residue of a Python integer (or a rational's numerator/denominator pair via :meth:`inverse`)."""
+        """The centred residue of a Python integer, as a float."""
         return float(self._center(value % self.p))
 
     def inverse(self, value: int | float) -> int:

@@ -296,7 +296,14 @@ def gram_plan(fm: FunctionalModel, inputs: ProbeInputs) -> GramPlan:
     Raises:
         NotApplicableError: a condition fails; the message names the module and the alternative engine.
     """
-    return traced_graph(fm, inputs)[0]
+    problem, plan, _ = check_structure(fm, inputs)
+    if problem is not None:
+        raise NotApplicableError(
+            f"the Gram engine is not exact for this model: {problem}. Use engine='jacrev' (dense Jacobian, "
+            "any differentiable model) or engine='auto', which falls back to it"
+        )
+    assert plan is not None
+    return plan
 
 
 @dataclass(frozen=True)
@@ -314,23 +321,11 @@ class TracedGraph:
     output: int
 
 
-def traced_graph(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[GramPlan, TracedGraph]:
-    """:func:`gram_plan` and the traced call graph it was checked on (the exact engine interprets it).
-
-    Raises:
-        NotApplicableError: as :func:`gram_plan`.
-    """
-    problem, plan, graph = _plan(fm, inputs)
-    if problem is not None:
-        raise NotApplicableError(
-            f"the Gram engine is not exact for this model: {problem}. Use engine='jacrev' (dense Jacobian, "
-            "any differentiable model) or engine='auto', which falls back to it"
-        )
-    assert plan is not None and graph is not None
-    return plan, graph
-
-
-def _plan(fm: FunctionalModel, inputs: ProbeInputs) -> tuple[str | None, GramPlan | None, TracedGraph | None]:
+def check_structure(
+    fm: FunctionalModel, inputs: ProbeInputs,
+) -> tuple[str | None, GramPlan | None, TracedGraph | None]:
+    """Check the structural conditions of the module docstring on one traced forward pass: (None, plan, graph)
+    when they hold, else (the reason, None, None), for each engine to phrase its own refusal."""
     none = None, None
     module = fm.module
     if inputs.kwargs or len(inputs.args) != 1 or not isinstance(inputs.args[0], Tensor):
