@@ -229,7 +229,8 @@ def batch_functional_dimension(
             del program
         numerical = None
         if spectrum or exact is None:
-            float_engine = select_float_engine(resolved if exact is None else "auto", fm, inputs)
+            # the exact engine applies only where the Gram engine's structural conditions hold: no second check
+            float_engine = select_float_engine(resolved, fm, inputs) if exact is None else "gram"
             raw = compute_spectrum(float_engine, fm, inputs, num_rows, chunk_size=chunk_size, budget=budget,
                                    distributed=distributed)
             numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
