@@ -132,6 +132,8 @@ class MNISTDataModule(L.LightningDataModule):
         root: folder of the ``full`` source (torchvision reads ``<root>/MNIST/raw``).
         download: let torchvision download full MNIST when it is absent.
         num_workers: DataLoader workers (0: the data is a few MB of tensors in memory).
+        input_noise: std of Gaussian noise added once to the training pixels (the authors' finding 3).
+        corrupted_labels: training images given a wrong label at random (the authors' finding 4).
     """
 
     def __init__(
@@ -145,6 +147,8 @@ class MNISTDataModule(L.LightningDataModule):
         root: str = "data",
         download: bool = True,
         num_workers: int = 0,
+        input_noise: float = 0.0,
+        corrupted_labels: int = 0,
     ) -> None:
         super().__init__()
         if source not in ("bundled", "full"):
@@ -155,6 +159,7 @@ class MNISTDataModule(L.LightningDataModule):
         self.source, self.num_train, self.num_test, self.num_random = source, num_train, num_test, num_random
         self.batch_size, self.seed, self.root, self.download = batch_size, seed, root, download
         self.num_workers = num_workers
+        self.input_noise, self.corrupted_labels = float(input_noise), int(corrupted_labels)
         self.split: MNISTSplit | None = None
 
     def prepare_data(self) -> None:
@@ -169,7 +174,8 @@ class MNISTDataModule(L.LightningDataModule):
     def _load(self) -> MNISTSplit:
         return paper_split(
             self.source, num_train=self.num_train, num_test=self.num_test, num_random=self.num_random,
-            seed=self.seed, root=self.root, download=self.download,
+            seed=self.seed, root=self.root, download=self.download, input_noise=self.input_noise,
+            corrupted_labels=self.corrupted_labels,
         )
 
     def _split(self) -> MNISTSplit:

@@ -131,6 +131,8 @@ def paper_split(
     seed: int = 0,
     root: str | Path = "data",
     download: bool = True,
+    input_noise: float = 0.0,
+    corrupted_labels: int = 0,
 ) -> MNISTSplit:
     """The paper's sets from ``source`` ("bundled" or "full"), deterministic given ``seed``.
 
@@ -139,14 +141,23 @@ def paper_split(
     full: ``num_train`` images from the 60,000 training images and ``num_test`` from the 10,000 test images
     (``None``: all of them, in a seeded random order). The random probe holds ``num_random`` Gaussian inputs.
 
+    Corruptions of the training set (the authors' findings 3 and 4), drawn after everything else from the same
+    generator, so that the split and the random inputs do not depend on them:
+    ``input_noise``: standard deviation of Gaussian noise added once to every training pixel (pixels / 255 scale);
+    ``corrupted_labels``: that many training images, chosen at random, get another label, uniform among the 9
+    wrong ones.
+
     Raises:
-        ValueError: unknown source, negative sizes, or more bundled images requested than the 5,000 shipped.
+        ValueError: unknown source, negative sizes or corruption, more corrupted labels than training images, or
+            more bundled images requested than the 5,000 shipped.
     """
     if source not in ("bundled", "full"):
         raise ValueError(f"unknown MNIST source {source!r}: choose 'bundled' (offline, 5,000 images) or 'full'")
     for name, n in (("num_train", num_train), ("num_test", num_test), ("num_random", num_random)):
         if n is not None and n < 0:
             raise ValueError(f"{name} must be >= 0, got {n}")
+    if not input_noise >= 0 or corrupted_labels < 0:
+        raise ValueError(f"input_noise={input_noise} and corrupted_labels={corrupted_labels} must be >= 0")
     generator = torch.Generator().manual_seed(seed)
     if source == "bundled":
         images, labels = load_bundled_mnist()
@@ -166,4 +177,14 @@ def paper_split(
         train_idx, test_idx = _subset(len(tr_x), num_train, generator), _subset(len(te_x), num_test, generator)
         train_x, train_y, test_x, test_y = tr_x[train_idx], tr_y[train_idx], te_x[test_idx], te_y[test_idx]
     random_x = gaussian_inputs(num_random, train_x.shape[1], generator=generator)
-    return MNISTSplit(train_x.float() / 255, train_y, test_x.float() / 255, test_y, random_x)
+    train_x = train_x.float() / 255
+    if input_noise > 0:
+        train_x = train_x + input_noise * torch.randn(train_x.shape, generator=generator)
+    if corrupted_labels:
+        if corrupted_labels > len(train_y):
+            raise ValueError(f"corrupted_labels={corrupted_labels} exceeds the {len(train_y)} training images")
+        which = torch.randperm(len(train_y), generator=generator)[:corrupted_labels]
+        shift = torch.randint(1, 10, (corrupted_labels,), generator=generator)
+        train_y = train_y.clone()
+        train_y[which] = (train_y[which] + shift) % 10
+    return MNISTSplit(train_x, train_y, test_x.float() / 255, test_y, random_x)

@@ -164,7 +164,7 @@ def batch_functional_dimension(
         engine: "auto" (default): "exact" where it applies, else a floating-point engine ("gram" where
             exact in floating point, else "jacrev"). "exact": the batch functional dimension of a
             piecewise-linear network of Linear/Conv2d layers (conditions in :mod:`lightning_geomdim.exact`);
-            peak memory ≈ 24·min(rows, P)² bytes plus per-layer factors. "gram": J Jᵀ or Jᵀ J from per-layer
+            peak memory ≈ 8·min(rows, P)² bytes plus per-layer factors. "gram": J Jᵀ or Jᵀ J from per-layer
             factors, σ = √λ of its float64 eigenvalues (:mod:`lightning_geomdim.gram`). "jacrev": the dense
             M × P Jacobian and its SVD: any differentiable model, the finest floating-point resolution, about
             3·M·P·8 bytes and a much slower SVD. ``DimensionResult.engine`` says which ran.

@@ -38,8 +38,9 @@ floating-point engine.
 
 Cost: one float forward pass, then per draw a forward and ``K`` batched backward passes in float64 residues, the
 Gram assembly (as the Gram engine's, with a reduction after each product) and about d³/3 flops of symmetric
-elimination for d = min(rows, P) — no eigendecomposition. Peak memory: the Gram engine's
-(:func:`~lightning_geomdim.gram.gram_bytes`) plus one d × d working matrix.
+elimination for d = min(rows, P) — no eigendecomposition. Peak memory: one d × d float64 matrix (the Gram mod
+p, eliminated in place) plus the Gram engine's per-layer factors (:func:`~lightning_geomdim.gram.gram_bytes` with
+``copies=1``): 4.9 GiB for the paper's MLP on 2,848 inputs (d = 25,632).
 """
 
 from __future__ import annotations
@@ -393,7 +394,7 @@ def _seeds(shape: tuple[int, ...], head: bool, device: torch.device) -> Tensor:
 def _draw(
     fm: FunctionalModel, program: ExactProgram, field: PrimeField, generator: torch.Generator, chunk_size: int | None,
 ) -> Tensor:
-    """J Jᵀ (or Jᵀ J) mod p at one random point: residues, float64, the full symmetric matrix."""
+    """J Jᵀ (or Jᵀ J) mod p at one random point: residues, float64, the lower triangle (the upper one zeros)."""
     steps = _field_steps(program, field)
     theta = _parameters(fm, field, generator)
     n = program.plan.num_samples
@@ -437,9 +438,7 @@ def _draw(
     for layer in program.plan.layers:
         i = by_name[layer.name]
         factors.append(_unify(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k))
-    gram = gram_from_factors(factors, program.plan, lower_only=True, field=field)
-    del factors
-    return gram.add_(gram.tril(-1).T)
+    return gram_from_factors(factors, program.plan, lower_only=True, field=field)
 
 
 def exact_rank(
@@ -468,9 +467,9 @@ def exact_rank(
     plan = program.plan
     if budget is not None:
         check_memory(
-            gram_bytes(plan, 8, chunk_size=chunk_size) + 8 * plan.size**2, budget,
+            gram_bytes(plan, 8, chunk_size=chunk_size, copies=1), budget,
             what=f"the {plan.size} × {plan.size} Gram matrix of J mod p (M = {plan.num_outputs}, P = "
-            f"{plan.num_params}) with its per-layer factors and elimination copy (engine='exact')",
+            f"{plan.num_params}) with its per-layer factors, eliminated in place (engine='exact')",
             remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
             "chunk_size (output coordinates backpropagated at once)",
         )
@@ -480,7 +479,7 @@ def exact_rank(
     for p in PRIMES[:draws]:
         field = PrimeField(p)
         gram = _draw(fm, program, field, generator, chunk_size)
-        ranks.append(rank_mod_p_symmetric(gram, field, upper_bound=upper_bound))
+        ranks.append(rank_mod_p_symmetric(gram, field, upper_bound=upper_bound, overwrite=True))
         primes.append(p)
         del gram
         if ranks[-1] >= upper_bound:

@@ -206,6 +206,7 @@ def rank_mod_p(a: Tensor, field: PrimeField, *, block_size: int = 256, upper_bou
         field: the prime field.
         block_size: the panel width.
         upper_bound: if given, stop once the rank reaches it: the result is then min(rank, ``upper_bound``).
+        overwrite: use ``a`` itself as the working matrix (its contents are destroyed): saves the n × n copy.
 
     Returns:
         The rank of ``a`` mod p (or min(rank, ``upper_bound``)).
@@ -337,7 +338,9 @@ _SYMMETRIC_CHUNK = {"cpu": 2**20}
 _SYMMETRIC_CHUNK_DEFAULT = 2**24
 
 
-def rank_mod_p_symmetric(a: Tensor, field: PrimeField, *, block_size: int = 256, upper_bound: int | None = None) -> int:
+def rank_mod_p_symmetric(
+    a: Tensor, field: PrimeField, *, block_size: int = 256, upper_bound: int | None = None, overwrite: bool = False,
+) -> int:
     """Rank over GF(p) of the symmetric matrix ``a``, exact, with about half the flops of :func:`rank_mod_p`.
 
     Blocked symmetric elimination with principal (diagonal) pivots. For the trailing symmetric matrix T (at first
@@ -367,15 +370,17 @@ def rank_mod_p_symmetric(a: Tensor, field: PrimeField, *, block_size: int = 256,
     Cost for an n × n matrix of full rank: about n³/3 + ``block_size`` · n² flops in BLAS (the lower triangles of
     T[O, R] · Y, and Y = W · T[R, O]), O(n · ``block_size``²) flops of block sweeps in BLAS, O(n³ / ``block_size``)
     elementwise operations (a reduction every few steps), O(n · ``_SWEEP_LEAF``²) Python integer operations, and one
-    host synchronisation per sub-block of candidates. Memory: one n × n working matrix (besides ``a``) and
-    O(n · ``block_size``). Deterministic.
+    host synchronisation per sub-block of candidates. Memory: one n × n working matrix (besides ``a``; none with
+    ``overwrite=True``) and O(n · ``block_size``). Deterministic.
 
     Args:
-        a: (n, n) symmetric float64 tensor of centred residues of ``field``, on any device; not modified. Its
-            symmetry is not checked: only its lower triangle is read (all of it on the rare fallbacks).
+        a: (n, n) symmetric float64 tensor of centred residues of ``field``, on any device; not modified unless
+            ``overwrite``. Its symmetry is not checked: only its lower triangle is read (the upper one may hold
+            anything finite, e.g. zeros).
         field: the prime field.
         block_size: the panel width (at most ``field.max_inner`` is used).
         upper_bound: if given, stop once the rank reaches it: the result is then min(rank, ``upper_bound``).
+        overwrite: use ``a`` itself as the working matrix (its contents are destroyed): saves the n × n copy.
 
     Returns:
         The rank of ``a`` mod p (or min(rank, ``upper_bound``)).
@@ -393,7 +398,7 @@ def rank_mod_p_symmetric(a: Tensor, field: PrimeField, *, block_size: int = 256,
     rank = 0
     # T: only its lower triangle is meaningful, |T| ≤ magnitude; ``a`` is read only, then T is a view of ``work``
     t, magnitude = a, field.bound
-    work: Tensor | None = None
+    work: Tensor | None = a if overwrite else None
     while rank < limit and t.shape[0]:
         w = min(width, t.shape[0])
         block = t[:w, :w].tril()
@@ -409,14 +414,13 @@ def rank_mod_p_symmetric(a: Tensor, field: PrimeField, *, block_size: int = 256,
                 target = work[n - t.shape[0] :, n - t.shape[0] :]  # where T is, or T itself
                 t, magnitude = _symmetric_schur(t, target, magnitude, block, pivots, inverse, width, field)
             continue
-        # every candidate has a zero diagonal: T full and reduced, in ``work`` unless it is ``a``
-        if t is not a:
-            _symmetrize_(t, field, reduce=magnitude > field.bound)
-            magnitude = field.bound
+        # every candidate has a zero diagonal: make T full and reduced, in ``work`` (a copy of ``a`` if need be)
+        if t is a and not overwrite:
+            work = t = a.clone()
+        _symmetrize_(t, field, reduce=magnitude > field.bound)
+        magnitude = field.bound
         nonzero = (t.diagonal() != 0).nonzero().flatten()
         if nonzero.numel():  # swap indices with a nonzero diagonal into the candidates
-            if t is a:
-                work = t = a.clone()
             _swap_to_front_(t, nonzero[:w])
             continue
         if bool(t.any()):  # T ≠ 0 with a zero diagonal: no principal pivot

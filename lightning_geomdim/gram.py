@@ -163,13 +163,17 @@ class GramPlan:
         return min(self.num_outputs, self.used_params)
 
 
-def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None) -> int:
-    """Peak memory estimate of :func:`gram_spectrum`, in bytes (formula in the module docstring)."""
+def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None, copies: int = 2) -> int:
+    """Peak memory estimate of :func:`gram_spectrum`, in bytes (formula in the module docstring).
+
+    ``copies``: d × d float64 matrices alive at once: 2 for the eigensolver (the Gram and LAPACK's copy), 1 for
+    the exact engine (the Gram mod p, eliminated in place).
+    """
     n, m = plan.num_samples, plan.num_outputs
     factors = sum(n * lay.positions * lay.features + m * lay.positions * lay.units for lay in plan.layers)
     chunk = plan.outputs_per_sample if chunk_size is None else min(chunk_size, plan.outputs_per_sample)
     backward = chunk * plan.activation_numel * itemsize
-    return 16 * plan.size**2 + (8 + itemsize) * factors + backward
+    return 8 * copies * plan.size**2 + (8 + itemsize) * factors + backward
 
 
 # --------------------------------------------------------------------------------------------- structure

@@ -160,6 +160,7 @@ class BatchFunctionalDimension(_ProbeMetric):
         params: Sequence[str] | None = None,
         engine: str = "auto",
         spectrum: bool = False,
+        logit_differences: bool = True,
         rtol: float | None = None,
         seed: int = 0,
         draws: int = 2,
@@ -172,7 +173,8 @@ class BatchFunctionalDimension(_ProbeMetric):
     ) -> None:
         super().__init__(model, max_samples=max_samples, **kwargs)
         self.measure_kwargs = {
-            "output_fn": output_fn, "params": params, "engine": engine, "spectrum": spectrum, "rtol": rtol,
+            "output_fn": output_fn, "params": params, "engine": engine, "spectrum": spectrum,
+            "logit_differences": logit_differences, "rtol": rtol,
             "seed": seed, "draws": draws, "dtype": dtype, "chunk_size": chunk_size,
             "max_memory_bytes": max_memory_bytes, "distributed": distributed,
         }

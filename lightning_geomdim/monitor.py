@@ -134,7 +134,9 @@ class GeometryMonitor(Callback):
     the dataloaders are never iterated and no global RNG is consumed), ``"random"`` (Gaussian inputs shaped
     like the data, for the computable full functional dimension; for integer inputs (token ids) uniform ids in
     [``low``, ``high``), which needs ``high``, the vocabulary size), or dicts ``{"name": ..., "source": ...,
-    "size": ..., "mean": ..., "std": ..., "shape": ..., "low": ..., "high": ..., "dataloader_idx": ...}`` and,
+    "size": ..., "mean": ..., "std": ..., "shape": ..., "low": ..., "high": ..., "dataloader_idx": ...,
+    "logit_differences": ..., "spectrum": ...}`` (:class:`~lightning_geomdim.probes.ProbeSpec`; e.g.
+    ``"logit_differences": False`` measures a softmax head on its probabilities: a numerical rank only) and,
     from Python only, ``{"name": ..., "x": tensor, "y": tensor}`` (any input structure, e.g. a dict of keyword
     inputs). The default probes leave out ``"val"`` without validation data and ``"random"`` (with a warning)
     when the input is integer or a tuple/dict. Their indices/seeds are saved in checkpoints: a run resumed from
@@ -165,13 +167,14 @@ class GeometryMonitor(Callback):
         log_spaced: also measure at log-spaced global steps, this many per decade (1, 2, 3, …, 10, 13, 16, …
             for 10); ``None`` to disable.
         at_start: measure at global step 0, before training (not again when resuming).
+        at_epochs: also measure at the end of these epochs, counted from 1 (e.g. the paper's [40, 80, 280, 680]).
         max_overhead: the most time the monitor may spend measuring, as a fraction of the rest of the run's wall
             time (0.05: about 5 % slower). A scheduled measure is skipped (one warning says so) when measuring it,
             at the cost of its previous measurement, would exceed its equal share of that; each measure's first
             point is always taken. Cheap measures keep dense curves, expensive ones get sparser. ``None``: take
             every scheduled point whatever it costs (a protocol's exact steps; the example configs do this). Under
             DDP rank 0 decides for all processes. See :class:`~lightning_geomdim.schedule.OverheadBudget`.
-        schedules: per-measure overrides of the four fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
+        schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: probe specifications (see above); default ``["train", "val", "random"]``, where ``"val"`` is
             left out when there is no validation data.
         probe_size: samples per probe unless a probe sets ``size``. The default, 64, keeps a measurement cheap
@@ -243,6 +246,7 @@ class GeometryMonitor(Callback):
         every_n_epochs: int | None = 1,
         log_spaced: int | None = None,
         at_start: bool = True,
+        at_epochs: Sequence[int] | None = None,
         max_overhead: float | None = 0.05,
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         probes: Sequence[str | Mapping[str, Any]] | None = None,
@@ -277,7 +281,7 @@ class GeometryMonitor(Callback):
             raise MisconfigurationException(f"measures={list(measures)} is invalid: choose among {MEASURES}")
         self.measures = tuple(dict.fromkeys(measures))
         base = Schedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced,
-                        at_start=at_start)
+                        at_start=at_start, at_epochs=at_epochs)
         schedules = dict(schedules or {})
         stray = sorted(set(schedules) - set(self.measures))
         if stray:
@@ -616,9 +620,11 @@ class GeometryMonitor(Callback):
     def _dimension(
         self, trainer: Trainer, module: nn.Module, probe: Probe, out: dict[str, DimensionResult]
     ) -> dict[str, float]:
+        spec = next(s for s in self._specs if s.name == probe.name)
         metric = BatchFunctionalDimension(
             module, output_fn=self.output_fn, params=self.params, dtype=self.dtype, max_memory_bytes=self._budget,
-            **self._dimension_options(), spectrum=self.spectrum, **NO_SYNC,
+            **self._dimension_options(), spectrum=self.spectrum if spec.spectrum is None else spec.spectrum,
+            logit_differences=spec.logit_differences, **NO_SYNC,
         )
         metric.update(self._on_device(module, probe)[0])
         metric.compute()

@@ -112,6 +112,12 @@ class ProbeSpec:
         low, high: range [low, high) of the uniform token ids of a random probe on integer inputs; ``high``
             (the vocabulary size) is required there and refused for floating inputs.
         x, y: the user's tensors (tensor probes); ``x`` is a Tensor (N, ...), a tuple or a dict of them.
+        logit_differences: measure a softmax / log-softmax head on its logit differences (default, the same row
+            space as the softmax output's J); ``False`` measures the probabilities themselves, which only a
+            floating-point engine can do: such a probe logs a ``numerical_rank`` (it collapses when the softmax
+            saturates) and no ``batch_functional_dimension``.
+        spectrum: log the floating-point spectrum on this probe (``numerical_rank`` ...); ``None``: the monitor's
+            ``spectrum`` argument. ``False`` on a large probe saves a float Gram eigendecomposition.
     """
 
     name: str
@@ -125,6 +131,8 @@ class ProbeSpec:
     high: int | None = None
     x: Any = field(default=None, repr=False, compare=False)
     y: Any = field(default=None, repr=False, compare=False)
+    logit_differences: bool = True
+    spectrum: bool | None = None
 
     @staticmethod
     def parse(item: str | Mapping[str, Any], default_size: int) -> ProbeSpec:
@@ -136,7 +144,8 @@ class ProbeSpec:
                 f"a probe must be 'train', 'val', 'random' or a dict such as {{'name': 'big_random', 'source': "
                 f"'random', 'size': 2000}} or {{'name': 'mine', 'x': tensor}}, got {type(item).__name__}"
             )
-        allowed = {"name", "source", "size", "dataloader_idx", "mean", "std", "shape", "low", "high", "x", "y"}
+        allowed = {"name", "source", "size", "dataloader_idx", "mean", "std", "shape", "low", "high", "x", "y",
+                   "logit_differences", "spectrum"}
         unknown = sorted(set(item) - allowed)
         if unknown:
             raise MisconfigurationException(f"unknown probe keys {unknown}: use only {sorted(allowed)}")
@@ -166,11 +175,16 @@ class ProbeSpec:
                 f"probe {name!r}: low={low!r}, high={high!r} must be integers with low < high (token ids are drawn "
                 "in [low, high)), e.g. {'source': 'random', 'high': 30522}"
             )
+        logit_differences, spectrum = item.get("logit_differences", True), item.get("spectrum")
+        for key, value in (("logit_differences", logit_differences), ("spectrum", spectrum)):
+            if not isinstance(value, bool) and not (key == "spectrum" and value is None):
+                raise MisconfigurationException(f"probe {name!r}: {key}={value!r} must be true or false")
         return ProbeSpec(
             name=name, source=source, size=size, dataloader_idx=int(item.get("dataloader_idx", 0)),
             mean=float(item.get("mean", 0.0)), std=float(item.get("std", 1.0)),
             shape=tuple(int(s) for s in shape) if shape is not None else None, low=low, high=high,
-            x=item.get("x"), y=item.get("y"),
+            x=item.get("x"), y=item.get("y"), logit_differences=logit_differences,
+            spectrum=spectrum,
         )
 
 

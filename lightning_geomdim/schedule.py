@@ -49,14 +49,26 @@ class Schedule:
         every_n_epochs: at the end of every n-th training epoch; ``None`` for never.
         log_spaced: points per decade of global steps (see :func:`is_log_spaced`); ``None`` for never.
         at_start: at global step 0, before the first optimizer step (not again when resuming).
+        at_epochs: at the end of these training epochs, counted from 1 (``(40, 80, 280, 680)``: after the 40th,
+            ...), besides the other rules; ``None`` for none.
     """
 
     every_n_steps: int | None = None
     every_n_epochs: int | None = 1
     log_spaced: int | None = None
     at_start: bool = True
+    at_epochs: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.at_epochs is not None:
+            epochs = self.at_epochs
+            if isinstance(epochs, (str, bytes, int)) or not all(
+                isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in epochs
+            ):
+                raise MisconfigurationException(
+                    f"at_epochs={epochs!r} is invalid: pass a list of positive epoch counts, e.g. [40, 80, 280]"
+                )
+            object.__setattr__(self, "at_epochs", tuple(sorted(set(epochs))))
         for name in ("every_n_steps", "every_n_epochs", "log_spaced"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -92,7 +104,8 @@ class Schedule:
             by_log = self.log_spaced is not None and is_log_spaced(step, self.log_spaced)
             return step >= 1 and (by_interval or by_log)
         if event == "epoch":
-            return self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0
+            listed = self.at_epochs is not None and epoch + 1 in self.at_epochs
+            return listed or (self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0)
         raise ValueError(f"unknown event {event!r}: one of {EVENTS}")
 
 

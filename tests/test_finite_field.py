@@ -331,12 +331,17 @@ def symmetric_low_rank(n: int, r: int, seed: int, field: PrimeField = FIELD) -> 
 
 
 def check_symmetric_rank(x: Tensor, flint_rank: Callable[..., int], block_size: int, field: PrimeField = FIELD) -> int:
-    """rank_mod_p_symmetric(x) == the flint rank, and x is left as it was; returns the rank."""
+    """rank_mod_p_symmetric(x) == the flint rank, and x is left as it was; the same from the lower triangle
+    alone (upper one zeros), in place (``overwrite=True``) or not; returns the rank."""
     assert torch.equal(x, x.T)
     before = x.clone()
     got = rank_mod_p_symmetric(x, field, block_size=block_size)
     assert torch.equal(x, before)
     assert got == flint_rank(x, field)
+    lower = x.tril()
+    assert rank_mod_p_symmetric(lower, field, block_size=block_size) == got
+    assert torch.equal(lower, x.tril())
+    assert rank_mod_p_symmetric(lower, field, block_size=block_size, overwrite=True) == got
     return got
 
 

@@ -601,3 +601,45 @@ def test_flatness_without_flat_dimension_skips_it_and_does_not_need_the_dimensio
     scalars = events(tr).Tags()["scalars"]
     assert steps(events(tr), "geometry/flatness/max_eigenvalue") == [0, 1, 2]
     assert "geometry/flatness/flat_dimension" not in scalars and "geometry/flatness/trace" in scalars
+
+
+class SoftmaxClassifier(Classifier):
+    """Classifier whose forward returns probabilities (the network ends with nn.Softmax)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net.append(nn.Softmax(dim=-1))
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.nll_loss(self(x).log(), y)
+
+
+def test_per_probe_logit_differences_and_spectrum(tmp_path: Path) -> None:
+    """A probe with logit_differences=False logs the softmax output's numerical rank and no dimension; a probe
+    with spectrum=False logs the exact dimension without the float spectrum; values match the core."""
+    L.seed_everything(0)
+    monitor = GeometryMonitor(
+        max_overhead=None, every_n_epochs=1, measures=["dimension"], probe_size=24,
+        probes=[{"name": "train", "source": "train"},
+                {"name": "train_softmax", "source": "train", "logit_differences": False},
+                {"name": "random", "source": "random", "spectrum": False}],
+    )
+    tr = trainer(tmp_path, monitor, max_epochs=1)
+    model = SoftmaxClassifier()
+    tr.fit(model, **loaders(train=24, val=None))
+    scalars = set(events(tr).Tags()["scalars"])
+    assert {"geometry/train/batch_functional_dimension", "geometry/train/numerical_rank"} <= scalars
+    assert "geometry/train_softmax/numerical_rank" in scalars
+    assert not [t for t in scalars if t.startswith("geometry/train_softmax/batch_functional")]
+    assert "geometry/random/batch_functional_dimension" in scalars
+    assert not [t for t in scalars if t.startswith("geometry/random/") and "rank" in t]
+    acc = events(tr)
+    x = monitor.probes["train_softmax"].x
+    soft = batch_functional_dimension(model, x, logit_differences=False)
+    assert soft.engine != "exact"
+    assert acc.Scalars("geometry/train_softmax/numerical_rank")[-1].value == soft.rank
+    assert acc.Scalars("geometry/train_softmax/num_rows")[-1].value == 24 * CLASSES
+    assert acc.Scalars("geometry/train/num_rows")[-1].value == 24 * (CLASSES - 1)
+    with pytest.raises(MisconfigurationException, match="must be true or false"):
+        GeometryMonitor(probes=[{"source": "train", "spectrum": "yes"}])

@@ -42,11 +42,17 @@ def test_due_per_event() -> None:
     assert [k for k in range(25) if logs.due("step", step=k, epoch=0)] == [1, 2, 3, 6, 10, 18]
     with pytest.raises(ValueError, match="unknown event"):
         s.due("batch", step=1, epoch=0)  # type: ignore[arg-type]
+    # the authors' epochs, counted from 1, alone or besides an interval
+    listed = Schedule(every_n_epochs=None, at_epochs=[280, 40, 80, 680, 40])  # type: ignore[arg-type]
+    assert listed.at_epochs == (40, 80, 280, 680)
+    assert [e + 1 for e in range(700) if listed.due("epoch", step=0, epoch=e)] == [40, 80, 280, 680]
+    both = Schedule(every_n_epochs=300, at_epochs=(40,))
+    assert [e + 1 for e in range(700) if both.due("epoch", step=0, epoch=e)] == [40, 300, 600]
 
 
 @pytest.mark.parametrize(
     "kwargs", [{"every_n_steps": 0}, {"every_n_epochs": -1}, {"log_spaced": 2.5}, {"every_n_steps": True},
-               {"at_start": "yes"}],
+               {"at_start": "yes"}, {"at_epochs": [0, 4]}, {"at_epochs": 5}, {"at_epochs": [2.5]}],
 )
 def test_invalid_schedules_are_refused(kwargs: dict) -> None:
     with pytest.raises(MisconfigurationException, match="invalid"):
