@@ -1,4 +1,4 @@
-"""Neuron alignment: how the hyperplanes of the hidden ReLU units of each layer cluster (SCIENCE.md).
+"""Neuron alignment: how the hyperplanes of the hidden ReLU units of each layer cluster (docs/science.md).
 
 A neuron j of a Linear layer feeding a ReLU is u_j = (w_j, b_j) / ‖(w_j, b_j)‖ (row j of the weight, its
 bias); for a convolution it is one filter per output channel (``weight[c]`` flattened, ``bias[c]`` appended).

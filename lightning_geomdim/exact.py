@@ -300,7 +300,9 @@ def exact_program(fm: FunctionalModel, inputs: ProbeInputs) -> ExactProgram:
                 "(a numerical rank)"
             )
     probe = inputs.args[0].to(torch.float64)
-    return ExactProgram(plan, tuple(steps), graph.sources, measured, measured != graph.output, probe, depth)
+    return ExactProgram(
+        plan.with_cheaper_side(), tuple(steps), graph.sources, measured, measured != graph.output, probe, depth,
+    )
 
 
 def _activation(module: nn.Module, z: Tensor) -> _Diagonal:

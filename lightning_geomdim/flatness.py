@@ -8,7 +8,7 @@
 * ``trace``: tr H by Hutch++ (or Hutchinson) on Rademacher probes (:mod:`lightning_geomdim.trace_estimation`),
   exact on the dense path.
 * ``flat_dimension``: P − batch functional dimension on x. At an interpolating minimum of a squared loss
-  H = (2/N) JᵀJ, so this is the dimension of the manifold of nearby minimisers (SCIENCE.md). It is the
+  H = (2/N) JᵀJ, so this is the dimension of the manifold of nearby minimisers (docs/science.md). It is the
   expensive part of a call on realistic probes (one batch functional dimension, exact engine by default; on
   the paper's MLP with 600 images about 5–6 s of a 6–7 s call, benchmarks/README.md): pass ``dimension=`` to
   reuse one already computed, or ``flat_dimension=False`` to skip it.

@@ -15,7 +15,7 @@ Then ∂f_k(x_n)/∂W_l = Σ_t g_t ⊗ u_t and ∂f_k(x_n)/∂b_l = Σ_t g_t, an
 
     (J Jᵀ)[(n,k), (n',k')] = Σ_l Σ_{t,t'} ⟨g_l(n,k)_t, g_l(n',k')_t'⟩ · (⟨u_l(x_n)_t, u_l(x_n')_t'⟩ + 1).
 
-For a Linear layer (t = 1) this is SCIENCE.md's (G_l G_lᵀ) ⊙ (H_l H_lᵀ + 1) with H_l H_lᵀ (N × N) repeated
+For a Linear layer (t = 1) this is docs/science.md's (G_l G_lᵀ) ⊙ (H_l H_lᵀ + 1) with H_l H_lᵀ (N × N) repeated
 over the K × K output blocks; the "+ 1" is the bias and is dropped when the bias is not measured, the
 H_l H_lᵀ term when the weight is not. For a convolution the double sum over output pixels is evaluated
 either as that kernel (T² products of M × O signal matrices, cheap when the feature map is small) or,
@@ -53,6 +53,8 @@ spectral gap shows singular values between those two levels.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -134,6 +136,7 @@ class GramPlan:
         activation_numel: entries of all module outputs of the forward pass (for the backward's memory).
         outputs_per_sample: K, rows of J per sample: the measured output's entries per sample, or for a softmax
             head (``fm.logit_head``) its logit differences, K_out − K_out / C for C classes.
+        forced_side: the Gram's side when set (see :meth:`with_cheaper_side`), else the smaller one.
     """
 
     layers: tuple[GramLayer, ...]
@@ -141,6 +144,7 @@ class GramPlan:
     outputs_per_sample: int
     num_params: int
     activation_numel: int
+    forced_side: Side | None = None
 
     @property
     def num_outputs(self) -> int:
@@ -154,13 +158,28 @@ class GramPlan:
 
     @property
     def side(self) -> Side:
-        """"outputs" for J Jᵀ (M × M) or "params" for Jᵀ J (P_used × P_used), whichever is smaller."""
+        """"outputs" for J Jᵀ (M × M) or "params" for Jᵀ J (P_used × P_used): ``forced_side``, else the smaller."""
+        if self.forced_side is not None:
+            return self.forced_side
         return "outputs" if self.num_outputs <= self.used_params else "params"
 
     @property
     def size(self) -> int:
         """Side length d of the Gram matrix."""
-        return min(self.num_outputs, self.used_params)
+        return self.num_outputs if self.side == "outputs" else self.used_params
+
+    def with_cheaper_side(self) -> GramPlan:
+        """This plan on the side whose assembly plus ~d³/3 elimination costs fewer flops (the exact engine's rule).
+
+        J Jᵀ is assembled from the per-layer factors in about Σ_l min(kernel, explicit) flops (at most M² times
+        the layers' widths), Jᵀ J from explicit rows of J in 2·M·P_used² flops. Past the balance point M = P the
+        J Jᵀ side stays cheaper while M³/3 < 2·M·P² + P³/3 (e.g. the paper's MLP on 3,200 inputs: M = 28,800,
+        P = 25,720: 8.1e12 against 4.4e13 flops).
+        """
+        m, n, p = self.num_outputs, self.num_samples, self.used_params
+        outputs = sum(min(_kernel_cost(lay, m, n), _explicit_cost(lay, m)) for lay in self.layers) + m**3 / 3
+        params = 2 * m * p**2 + p**3 / 3
+        return dataclasses.replace(self, forced_side="outputs" if outputs <= params else "params")
 
 
 def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None, copies: int = 2) -> int:

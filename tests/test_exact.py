@@ -241,3 +241,17 @@ def test_no_rescaling_symmetry_when_the_hidden_tensor_feeds_other_code() -> None
     res = batch_functional_dimension(model, x)
     assert res.num_hidden_neurons == 0 and res.upper_bound == min(60, 26)
     assert res.rank == clear_gap_rank(model, x) == 24 <= res.upper_bound
+
+
+@pytest.mark.parametrize("samples", [36, 60, 80])
+def test_gram_side_chosen_by_cost_gives_the_rank_on_either_side(samples: int) -> None:
+    """Just past M = P the exact engine keeps J Jᵀ (cheaper to assemble and eliminate than Jᵀ J); far past it
+    takes Jᵀ J. Same rank as the dense SVD on both sides. mlp [3, 6, 5, 2]: P = 71, M = 2 · samples."""
+    model, x = mlp([3, 6, 5, 2], seed=3), torch.randn(samples, 3, generator=gen(9))
+    with measurement_mode(model):
+        fm = FunctionalModel.from_module(model)
+        plan = exact_program(fm, ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)).plan
+    assert plan.num_outputs > plan.used_params == 71
+    assert plan.side == ("outputs" if samples < 80 else "params")
+    assert plan.size == (plan.num_outputs if plan.side == "outputs" else plan.used_params)
+    check_exact(model, x)
