@@ -55,7 +55,6 @@ spectral gap shows singular values between those two levels.
 from __future__ import annotations
 
 import dataclasses
-
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
