@@ -79,7 +79,7 @@ def test_float32_model_is_measured_in_float64(engine: str) -> None:
 
 
 def test_float32_computation_overcounts_with_float64_tolerance() -> None:
-    """The float32 trap of docs/science.md: a float32 Jacobian judged with a float64 tolerance counts round-off as rank."""
+    """docs/science.md's float32 trap: a float32 Jacobian judged with a float64 tolerance counts round-off as rank."""
     model = mlp([6, 8, 8, 2], seed=7)
     x = torch.randn(60, 6, generator=gen(7))
     exact = batch_functional_dimension(model, x, engine="jacrev")
