@@ -87,6 +87,24 @@ def test_paper_split_errors_name_the_fix() -> None:
         mnist_data.paper_split("mnist")
 
 
+def test_corruptions_change_only_the_training_set(split: mnist_data.MNISTSplit) -> None:
+    """Findings 3 and 4: Gaussian noise on every training pixel, wrong labels on exactly that many images; the
+    split, the test set and the random probe are the uncorrupted run's."""
+    noisy = mnist_data.paper_split("bundled", seed=0, input_noise=0.3)
+    assert torch.equal(noisy.test_x, split.test_x) and torch.equal(noisy.random_x, split.random_x)
+    assert torch.equal(noisy.train_y, split.train_y)
+    noise = noisy.train_x - split.train_x
+    assert abs(float(noise.mean())) < 0.005 and abs(float(noise.std()) - 0.3) < 0.005  # 470,400 draws
+    flipped = mnist_data.paper_split("bundled", seed=0, corrupted_labels=150)
+    assert torch.equal(flipped.train_x, split.train_x) and torch.equal(flipped.test_y, split.test_y)
+    assert int((flipped.train_y != split.train_y).sum()) == 150  # each chosen image gets a *wrong* label
+    assert int(flipped.train_y.min()) >= 0 and int(flipped.train_y.max()) <= 9
+    with pytest.raises(ValueError, match="exceeds the 600 training images"):
+        mnist_data.paper_split("bundled", corrupted_labels=601)
+    with pytest.raises(ValueError, match="must be >= 0"):
+        mnist_data.paper_split("bundled", input_noise=-1.0)
+
+
 # ---------------------------------------------------------------- full source (torchvision)
 def write_idx(folder: Path, images: np.ndarray, labels: np.ndarray, prefix: str) -> None:
     """Write MNIST IDX files: big-endian headers (magic 0x0803 / 0x0801, then the dimensions), uint8 data."""
@@ -322,3 +340,75 @@ def test_saddle_to_saddle_config_runs(tmp_path: Path) -> None:
     assert [s for s, _ in values["geometry/train/batch_functional_dimension"]] == [0, 10, 20]
     assert all(v == 221 for _, v in values["geometry/train/upper_bound"])  # P − hidden = 241 − 20
     assert [s for s, _ in values["geometry/flatness/max_eigenvalue"]] == [0]
+
+
+# ---------------------------------------------------------------- the paper's protocol and the sweeps (issue 12)
+@pytest.fixture(scope="module")
+def protocol_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """configs/mnist.yaml itself through LightningCLI, shrunk: 2 epochs (measured at 0 and after epoch 2), 30-sample
+    probes (40 random inputs), a CFFD curve on 10, 20 and 40 inputs, 10 trace samples."""
+    import yaml
+
+    logdir = tmp_path_factory.mktemp("protocol")
+    config = yaml.safe_load((ROOT / "configs" / "mnist.yaml").read_text())
+    config["trainer"]["max_epochs"] = 2
+    config["trainer"]["check_val_every_n_epoch"] = 1
+    config["trainer"]["logger"]["init_args"]["save_dir"] = str(logdir)
+    monitor, curve = config["trainer"]["callbacks"]
+    assert monitor["init_args"]["at_epochs"] == [40, 80, 280, 680]
+    monitor["init_args"].update(at_epochs=[2], flatness_trace_samples=10, on_error="raise")
+    sizes = {"train": 30, "train_softmax": 30, "test": 30, "random": 40}
+    for probe in monitor["init_args"]["probes"]:
+        probe["size"] = sizes[probe["name"]]
+    curve["init_args"]["sizes"] = [10, 20, 40]
+    path = logdir / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    mnist.main(["fit", "--config", str(path)])
+    return logdir
+
+
+def test_protocol_logs_exact_dimensions_numerical_ranks_and_the_cffd_curve(protocol_run: Path) -> None:
+    values = scalars(protocol_run)
+    for probe, size in (("train", 30), ("test", 30), ("random", 40)):
+        points = values[f"geometry/{probe}/batch_functional_dimension"]
+        assert [s for s, _ in points] == [0, 6]  # step 0 and after epoch 2 (3 steps per epoch)
+        assert all(0 < d <= size * 9 for _, d in points)
+    assert [s for s, _ in values["geometry/train/numerical_rank"]] == [0, 6]
+    assert [s for s, _ in values["geometry/train_softmax/numerical_rank"]] == [0, 6]
+    assert "geometry/train_softmax/batch_functional_dimension" not in values  # a float rank is not the dimension
+    assert "geometry/test/numerical_rank" not in values and "geometry/random/numerical_rank" not in values
+    for when in ("start", "end"):
+        curve = values[f"cffd/{when}/batch_functional_dimension"]
+        assert [n for n, _ in curve] == [10, 20, 40]
+        assert [b for _, b in values[f"cffd/{when}/upper_bound"]] == [90, 180, 360]  # rows bind: N · 9 < 25,630
+        assert all(d <= b for (_, d), (_, b) in zip(curve, values[f"cffd/{when}/upper_bound"], strict=True))
+        assert {v for _, v in values[f"cffd/{when}/parameter_bound"]} == {25630}
+
+
+def test_readme_protocol_keys_are_logged(protocol_run: Path) -> None:
+    """Every key that the README's protocol section cites is a tag of a real run of configs/mnist.yaml."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The paper's protocol"):readme.index("### Run the tests")]
+    cited = set(re.findall(r"`((?:geometry|cffd)/[^`]+)`", section))
+    assert len(cited) >= 6
+    assert sorted(cited - set(scalars(protocol_run))) == []
+
+
+def test_plot_script_draws_the_run(protocol_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    (run,) = protocol_run.glob("mnist/version_*")
+    out = tmp_path / "figure.png"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_run.py"), str(run), str(out)], check=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+def test_sweep_driver_runs_one_setting(tmp_path: Path) -> None:
+    import sweeps
+
+    row = sweeps.run({"width": 2}, epochs=1, out=tmp_path)
+    assert row["p_minus_hidden"] == 1606  # [784, 2, 2, 2, 10]: P = 1,612, 6 hidden neurons
+    assert row["bound"] == 1606  # 600 · 9 = 5,400 rows: the parameters bind
+    assert 0 < row["bfd"] <= row["bound"] and 0 < row["softmax_numerical_rank"] <= 5400
+    assert 0 <= row["train_accuracy"] <= 1 and 0 <= row["test_accuracy"] <= 1
+    text = sweeps.table("width", [row])
+    assert text.splitlines()[2].startswith(f"| 2 | 1606 | {row['bfd']:.0f} / 1606 |")
