@@ -9,9 +9,9 @@
   exact on the dense path.
 * ``flat_dimension``: P − batch functional dimension on x. At an interpolating minimum of a squared loss
   H = (2/N) JᵀJ, so this is the dimension of the manifold of nearby minimisers (docs/science.md). It is the
-  expensive part of a call on realistic probes (one batch functional dimension, exact engine by default; on
-  the paper's MLP with 600 images about 5–6 s of a 6–7 s call, benchmarks/README.md): pass ``dimension=`` to
-  reuse one already computed, or ``flat_dimension=False`` to skip it.
+  expensive part of a call on realistic probes (one batch functional dimension, exact engine by default),
+  so by default it is reported only when ``dimension=`` hands over one already computed (GeometryMonitor
+  passes its dimension measure's); ``flat_dimension=True`` computes it, ``False`` never reports it.
 """
 
 from __future__ import annotations
@@ -66,10 +66,10 @@ class FlatnessResult:
             residual of a true eigenvalue); zeros on the dense path.
         trace: tr H (exact on the dense path, else the Hutch++/Hutchinson estimate).
         trace_std_error: estimated standard error of ``trace``; 0.0 when exact.
-        flat_dimension: P − ``functional_dimension``, the dimension of the flat directions; ``None`` when the call
-            passed ``flat_dimension=False``.
+        flat_dimension: P − ``functional_dimension``, the dimension of the flat directions; ``None`` when it was
+            not asked for (see the ``flat_dimension`` argument).
         functional_dimension: batch functional dimension (rank of ∂ vec f_θ(x) / ∂θ) on x (``DimensionResult.rank``
-            of the given or computed dimension); ``None`` with ``flat_dimension=False``.
+            of the given or computed dimension); ``None`` when ``flat_dimension`` is.
         num_params: P, the number of trainable parameters measured.
         loss: L(θ) on (x, y).
         num_hvps: Hessian-vector products spent (P on the dense path).
@@ -116,7 +116,7 @@ def flatness(
     params: Sequence[str] | None = None,
     output_fn: OutputFn | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-    flat_dimension: bool = True,
+    flat_dimension: bool | None = None,
     dimension: DimensionResult | None = None,
     dimension_options: Mapping[str, Any] | None = None,
     return_eigenvectors: bool = False,
@@ -151,9 +151,10 @@ def flatness(
         chunk_size: HVPs computed at once as one batched backward (dense Hessian and trace probes); default 1,
             one at a time, which was never more than 15 % slower than batching on CPU except for tiny models
             (:mod:`lightning_geomdim.hessian`); ``None`` batches a whole block.
-        flat_dimension: compute ``flat_dimension`` / ``functional_dimension`` (default). ``False`` skips the
-            batch functional dimension, often the most expensive part of the call, and both fields are
-            ``None``; ``dimension`` must then be ``None``.
+        flat_dimension: report ``flat_dimension`` / ``functional_dimension``. ``None`` (default): from
+            ``dimension`` when it is given (free), else not (both fields ``None``): the batch functional
+            dimension is often the most expensive part of the call. ``True``: computed when ``dimension`` is not
+            given. ``False``: never; ``dimension`` must then be ``None``.
         dimension: a :class:`DimensionResult` already computed for the same model, x and params (e.g. by the
             dimension measure at the same step), reused for ``flat_dimension`` instead of recomputing it.
             Without it the dimension is computed (with its own memory check) before any Hessian-vector
@@ -168,8 +169,8 @@ def flatness(
 
     Returns:
         A :class:`FlatnessResult`. Cost: dense path P HVPs; Lanczos path at most ``lanczos_iterations`` +
-        ``trace_samples`` HVPs; plus one batch functional dimension (unless ``dimension`` is given or
-        ``flat_dimension=False``).
+        ``trace_samples`` HVPs; plus one batch functional dimension with ``flat_dimension=True`` and no
+        ``dimension``.
 
     Memory (checked before any HVP, after one forward pass that counts A, the values of a forward pass:
     :func:`~lightning_geomdim.hessian.activation_numel`), in values of ``dtype`` (8 bytes for float64):
@@ -213,10 +214,11 @@ def flatness(
     minimum = 3 if trace_method == "hutch++" else 1
     if trace_samples < minimum:
         raise ValueError(f"trace_samples must be >= {minimum} for {trace_method}, got {trace_samples}")
-    if not flat_dimension and dimension is not None:
+    if flat_dimension is False and dimension is not None:
         raise ValueError(
             "dimension= was given with flat_dimension=False: pass flat_dimension=True to use it, or drop it"
         )
+    flat_dimension = dimension is not None if flat_dimension is None else bool(flat_dimension)
     generator = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
     budget = memory_budget(next((p.device for p in model.parameters()), torch.device("cpu")), max_memory_bytes)
 

@@ -218,7 +218,8 @@ class Flatness(_ProbeMetric):
     start vector and the trace probes, fresh at every ``compute()``, so equal weights give equal values.
     ``dimension``: a ``DimensionResult`` of the same model and inputs to reuse for the flat dimension;
     ``dimension_options``: the dimension's settings when it is computed here (see ``flatness``);
-    ``flat_dimension=False`` skips the flat dimension, ``return_eigenvectors=True`` keeps the top eigenvectors.
+    ``flat_dimension``: as in ``flatness`` (default: reported only from a given ``dimension``; ``True`` computes
+    it); ``return_eigenvectors=True`` keeps the top eigenvectors.
     ``compute()`` returns λ_max as a float64 scalar tensor; ``result`` holds the ``FlatnessResult``.
     """
 
@@ -236,7 +237,7 @@ class Flatness(_ProbeMetric):
         dtype: torch.dtype = torch.float64,
         dimension: DimensionResult | None = None,
         dimension_options: Mapping[str, Any] | None = None,
-        flat_dimension: bool = True,
+        flat_dimension: bool | None = None,
         return_eigenvectors: bool = False,
         max_memory_bytes: int | None = None,
         max_samples: int | None = None,

@@ -116,7 +116,7 @@ def test_interpolating_mse_minimum_hessian_is_gauss_newton_and_flat_dimension_co
     x = torch.randn(5, 3, generator=gen(9))
     y = copy.deepcopy(model).double()(x.double()).detach()  # zero residual: an interpolating minimum
     p = sum(q.numel() for q in model.parameters())
-    res = flatness(model, F.mse_loss, x, y, top_k=p, method="dense")
+    res = flatness(model, F.mse_loss, x, y, top_k=p, method="dense", flat_dimension=True)
     jac = dense_jacobian(model, x)
     gauss_newton = 2 / jac.shape[0] * jac.T @ jac  # mse_loss averages over the M = N·K outputs
     torch.testing.assert_close(res.top_eigenvalues, top_eigenvalues(gauss_newton, p), rtol=1e-9, atol=1e-12)
@@ -133,10 +133,14 @@ def test_interpolating_mse_minimum_hessian_is_gauss_newton_and_flat_dimension_co
 
 def test_flat_dimension_is_params_minus_jacobian_rank_and_reuses_a_dimension() -> None:
     model, loss_fn, x, y = cnn_case()
-    res = flatness(model, loss_fn, x, y)
+    res = flatness(model, loss_fn, x, y, flat_dimension=True)
     assert res.flat_dimension == res.num_params - numpy_rank(dense_jacobian(model, x))
     dim = batch_functional_dimension(model, x)
-    assert flatness(model, loss_fn, x, y, dimension=dim).flat_dimension == res.flat_dimension
+    assert flatness(model, loss_fn, x, y, dimension=dim).flat_dimension == res.flat_dimension  # default: reused
+    assert flatness(model, loss_fn, x, y, dimension=dim, flat_dimension=True).flat_dimension == res.flat_dimension
+    default = flatness(model, loss_fn, x, y)  # default without a dimension: not computed (the costly part)
+    assert default.flat_dimension is None and default.functional_dimension is None
+    assert default.max_eigenvalue == res.max_eigenvalue
     with pytest.raises(ValueError, match="same model"):
         flatness(model, loss_fn, x, y, dimension=batch_functional_dimension(mlp([4, 3]), torch.randn(2, 4)))
 
@@ -352,7 +356,7 @@ def test_dimension_too_large_for_the_budget_fails_before_the_hessian_work() -> N
     dimension_calls, model.calls = model.calls, 0
     with pytest.raises(MemoryBudgetError) as err:
         flatness(model, F.cross_entropy, x, y, method="lanczos", lanczos_iterations=3, trace_samples=3,
-                 chunk_size=1, max_memory_bytes=budget)
+                 chunk_size=1, max_memory_bytes=budget, flat_dimension=True)
     assert str(err.value) == str(alone.value)  # the dimension's refusal ...
     assert model.calls == 2 + dimension_calls  # ... after only the A-counting and loss forwards: no HVP ran
 
@@ -362,9 +366,10 @@ def test_flat_dimension_is_computed_with_the_given_dimension_settings() -> None:
     model = mlp([3, 5, 2], seed=31)
     x, y = torch.randn(10, 3, generator=gen(31)), torch.randint(0, 2, (10,), generator=gen(32))
     options = {"engine": "jacrev", "rtol": 0.5}
-    res = flatness(model, F.cross_entropy, x, y, dimension_options=options)
+    res = flatness(model, F.cross_entropy, x, y, dimension_options=options, flat_dimension=True)
     coarse = batch_functional_dimension(model, x, **options)
     exact = batch_functional_dimension(model, x)
     assert res.functional_dimension == coarse.rank < exact.rank
     assert res.flat_dimension == res.num_params - coarse.rank
-    assert flatness(model, F.cross_entropy, x, y).functional_dimension == exact.rank  # default: the exact engine
+    default_engine = flatness(model, F.cross_entropy, x, y, flat_dimension=True)
+    assert default_engine.functional_dimension == exact.rank  # default engine: the exact one

@@ -186,16 +186,19 @@ def test_return_eigenvectors(method: str) -> None:
     assert flatness(model, F.cross_entropy, x, y, method=method, trace_samples=3).eigenvectors is None
 
 
-def test_flat_dimension_false_skips_the_dimension(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("flat_dimension", [False, None])
+def test_flat_dimension_false_or_default_skips_the_dimension(
+    monkeypatch: pytest.MonkeyPatch, flat_dimension: bool | None,
+) -> None:
     model = mlp([4, 6, 3], seed=4)
     x, y = torch.randn(8, 4, generator=gen(3)), torch.randint(0, 3, (8,), generator=gen(4))
-    with_dimension = flatness(model, F.cross_entropy, x, y)
+    with_dimension = flatness(model, F.cross_entropy, x, y, flat_dimension=True)
 
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the batch functional dimension must not be computed")
 
     monkeypatch.setattr(importlib.import_module("lightning_geomdim.flatness"), "batch_functional_dimension", fail)
-    res = flatness(model, F.cross_entropy, x, y, flat_dimension=False)
+    res = flatness(model, F.cross_entropy, x, y, flat_dimension=flat_dimension)
     assert res.flat_dimension is None and res.functional_dimension is None
     assert res.max_eigenvalue == with_dimension.max_eigenvalue and res.trace == with_dimension.trace
     dim = batch_functional_dimension(model, x)

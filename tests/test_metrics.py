@@ -149,12 +149,13 @@ def test_flatness_default_loss_matches_an_explicit_hessian(targets: str) -> None
         y, reference_loss = torch.randint(0, 2, (10,), generator=gen(7)), F.cross_entropy
     else:
         y, reference_loss = torch.randn(10, 2, generator=gen(7)), F.mse_loss
-    metric = Flatness(model, top_k=2)
+    metric = Flatness(model, top_k=2, flat_dimension=True)
     metric.update(x[:5], y[:5])
     metric.update(x[5:], y[5:])
     value = float(metric.compute())
     assert value == pytest.approx(explicit_hessian_max_eigenvalue(model, reference_loss, x, y), rel=1e-9)
-    direct = flatness(model, reference_loss, x, y, top_k=2, generator=torch.Generator().manual_seed(0))
+    direct = flatness(model, reference_loss, x, y, top_k=2, generator=torch.Generator().manual_seed(0),
+                      flat_dimension=True)
     assert metric.result.trace == pytest.approx(direct.trace, rel=1e-12)
     assert metric.result.flat_dimension == direct.flat_dimension
     assert metric.result.top_eigenvalues.shape == (2,)
