@@ -45,6 +45,8 @@ from lightning_geomdim.schedule import Event, MeasurementClock, OverheadBudget, 
 from lightning_geomdim.tracing import RELU_LIKE
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
+#: The time budget of the default schedule (see ``max_overhead``).
+DEFAULT_MAX_OVERHEAD = 0.05
 DTYPES: dict[str, torch.dtype] = {"float64": torch.float64, "float32": torch.float32}
 FLATNESS_KEYS: tuple[str, ...] = ("max_eigenvalue", "trace", "trace_std_error", "flat_dimension", "loss")
 #: The monitor's metrics never gather across processes: every process measures the whole probe (see _on_device).
@@ -111,12 +113,14 @@ class GeometryMonitor(Callback):
     a custom-scalars layout, singular-value histograms and cosine heatmaps (see
     :mod:`lightning_geomdim.tensorboard`).
 
-    **Cost**: with the default ``max_overhead=0.05`` the monitor spends about 5 % of the run's wall time measuring:
-    each measure's first point is taken, later scheduled points only while their cost (the duration of their
-    previous measurement) fits in the measure's equal share of the budget, so every curve is as dense as its cost
-    allows and a warning says when points are skipped. The first points are always taken, so a run shorter than
-    about 20 times their cost spends more (``benchmarks/bench_callback.py`` measures the MNIST example).
-    ``max_overhead=None`` takes every scheduled point.
+    **Cost**: on the default schedule (every epoch) the monitor spends about 5 % of the run's wall time measuring
+    (``max_overhead="auto"`` → 0.05): each measure's first point is taken, later scheduled points only while their
+    cost (the duration of their previous measurement) fits in the measure's equal share of the budget, so every
+    curve is as dense as its cost allows and a warning says when points are skipped. The first points are always
+    taken, so a run shorter than about 20 times their cost spends more (``benchmarks/bench_callback.py`` measures
+    the MNIST example). **A schedule you write is the schedule that runs**: with any of ``every_n_steps``,
+    ``every_n_epochs``, ``log_spaced``, ``at_epochs`` or ``schedules`` given, every scheduled point is taken,
+    unless you also pass a ``max_overhead`` fraction. ``max_overhead=None`` takes every scheduled point.
 
     **Models and failures**: any differentiable model (tanh, GELU, ...: the dimension is measured, with no
     hidden-neuron bound claimed). ``linear_regions`` and the alignment keys exist only for models with
@@ -163,7 +167,8 @@ class GeometryMonitor(Callback):
 
     Args:
         every_n_steps: measure after every n-th optimizer step; ``None`` to disable.
-        every_n_epochs: measure at the end of every n-th training epoch; ``None`` to disable.
+        every_n_epochs: measure at the end of every n-th training epoch; default 1 when none of ``every_n_steps``,
+            ``log_spaced``, ``at_epochs`` is given, else ``None`` (disabled).
         log_spaced: also measure at log-spaced global steps, this many per decade (1, 2, 3, …, 10, 13, 16, …
             for 10); ``None`` to disable.
         at_start: measure at global step 0, before training (not again when resuming).
@@ -172,8 +177,9 @@ class GeometryMonitor(Callback):
             time (0.05: about 5 % slower). A scheduled measure is skipped (one warning says so) when measuring it,
             at the cost of its previous measurement, would exceed its equal share of that; each measure's first
             point is always taken. Cheap measures keep dense curves, expensive ones get sparser. ``None``: take
-            every scheduled point whatever it costs (a protocol's exact steps; the example configs do this). Under
-            DDP rank 0 decides for all processes. See :class:`~lightning_geomdim.schedule.OverheadBudget`.
+            every scheduled point whatever it costs (a protocol's exact steps). ``"auto"`` (default): 0.05 on the
+            default schedule, ``None`` when the schedule was written by the user (see **Cost**). Under DDP rank 0
+            decides for all processes. See :class:`~lightning_geomdim.schedule.OverheadBudget`.
         schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: probe specifications (see above); default ``["train", "val", "random"]``, where ``"val"`` is
             left out when there is no validation data.
@@ -181,7 +187,9 @@ class GeometryMonitor(Callback):
             (for K outputs a 64 K × 64 K Gram matrix, whose O((64 K)³) eigendecomposition dominates the dimension's
             cost; on the MNIST example one measurement of everything takes about 0.5 s); raise it for a finer
             picture (the example configs use 200 to 2,000).
-        measures: any of ``"dimension"`` (with linear regions), ``"flatness"``, ``"alignment"``.
+        measures: any of ``"dimension"`` (with linear regions), ``"flatness"``, ``"alignment"``; default all three,
+            where flatness is dropped with one warning when no probe has targets (given explicitly, that is an
+            error).
         module: name of the submodule to measure (as in ``named_modules()``, e.g. ``"net"``); default the
             LightningModule's own ``forward``.
         input_fn: batch → model input; default the batch if a tensor, its first item if a tuple/list, or the
@@ -230,7 +238,8 @@ class GeometryMonitor(Callback):
     Raises:
         MisconfigurationException: invalid arguments (at construction); no logger, an unsupported strategy,
             an unknown ``module``, a LightningModule without ``forward`` and no ``module`` (at setup);
-            a probe that cannot be built, flatness without any probe with targets (at train start).
+            a probe that cannot be built, ``measures`` naming flatness without any probe with targets (at train
+            start).
 
     Example::
 
@@ -243,15 +252,15 @@ class GeometryMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int | None = None,
-        every_n_epochs: int | None = 1,
+        every_n_epochs: int | None = None,
         log_spaced: int | None = None,
         at_start: bool = True,
         at_epochs: Sequence[int] | None = None,
-        max_overhead: float | None = 0.05,
+        max_overhead: float | None | Literal["auto"] = "auto",
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         probes: Sequence[str | Mapping[str, Any]] | None = None,
         probe_size: int = 64,
-        measures: Sequence[str] = MEASURES,
+        measures: Sequence[str] | None = None,
         module: str | None = None,
         input_fn: Callable[[Any], Any] | None = None,
         target_fn: Callable[[Any], Any] | None = None,
@@ -274,12 +283,18 @@ class GeometryMonitor(Callback):
         seed: int = 0,
         on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
+        self._default_measures = measures is None
+        if measures is None:
+            measures = MEASURES
         if isinstance(measures, str):
             measures = [measures]
         unknown = sorted(set(measures) - set(MEASURES))
         if unknown or not measures:
             raise MisconfigurationException(f"measures={list(measures)} is invalid: choose among {MEASURES}")
         self.measures = tuple(dict.fromkeys(measures))
+        written = any(v is not None for v in (every_n_steps, every_n_epochs, log_spaced, at_epochs)) or bool(schedules)
+        if not any(v is not None for v in (every_n_steps, every_n_epochs, log_spaced, at_epochs)):
+            every_n_epochs = 1  # the default schedule: every epoch
         base = Schedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced,
                         at_start=at_start, at_epochs=at_epochs)
         schedules = dict(schedules or {})
@@ -289,6 +304,8 @@ class GeometryMonitor(Callback):
                 f"schedules has entries for {stray}, which are not measured: use keys among {list(self.measures)}"
             )
         self._clock = MeasurementClock({m: Schedule.from_config(schedules.get(m, {}), base) for m in self.measures})
+        if max_overhead == "auto":  # the budget governs the default schedule; a schedule the user wrote runs as written
+            max_overhead = None if written else DEFAULT_MAX_OVERHEAD
         self._time = OverheadBudget(max_overhead, measures=self.measures)
         self._warned_overhead = False
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
@@ -314,8 +331,11 @@ class GeometryMonitor(Callback):
         for arg, value in (("flatness_top_k", flatness_top_k), ("flatness_trace_samples", flatness_trace_samples)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MisconfigurationException(f"{arg}={value!r} must be a positive integer")
-        if not 0.0 < float(alignment_threshold) <= 1.0:
-            raise MisconfigurationException(f"alignment_threshold={alignment_threshold!r} must be in (0, 1]")
+        if not -1.0 <= float(alignment_threshold) < 1.0:
+            raise MisconfigurationException(
+                f"alignment_threshold={alignment_threshold!r} must be in [-1, 1): the cosine above which two neurons "
+                "share a direction cluster, e.g. 0.99"
+            )
 
         self.module = module
         self.input_fn = input_fn or default_input_fn
@@ -352,12 +372,18 @@ class GeometryMonitor(Callback):
         self._known_keys: dict[tuple[str, str], set[str]] = {}
         self._not_applicable: set[str] = set()
         self._failures: dict[tuple[str, str], Exception] = {}  # of the measurement in progress
+        self._state_key: str | None = None
+        _ = self.state_key  # fixed by the arguments (also when a measure is dropped later)
 
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(probes=[s.name for s in self._specs], measures=list(self.measures),
-                                        module=self.module)
+        # Lightning reads it several times per training step (profiler names): built once, from the arguments
+        if self._state_key is None:
+            self._state_key = self._generate_state_key(
+                probes=[s.name for s in self._specs], measures=list(self.measures), module=self.module
+            )
+        return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
         """Probe indices/seeds and the last measured step of each measure (saved in Lightning checkpoints)."""
@@ -497,7 +523,16 @@ class GeometryMonitor(Callback):
     def _check_measure_probes(self) -> None:
         if "flatness" in self.measures:
             probe = self._flatness_probe()
-            if probe is None:
+            if probe is None and self._default_measures:  # only what the user asked for explicitly may be fatal
+                rank_zero_warn(
+                    "GeometryMonitor: flatness needs targets, but no probe has any (unlabelled data, or batches "
+                    "that target_fn does not understand): measuring dimension and alignment only. Pass "
+                    "target_fn=... (and loss_fn=...) to measure flatness"
+                )
+                self.measures = tuple(m for m in self.measures if m != "flatness")
+                self._clock.schedules.pop("flatness", None)
+                self._time.measures = self.measures
+            elif probe is None:
                 raise MisconfigurationException(
                     "flatness needs a probe with targets, but none has any: return targets from target_fn, add "
                     "a probe with targets, or remove 'flatness' from measures"

@@ -643,3 +643,53 @@ def test_per_probe_logit_differences_and_spectrum(tmp_path: Path) -> None:
     assert acc.Scalars("geometry/train/num_rows")[-1].value == 24 * (CLASSES - 1)
     with pytest.raises(MisconfigurationException, match="must be true or false"):
         GeometryMonitor(probes=[{"source": "train", "spectrum": "yes"}])
+
+
+# ---------------------------------------------------------------- defaults on modules nobody here wrote (issue 14)
+def test_an_explicit_schedule_is_honoured_exactly_and_the_budget_only_when_asked(tmp_path: Path) -> None:
+    """every_n_steps=5 over 40 steps: 9 points (0, 5, …, 40) although measuring costs far more than 5 % of
+    this tiny run; with an explicit max_overhead the budget applies again (first point only here)."""
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_steps=5, probes=["train"], probe_size=8, measures=["dimension"])
+    tr = trainer(tmp_path / "written", monitor, max_steps=40, max_epochs=-1)
+    tr.fit(Classifier(), **loaders(train=8, val=None, batch=1))
+    assert monitor._time.max_overhead is None
+    assert steps(events(tr), "geometry/train/batch_functional_dimension") == [0, 5, 10, 15, 20, 25, 30, 35, 40]
+    L.seed_everything(0)
+    budgeted = GeometryMonitor(every_n_steps=5, max_overhead=1e-9, probes=["train"], probe_size=8,
+                               measures=["dimension"])
+    tr = trainer(tmp_path / "budgeted", budgeted, max_steps=40, max_epochs=-1)
+    with pytest.warns(UserWarning, match="to stay within max_overhead"):
+        tr.fit(Classifier(), **loaders(train=8, val=None, batch=1))
+    assert steps(events(tr), "geometry/train/batch_functional_dimension") == [0]
+    assert GeometryMonitor()._time.max_overhead == 0.05  # the default schedule keeps the ~5 % promise
+    assert GeometryMonitor(schedules={"flatness": {"every_n_epochs": 3}})._time.max_overhead is None
+
+
+def test_boring_model_without_targets_warns_once_and_measures_the_rest(tmp_path: Path) -> None:
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    L.seed_everything(0)
+    monitor = GeometryMonitor()
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=4, limit_val_batches=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(BoringModel())
+    messages = [str(w.message) for w in caught if "GeometryMonitor" in str(w.message)]
+    assert len([m for m in messages if "flatness needs targets" in m]) == 1
+    assert monitor.measures == ("dimension", "alignment")
+    scalars = events(tr).Tags()["scalars"]
+    assert "geometry/train/batch_functional_dimension" in scalars
+    assert not [t for t in scalars if t.startswith("geometry/flatness/")]
+    with pytest.raises(MisconfigurationException, match="flatness needs a probe with targets"):
+        trainer(tmp_path / "explicit", GeometryMonitor(measures=["flatness"]), max_epochs=1,
+                limit_train_batches=2).fit(BoringModel())
+
+
+def test_state_key_is_built_once_and_alignment_threshold_matches_the_core() -> None:
+    monitor = GeometryMonitor()
+    assert monitor.state_key is monitor.state_key  # Lightning reads it several times per step
+    assert GeometryMonitor(alignment_threshold=-0.5).alignment_threshold == -0.5
+    for bad in (1.0, -1.5):
+        with pytest.raises(MisconfigurationException, match=r"must be in \[-1, 1\)"):
+            GeometryMonitor(alignment_threshold=bad)
