@@ -6,7 +6,8 @@
 One row per measured step: per probe the exact batch functional dimension / its upper bound, then the numerical
 rank (float, with its tolerance rtol) of the ``--numerical`` probes, λ_max of the loss Hessian, the flat dimension,
 and the training and test loss / accuracy last logged at or before that step (when the module logs
-``train/loss``, ``test/accuracy``, ...).
+``train/loss``, ``test/accuracy``, ...). ``--changes`` keeps only the first and last rows and those where a
+dimension changed (e.g. configs/saddle_to_saddle.yaml's 151 points).
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def main() -> None:
     parser.add_argument("--numerical", nargs="*", default=["train", "train_softmax"],
                         help="probes whose numerical rank is shown")
     parser.add_argument("--steps-per-epoch", type=int, default=3, help="to label rows with epochs")
+    parser.add_argument("--changes", action="store_true",
+                        help="only the first and last steps and those where a probe's dimension changed")
     args = parser.parse_args()
     acc = EventAccumulator(args.logdir, size_guidance={"scalars": 0})
     acc.Reload()
@@ -48,7 +51,14 @@ def main() -> None:
     header += [k for k, v in extra.items() if v]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    for step in sorted(set().union(*dims.values())):
+    measured = sorted(set().union(*dims.values()))
+    if args.changes:
+        def changed(i: int) -> bool:
+            before, now = measured[i - 1], measured[i]
+            return any(d.get(before) != d.get(now) for d in dims.values())
+
+        measured = [s for i, s in enumerate(measured) if i in (0, len(measured) - 1) or changed(i)]
+    for step in measured:
         cells = [f"{step} ({step // args.steps_per_epoch})"]
         for p in args.probes:
             cells.append(f"{dims[p][step]:.0f} / {bounds[p][step]:.0f}" if step in dims[p] else "–")
