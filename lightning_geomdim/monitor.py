@@ -192,8 +192,10 @@ class GeometryMonitor(Callback):
             error).
         module: name of the submodule to measure (as in ``named_modules()``, e.g. ``"net"``); default the
             LightningModule's own ``forward``.
-        input_fn: batch → model input; default the batch if a tensor, its first item if a tuple/list, or the
-            dict key ``"x"``, ``"input"``, ``"inputs"``, ``"image"`` or ``"images"``.
+        input_fn: batch → model input: a tensor, a tuple (positional inputs) or a dict (keyword inputs); default
+            the batch if a tensor, its first item if a tuple/list, the dict key ``"x"``, ``"input"``, ``"inputs"``,
+            ``"image"`` or ``"images"``, or else the dict without its target keys as keyword inputs (Hugging Face
+            batches: ``input_ids`` / ``attention_mask``, ``pixel_values``).
         target_fn: batch → targets (or ``None``); default the second item of a tuple/list, or the dict key
             ``"y"``, ``"target"``, ``"targets"``, ``"label"`` or ``"labels"``.
         output_fn: model output → the tensor measured (e.g. ``lambda out: out["logits"]``).

@@ -44,8 +44,10 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def default_input_fn(batch: Any) -> Any:
-    """The model input of a batch: the batch itself if a Tensor, the first item of a tuple/list, or the first
-    of the dict keys ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``."""
+    """The model input of a batch: the batch itself if a Tensor, the first item of a tuple/list, the first of
+    the dict keys ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, or else (Hugging Face style
+    batches such as ``{"input_ids", "attention_mask", "labels"}`` or ``{"pixel_values", "labels"}``) the dict
+    without its target keys, passed to the model as keyword inputs (``model(**inputs)``)."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (tuple, list)) and batch:
@@ -54,13 +56,18 @@ def default_input_fn(batch: Any) -> Any:
         for key in INPUT_KEYS:
             if key in batch:
                 return batch[key]
+        inputs = {k: v for k, v in batch.items() if k not in TARGET_KEYS}
+        if inputs:
+            return inputs
         raise MisconfigurationException(
-            f"the batch is a dict with keys {sorted(batch)} and none of the default input keys {INPUT_KEYS}: "
-            "pass GeometryMonitor(input_fn=...) returning the model input, e.g. input_fn=lambda b: b['pixels']"
+            f"the batch is a dict with only target keys {sorted(batch)}: pass GeometryMonitor(input_fn=...) "
+            "returning the model input: a tensor, a tuple (positional inputs) or a dict (keyword inputs)"
         )
     raise MisconfigurationException(
         f"cannot find the model input in a batch of type {type(batch).__name__}: pass "
-        "GeometryMonitor(input_fn=...) returning the model input from a batch"
+        "GeometryMonitor(input_fn=...) returning the model input from a batch: a tensor, a tuple (positional "
+        "inputs) or a dict (keyword inputs, e.g. input_fn=lambda b: {'input_ids': b.ids, 'attention_mask': "
+        "b.mask})"
     )
 
 

@@ -693,3 +693,51 @@ def test_state_key_is_built_once_and_alignment_threshold_matches_the_core() -> N
     for bad in (1.0, -1.5):
         with pytest.raises(MisconfigurationException, match=r"must be in \[-1, 1\)"):
             GeometryMonitor(alignment_threshold=bad)
+
+
+class KeywordTextClassifier(L.LightningModule):
+    """A Hugging Face style module: ``forward(input_ids, attention_mask)``, dict batches with ``labels``."""
+
+    def __init__(self, vocab: int = 20, dim: int = 6, classes: int = 3) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(vocab, dim), nn.Sequential(nn.Linear(dim, 8), nn.ReLU(),
+                                                                         nn.Linear(8, classes))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        mask = attention_mask.unsqueeze(-1).to(self.embed.weight.dtype)
+        pooled = (self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1)
+        return self.head(pooled)
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        labels = batch["labels"]
+        return nn.functional.cross_entropy(self(**{k: v for k, v in batch.items() if k != "labels"}), labels)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class TokenDataset(Dataset):
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids, self.labels = torch.randint(0, 20, (n, 5), generator=g), torch.randint(0, 3, (n,), generator=g)
+        self.mask = (torch.rand(n, 5, generator=g) > 0.2).long()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "attention_mask": self.mask[i], "labels": self.labels[i]}
+
+
+def test_hugging_face_dict_batches_go_in_as_keyword_inputs(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(probe_size=8)
+    tr = trainer(tmp_path, monitor, max_epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(KeywordTextClassifier(), DataLoader(TokenDataset(16), batch_size=4))
+    probe = monitor.probes["train"]
+    assert set(probe.x) == {"input_ids", "attention_mask"} and probe.y.shape == (8,)  # labels are the targets
+    scalars = events(tr).Tags()["scalars"]
+    assert "geometry/train/numerical_rank" in scalars and "geometry/flatness/max_eigenvalue" in scalars
+    assert not [w for w in caught if "failed" in str(w.message)]
