@@ -258,7 +258,7 @@ class GeometryMonitor(Callback):
         log_spaced: int | None = None,
         at_start: bool = True,
         at_epochs: Sequence[int] | None = None,
-        max_overhead: float | None | Literal["auto"] = "auto",
+        max_overhead: float | Literal["auto"] | None = "auto",
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         probes: Sequence[str | Mapping[str, Any]] | None = None,
         probe_size: int = 64,
