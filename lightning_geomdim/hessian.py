@@ -56,7 +56,7 @@ from torch.func import grad, jvp, vmap
 
 from lightning_geomdim.errors import NonFiniteError
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.memory import check_memory
+from lightning_geomdim.memory import check_memory, is_out_of_memory
 from lightning_geomdim.tracing import forward_hooks
 
 LossFn = Callable[[Tensor, Any], Tensor]
@@ -252,7 +252,7 @@ class HessianOperator:
                     out[:, j : j + step] = self._reverse(v[:, j : j + step].T.contiguous(), batched=True).T
                 return out
             except RuntimeError as err:  # e.g. an op of the double backward without a batching rule
-                if _missing_derivative(err) and "batching rule" not in str(err).lower():
+                if is_out_of_memory(err) or (_missing_derivative(err) and "batching rule" not in str(err).lower()):
                     raise
                 self._vectorise = False
                 warnings.warn(
@@ -273,6 +273,8 @@ class HessianOperator:
             try:
                 return vmap(self._forward, in_dims=1, out_dims=1, chunk_size=self.chunk_size)(v)
             except RuntimeError as err:  # e.g. data-dependent control flow or ops without a batching rule
+                if is_out_of_memory(err):
+                    raise
                 self._vectorise = False
                 warnings.warn(
                     f"vmap could not batch Hessian-vector products of {type(self.fm.module).__name__} "

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.func import jacrev
 
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.memory import check_memory
+from lightning_geomdim.memory import check_memory, is_out_of_memory
 from lightning_geomdim.rank import Spectrum
 
 
@@ -41,6 +41,8 @@ def jacobian_matrix(fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int
     try:
         blocks = jacrev(flat_output, chunk_size=chunk_size)(fm.params)
     except RuntimeError as err:  # torch.func cannot transform this model: plain autograd, row by row
+        if is_out_of_memory(err):  # out of memory is out of memory: M backward passes would not help
+            raise
         warnings.warn(
             f"torch.func could not differentiate {type(fm.module).__name__} ({str(err).splitlines()[0][:160]}); "
             "computing the Jacobian with one torch.autograd.grad call per output instead (slower)",

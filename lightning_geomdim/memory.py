@@ -57,3 +57,12 @@ def check_memory(needed: int, budget: int, *, what: str, remedies: str) -> None:
             f"{what} needs about {format_bytes(needed)} but the memory budget is {format_bytes(budget)}: {remedies}; "
             "or raise the budget with max_memory_bytes=... / GEOMDIM_MAX_MEMORY_BYTES"
         )
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether ``err`` is an allocation failure (``torch.OutOfMemoryError``, or the CPU allocator's RuntimeError):
+    a fallback that catches RuntimeError must re-raise these rather than retry another way."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("can't allocate memory" in text or "not enough memory" in text)

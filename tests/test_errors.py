@@ -89,3 +89,42 @@ def test_format_bytes_units() -> None:
 
     assert [format_bytes(n) for n in (512, 1536, 5 * 1024**2, 3 * 1024**3, 2 * 1024**4)] == [
         "512 B", "1.50 KiB", "5.00 MiB", "3.00 GiB", "2.00 TiB"]
+
+
+def test_out_of_memory_is_not_mistaken_for_an_unsupported_transform(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The jacrev and batched-HVP fallbacks catch RuntimeError; an allocation failure must propagate instead of
+    switching to a slower path with a misleading warning."""
+    import importlib
+    import warnings
+
+    import torch.nn.functional as F
+
+    from lightning_geomdim import flatness
+    from lightning_geomdim.memory import is_out_of_memory
+
+    def out_of_memory(*args: object, **kwargs: object) -> object:
+        def fail(*a: object, **k: object) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 160.00 GiB")
+        return fail
+
+    model, x = mlp([3, 5, 2], seed=1), torch.randn(6, 3, generator=gen(1))
+    monkeypatch.setattr(importlib.import_module("lightning_geomdim.jacobian"), "jacrev", out_of_memory)
+    hessian = importlib.import_module("lightning_geomdim.hessian")
+    monkeypatch.setattr(hessian, "vmap", out_of_memory)  # the forward-over-reverse products
+    reverse = hessian.HessianOperator._reverse
+
+    def batched_out_of_memory(self: object, v: torch.Tensor, batched: bool = False) -> torch.Tensor:
+        if batched:  # the batched reverse-over-reverse products
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return reverse(self, v, batched=batched)
+
+    monkeypatch.setattr(hessian.HessianOperator, "_reverse", batched_out_of_memory)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "falling back" warning either
+        with pytest.raises(torch.OutOfMemoryError):
+            batch_functional_dimension(model, x, engine="jacrev")
+        with pytest.raises(torch.OutOfMemoryError):
+            flatness(model, F.cross_entropy, x, torch.zeros(6, dtype=torch.long), method="dense", chunk_size=4)
+    assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
+                                         "memory: you tried to allocate 171798691840 bytes"))
+    assert not is_out_of_memory(RuntimeError("vmap: It looks like you're calling .item() on a Tensor"))
