@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lightning_geomdim.errors import NonFiniteError, ProbeError
 
@@ -31,7 +32,9 @@ def measurement_mode(module: nn.Module) -> Iterator[nn.Module]:
     Restored on exit, even when the body raises: every submodule's ``training`` flag, the global (CPU
     and current CUDA device) RNG states. The module's parameters, ``requires_grad`` flags, ``.grad``
     fields, dtype and device are never modified by the measures, so nothing else needs restoring.
-    Autocast is disabled and inference mode lifted inside, because Lightning calls hooks under both.
+    Autocast is disabled and inference mode lifted inside, because Lightning calls hooks under both. Scaled
+    dot-product attention uses its math kernel inside: the fused CPU/GPU kernels have no forward-mode or double
+    derivative, which Hessian-vector products need (``nn.MultiheadAttention``, transformer layers).
     """
     training = {m: m.training for m in module.modules()}
     devices = _cuda_devices(module)
@@ -42,6 +45,7 @@ def measurement_mode(module: nn.Module) -> Iterator[nn.Module]:
             stack.enter_context(torch.enable_grad())
             for device_type in {"cpu", *(["cuda"] if devices else [])}:
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
             module.eval()
             yield module
     finally:

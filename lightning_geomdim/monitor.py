@@ -598,6 +598,7 @@ class GeometryMonitor(Callback):
                     ))
         with self._time.measuring():
             self._log(trainer, metrics, extras, step)
+        self._failures = {}  # their tracebacks hold the measurement's tensors (Grams, factors) alive
 
     def _within_overhead(self, trainer: Trainer, due: list[str], step: int) -> list[str]:
         """The measures of ``due`` that fit in the time budget (rank 0's choice under DDP); warn once on a skip."""

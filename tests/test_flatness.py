@@ -373,3 +373,26 @@ def test_flat_dimension_is_computed_with_the_given_dimension_settings() -> None:
     assert res.flat_dimension == res.num_params - coarse.rank
     default_engine = flatness(model, F.cross_entropy, x, y, flat_dimension=True)
     assert default_engine.functional_dimension == exact.rank  # default engine: the exact one
+
+
+class SelfAttentionClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention, self.head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, _ = self.attention(x, x, x, need_weights=False)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("method", ["dense", "lanczos"])
+def test_attention_models_get_hessians_through_the_math_kernel(method: str) -> None:
+    """nn.MultiheadAttention dispatches to a fused SDPA kernel with no forward-mode / double derivative on CPU;
+    measurements run under the math kernel, and agree with a dense Hessian computed under it."""
+    torch.manual_seed(0)
+    model = SelfAttentionClassifier()
+    x, y = torch.randn(4, 5, 8, generator=gen(5)), torch.randint(0, 3, (4,), generator=gen(6))
+    res = flatness(model, F.cross_entropy, x, y, method=method, top_k=2, trace_samples=30)
+    with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+        h = explicit_hessian(model, F.cross_entropy, x, y)
+    torch.testing.assert_close(res.top_eigenvalues, top_eigenvalues(h, 2), rtol=1e-8, atol=1e-10)

@@ -375,6 +375,7 @@ def test_a_failing_measure_warns_logs_nan_and_training_continues(tmp_path: Path)
     assert [s for s, _ in bfd] == [0, 2, 4] and all(math.isnan(float(v)) for _, v in bfd)
     assert all(math.isnan(float(r["geometry/flatness/max_eigenvalue"])) for r in rows
                if r.get("geometry/flatness/max_eigenvalue"))
+    assert monitor._failures == {}  # no exception (and the tensors its traceback holds) outlives its measurement
 
 
 def test_on_error_raise_is_fatal(tmp_path: Path) -> None:
