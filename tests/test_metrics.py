@@ -162,7 +162,19 @@ def test_flatness_default_loss_matches_an_explicit_hessian(targets: str) -> None
 
 
 def test_loss_resolution() -> None:
-    assert resolve_loss_fn(None, torch.tensor([0, 1])) is F.cross_entropy
+    ce = resolve_loss_fn(None, torch.tensor([0, 1]))
+    g = torch.Generator().manual_seed(0)
+    logits, labels = torch.randn(4, 3, generator=g), torch.randint(0, 3, (4,), generator=g)
+    assert torch.equal(ce(logits, labels), F.cross_entropy(logits, labels))
+    # sequence outputs (N, T, V) with token targets (N, T): token-level, also when T == V
+    seq, tokens = torch.randn(2, 5, 5, generator=g), torch.randint(0, 5, (2, 5), generator=g)
+    torch.testing.assert_close(ce(seq, tokens), F.cross_entropy(seq.reshape(10, 5), tokens.reshape(10)))
+    assert not torch.allclose(ce(seq, tokens), F.cross_entropy(seq, tokens))  # what dimension 1 would have given
+    # segmentation (N, C, H, W) with (N, H, W): classes in dimension 1, as F.cross_entropy reads them
+    seg, masks = torch.randn(2, 3, 4, 5, generator=g), torch.randint(0, 3, (2, 4, 5), generator=g)
+    assert torch.equal(ce(seg, masks), F.cross_entropy(seg, masks))
+    with pytest.raises(ValueError, match=r"output \(2, 5, 7\) and targets \(2, 4\): pass loss_fn="):
+        ce(torch.randn(2, 5, 7), torch.zeros(2, 4, dtype=torch.long))
     mse = resolve_loss_fn(None, torch.zeros(4))
     # targets (N,) against outputs (N, 1) are reshaped, not broadcast to (N, N)
     assert float(mse(torch.ones(4, 1, dtype=torch.float64), torch.zeros(4))) == 1.0
