@@ -374,6 +374,7 @@ class GeometryMonitor(Callback):
         self._known_keys: dict[tuple[str, str], set[str]] = {}
         self._not_applicable: set[str] = set()
         self._failures: dict[tuple[str, str], Exception] = {}  # of the measurement in progress
+        self._warned_failures: set[tuple[str, str, str]] = set()  # (measure, probe, exception type) warned about
         self._state_key: str | None = None
         _ = self.state_key  # fixed by the arguments (also when a measure is dropped later)
 
@@ -635,11 +636,15 @@ class GeometryMonitor(Callback):
             where = measure if measure == probe else f"{measure} on probe {probe!r}"
             if self.on_error == "raise":
                 raise GeometryError(f"GeometryMonitor: {where} failed: {type(err).__name__}: {err}") from err
-            rank_zero_warn(
-                f"GeometryMonitor: {where} failed and is logged as NaN ({type(err).__name__}: {err}). Training "
-                "continues; pass on_error='raise' to stop on such errors",
-                category=RuntimeWarning,
-            )
+            cause = (measure, probe, type(err).__name__)
+            if cause not in self._warned_failures:  # one warning per cause, not one per point
+                self._warned_failures.add(cause)
+                rank_zero_warn(
+                    f"GeometryMonitor: {where} failed and is logged as NaN ({type(err).__name__}: {err}). Training "
+                    "continues (later failures of this kind are logged as NaN without a warning); pass "
+                    "on_error='raise' to stop on such errors",
+                    category=RuntimeWarning,
+                )
             keys = known or {_primary_key(measure, probe)}
             return dict.fromkeys(sorted(keys), math.nan)
         known.update(values)

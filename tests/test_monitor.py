@@ -368,6 +368,8 @@ def test_a_failing_measure_warns_logs_nan_and_training_continues(tmp_path: Path)
     with pytest.warns(RuntimeWarning, match="refuses to run in eval mode") as record:
         tr.fit(Classifier(fail_in_eval=True), **loaders(val=None))
     assert any("pass on_error='raise'" in str(w.message) for w in record)
+    failed = [str(w.message) for w in record if "failed and is logged as NaN" in str(w.message)]
+    assert len(failed) == 3  # one per cause (dimension, linear_regions, flatness), not one per point (3 each)
     assert tr.global_step == 4  # training went on to the end
     rows = csv_rows(tr)
     bfd = [(int(r["step"]), r["geometry/train/batch_functional_dimension"]) for r in rows
