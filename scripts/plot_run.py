@@ -5,8 +5,8 @@
 Four panels, every value read back with tensorboard's ``EventAccumulator``:
 (a) training probe: the exact batch functional dimension, the numerical rank of the logit differences and of the
     softmax probabilities (``train_softmax``), and the upper bound; (b) the exact dimension / bound on every probe;
-(c) the CFFD curves logged by ``examples/cffd_curve.py`` (exact dimension against the number of Gaussian inputs)
-with P − hidden; (d) training and test loss.
+(c) the CFFD curves logged by ``examples/cffd_curve.py``, as the shortfall of the exact dimension on n Gaussian
+inputs below min(rows, P − hidden) and below P − hidden; (d) training and test loss.
 """
 
 from __future__ import annotations
@@ -58,14 +58,15 @@ def main() -> None:
     b.legend(fontsize=8)
     for when, style in (("start", "o-"), ("end", "s-")):
         n, bfd = series(acc, f"cffd/{when}/batch_functional_dimension")
+        _, bound = series(acc, f"cffd/{when}/upper_bound")
+        _, limit = series(acc, f"cffd/{when}/parameter_bound")
         if n:
-            c.plot(n, bfd, style, label=f"exact BFD on n Gaussian inputs ({when})")
-    n, bound = series(acc, "cffd/start/parameter_bound")
-    if n:
-        c.axhline(bound[0], color="k", ls="--", label=f"P − hidden = {bound[0]:.0f}")
-        n_up, up = series(acc, "cffd/start/upper_bound")
-        c.plot(n_up, up, "k:", label="min(rows, P − hidden)")
-    c.set(title="(c) CFFD: convergence in the number of random inputs", xlabel="n inputs", ylabel="rank")
+            c.plot(n, [b - d for b, d in zip(bound, bfd, strict=True)], style,
+                   label=f"{when}: min(rows, P − hidden) − exact BFD on n Gaussian inputs")
+            c.plot(n, [p - d for p, d in zip(limit, bfd, strict=True)], style[0] + ":",
+                   label=f"{when}: P − hidden − exact BFD (CFFD shortfall)")
+    c.set(title="(c) CFFD: shortfall below the bounds against the number of random inputs", xlabel="n inputs",
+          ylabel="rank deficit", yscale="symlog")
     c.legend(fontsize=8)
     for tag, style in (("train/loss", "-"), ("test/loss", "--")):
         x, loss = epochs(tag)

@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--filter", default="geometry", help="tag filter regex typed into the dashboard")
     parser.add_argument("--size", default="1600,1400", help="window size WIDTH,HEIGHT")
     parser.add_argument("--wait-ms", type=int, default=5000, help="time for the charts to render")
+    parser.add_argument("--smoothing", type=float, default=0.0,
+                        help="the dashboard's scalar smoothing (TensorBoard's default 0.6 bends step-like curves)")
     args = parser.parse_args(argv)
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -80,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
             page.goto(f"{url}/#timeseries", wait_until="networkidle")
             page.get_by_role("combobox", name="Filter tags (regex)").fill(args.filter)
             page.keyboard.press("Escape")
+            smoothing = page.locator("input.slider-input[type=number]").first  # the settings pane's first number
+            smoothing.fill(str(args.smoothing))
+            smoothing.press("Enter")
             page.get_by_role("button", name="Toggle settings side pane").click()  # charts get the width
             page.wait_for_timeout(args.wait_ms)
             page.screenshot(path=str(args.output), full_page=True)
