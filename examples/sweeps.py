@@ -9,8 +9,8 @@ TensorBoard events the dimension after learning on the 600 training images:
   N·(K − 1) = 5,400: for w ≤ 6, P − hidden (1,606 … 4,846) is the smaller one; from w = 8 on the rows are.
   Finding 2: the dimension after learning first increases with the width, then becomes stable.
 * ``noise``: Gaussian noise of standard deviation σ added once to the training pixels (pixels / 255), at w = 4
-  (P − hidden = 3,218 < 5,400) and w = 30 (25,630 > 5,400). Finding 3: the dimension increases with σ.
-* ``labels``: that many training labels replaced by a wrong one, at w = 4 and w = 30. Finding 4: for large
+  (P − hidden = 3,218 < 5,400), 12 and 30 (9,826 and 25,630 > 5,400). Finding 3: the dimension increases with σ.
+* ``labels``: that many training labels replaced by a wrong one, at w = 4, 12 and 30. Finding 4: for large
   networks the dimension increases with the number of corrupted samples.
 
 ::
@@ -40,11 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/ is not a p
 import mnist
 
 ROOT = Path(__file__).resolve().parents[1]
-SMALL, LARGE = 4, 30
+LARGE = 30
+#: Widths of the noise and label sweeps: 4 (P − hidden = 3,218 < 5,400 rows), 30 (the paper's; 25,630 > 5,400) and
+#: 12 (9,826 > 5,400), added after the first sweep showed w = 30 at its row bound and w = 4 far below both bounds:
+#: w = 12 ended below both bounds in the width sweep (4,759), so the exact dimension has room to move both ways.
+NOISE_WIDTHS = (4, 12, 30)
 SWEEPS: dict[str, list[dict[str, Any]]] = {
     "width": [{"width": w} for w in (2, 4, 6, 8, 12, 20, 30, 50)],
-    "noise": [{"width": w, "input_noise": s} for w in (SMALL, LARGE) for s in (0.0, 0.1, 0.3, 1.0)],
-    "labels": [{"width": w, "corrupted_labels": c} for w in (SMALL, LARGE) for c in (0, 60, 150, 300)],
+    "noise": [{"width": w, "input_noise": s} for w in NOISE_WIDTHS for s in (0.0, 0.1, 0.3, 1.0)],
+    "labels": [{"width": w, "corrupted_labels": c} for w in NOISE_WIDTHS for c in (0, 60, 150, 300)],
 }
 #: TensorBoard tags read after learning, and their column names.
 TAGS = {

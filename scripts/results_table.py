@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--numerical", nargs="*", default=["train", "train_softmax"],
                         help="probes whose numerical rank is shown")
     parser.add_argument("--steps-per-epoch", type=int, default=3, help="to label rows with epochs")
+    parser.add_argument("--steps", type=int, nargs="*", help="only these measured steps")
     parser.add_argument("--changes", action="store_true",
                         help="only the first and last steps and those where a probe's dimension changed")
     args = parser.parse_args()
@@ -58,6 +59,8 @@ def main() -> None:
             return any(d.get(before) != d.get(now) for d in dims.values())
 
         measured = [s for i, s in enumerate(measured) if i in (0, len(measured) - 1) or changed(i)]
+    if args.steps:
+        measured = [s for s in measured if s in set(args.steps)]
     for step in measured:
         cells = [f"{step} ({step // args.steps_per_epoch})"]
         for p in args.probes:

@@ -390,8 +390,10 @@ def test_readme_protocol_keys_are_logged(protocol_run: Path) -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### The paper's protocol"):readme.index("### Run the tests")]
     cited = set(re.findall(r"`((?:geometry|cffd)/[^`]+)`", section))
-    assert len(cited) >= 6
-    assert sorted(cited - set(scalars(protocol_run))) == []
+    assert len(cited) >= 5
+    tags = set(scalars(protocol_run))
+    missing = [c for c in cited if not any(re.fullmatch(re.escape(c).replace("<probe>", "[^/]+"), t) for t in tags)]
+    assert missing == []
 
 
 def test_plot_script_draws_the_run(protocol_run: Path, tmp_path: Path) -> None:
