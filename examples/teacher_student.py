@@ -3,8 +3,9 @@
 A one-hidden-layer ReLU network started very close to zero (all parameters N(0, init_scale²)) and trained by
 full-batch gradient descent on a squared loss learns the teacher's units one after another: the loss sits on
 plateaus (the student lingers near saddle points) and drops between them. The teacher's units have output
-weights of very different sizes, which separates the stages. With GeometryMonitor measuring every few steps,
-the batch functional dimension stays low on a plateau and jumps when a new unit is learnt. Run it with::
+weights of very different sizes, which separates the stages. GeometryMonitor measures the exact batch functional
+dimension every few steps; what a real run showed (README.md, "Saddle-to-saddle"): it falls from its bound through
+the first plateau and the first drop, and jumps up only during the second drop. Run it with::
 
     python examples/teacher_student.py fit --config configs/saddle_to_saddle.yaml
     tensorboard --logdir lightning_logs
