@@ -166,7 +166,9 @@ class GeometryMonitor(Callback):
     ``MisconfigurationException`` that names the strategy and the alternatives (a single device or DDP).
 
     Args:
-        every_n_steps: measure after every n-th optimizer step; ``None`` to disable.
+        every_n_steps: measure after every n-th optimizer step (``trainer.global_step``, which counts the steps of
+            every optimizer); a multiple the counter jumps over (two optimizers step twice per batch) is measured
+            at the next step, never skipped. ``None`` to disable.
         every_n_epochs: measure at the end of every n-th training epoch; default 1 when none of ``every_n_steps``,
             ``log_spaced``, ``at_epochs`` is given, else ``None`` (disabled).
         log_spaced: also measure at log-spaced global steps, this many per decade (1, 2, 3, …, 10, 13, 16, …

@@ -95,18 +95,26 @@ class Schedule:
             )
         return Schedule(**{**asdict(base or Schedule()), **dict(config)})
 
-    def due(self, event: Event, step: int, epoch: int) -> bool:
-        """Whether this schedule fires at ``event``; ``epoch`` is the 0-based epoch that just ran."""
+    def due(self, event: Event, step: int, epoch: int, since: int | None = None) -> bool:
+        """Whether this schedule fires at ``event``; ``epoch`` is the 0-based epoch that just ran.
+
+        ``since``: for a ``"step"`` event, the global step of the previous one. The schedule fires when one of its
+        steps lies in (``since``, ``step``], so a step that the counter jumped over (two optimizers advance
+        ``global_step`` by 2 per batch) is measured at the next step rather than never. Default ``step − 1``.
+        """
         if event == "start":
             return self.at_start and step == 0
         if event == "step":
-            by_interval = self.every_n_steps is not None and step % self.every_n_steps == 0
-            by_log = self.log_spaced is not None and is_log_spaced(step, self.log_spaced)
-            return step >= 1 and (by_interval or by_log)
+            first = max(1, step if since is None else since + 1)
+            return any(self._step_rule(s) for s in range(first, step + 1))
         if event == "epoch":
             listed = self.at_epochs is not None and epoch + 1 in self.at_epochs
             return listed or (self.every_n_epochs is not None and (epoch + 1) % self.every_n_epochs == 0)
         raise ValueError(f"unknown event {event!r}: one of {EVENTS}")
+
+    def _step_rule(self, step: int) -> bool:
+        by_interval = self.every_n_steps is not None and step % self.every_n_steps == 0
+        return by_interval or (self.log_spaced is not None and is_log_spaced(step, self.log_spaced))
 
 
 @dataclass
@@ -115,10 +123,17 @@ class MeasurementClock:
 
     schedules: dict[str, Schedule]
     last_step: dict[str, int] = field(default_factory=dict)
+    _seen: int | None = field(default=None, repr=False)  # global step of the previous "step"/"start" event
 
     def due(self, event: Event, step: int, epoch: int) -> list[str]:
-        """Measures to take now: their schedule fires and they were not yet taken at this global step."""
-        return [m for m, s in self.schedules.items() if s.due(event, step, epoch) and self.last_step.get(m) != step]
+        """Measures to take now: their schedule fires and they were not yet taken at this global step. Scheduled
+        steps that ``global_step`` jumped over since the previous step event fire now (see :meth:`Schedule.due`)."""
+        since = self._seen if event == "step" and self._seen is not None and self._seen < step else None
+        if event in ("step", "start"):
+            self._seen = step
+        return [
+            m for m, s in self.schedules.items() if s.due(event, step, epoch, since) and self.last_step.get(m) != step
+        ]
 
     def mark(self, measures: Iterable[str], step: int) -> None:
         """Record that ``measures`` were taken (or attempted) at global step ``step``."""

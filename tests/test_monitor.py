@@ -744,3 +744,31 @@ def test_hugging_face_dict_batches_go_in_as_keyword_inputs(tmp_path: Path) -> No
     scalars = events(tr).Tags()["scalars"]
     assert "geometry/train/numerical_rank" in scalars and "geometry/flatness/max_eigenvalue" in scalars
     assert not [w for w in caught if "failed" in str(w.message)]
+
+
+class TwoOptimizers(Classifier):
+    """Manual optimisation with two optimizers (a GAN's pattern): ``global_step`` advances by 2 per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        first, second = self.optimizers()
+        for opt, params in ((first, self.net[0].parameters()), (second, self.net[-1].parameters())):
+            opt.zero_grad()
+            self.manual_backward(self._loss(batch))
+            opt.step()
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [torch.optim.SGD(self.net[0].parameters(), lr=0.1), torch.optim.SGD(self.net[-1].parameters(), lr=0.1)]
+
+
+def test_steps_the_counter_jumps_over_are_measured_at_the_next_step(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_steps=3, probes=["train"], probe_size=8, measures=["dimension"])
+    tr = trainer(tmp_path, monitor, max_steps=12, max_epochs=-1)
+    tr.fit(TwoOptimizers(), **loaders(train=8, val=None, batch=1))
+    assert tr.global_step == 12  # 6 batches, 2 optimizer steps each: global steps 2, 4, ..., 12
+    # scheduled 3, 6, 9, 12: 3 and 9 were jumped over and are taken at the next step, none is lost
+    assert steps(events(tr), "geometry/train/batch_functional_dimension") == [0, 4, 6, 10, 12]
