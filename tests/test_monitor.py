@@ -755,7 +755,7 @@ class TwoOptimizers(Classifier):
 
     def training_step(self, batch: Any, batch_idx: int) -> None:
         first, second = self.optimizers()
-        for opt, params in ((first, self.net[0].parameters()), (second, self.net[-1].parameters())):
+        for opt in (first, second):
             opt.zero_grad()
             self.manual_backward(self._loss(batch))
             opt.step()
