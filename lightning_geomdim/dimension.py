@@ -69,6 +69,17 @@ class DimensionResult:
         """``rank`` is the exact batch functional dimension (not a numerical rank)."""
         return self.engine == "exact"
 
+    @property
+    def parameter_bound(self) -> int:
+        """P − hidden neurons: the bound that no probe, however large, can exceed."""
+        return self.num_params - self.num_hidden_neurons
+
+    @property
+    def saturated(self) -> bool:
+        """The rank equals the probe's row count, which is below P − hidden neurons: the probe is too small for
+        the dimension to be anything but its row bound, so the value says nothing beyond "no degeneracy"."""
+        return self.rank >= self.upper_bound and self.num_rows < self.parameter_bound
+
 
 def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> tuple[str, ExactProgram | None]:
     """Resolve ``engine``: "auto" is "exact" where it applies (piecewise-linear networks), else the float engine

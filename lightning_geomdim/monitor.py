@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_geomdim import tensorboard as tb
 from lightning_geomdim.dimension import ENGINES, DimensionResult
 from lightning_geomdim.errors import GeometryError, NotApplicableError
-from lightning_geomdim.memory import memory_budget
+from lightning_geomdim.memory import format_bytes, memory_budget
 from lightning_geomdim.metrics import LOSSES, BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
 from lightning_geomdim.probes import (
     Probe,
@@ -72,6 +72,9 @@ class GeometryMonitor(Callback):
     ``geometry/<probe>/num_rows``                                 rows of J: M, or N·(K − 1) for a softmax head
     ``geometry/<probe>/num_params``                               P, the measured parameters
     ``geometry/<probe>/num_hidden_neurons``                       hidden units with a rescaling symmetry
+    ``geometry/<probe>/saturated``                                1 when the rank equals the probe's rows, fewer
+                                                                  than P − hidden: the value is the bound (one
+                                                                  warning gives the probe size that would not be)
     ``geometry/<probe>/numerical_rank``                           floating-point rank #{σ > tolerance}: not the
                                                                   dimension (``spectrum=True``)
     ``geometry/<probe>/numerical_rank_rtol``                      that tolerance / σ_max
@@ -377,6 +380,7 @@ class GeometryMonitor(Callback):
         self._not_applicable: set[str] = set()
         self._failures: dict[tuple[str, str], Exception] = {}  # of the measurement in progress
         self._warned_failures: set[tuple[str, str, str]] = set()  # (measure, probe, exception type) warned about
+        self._warned_saturated: set[str] = set()  # probes whose saturation was reported
         self._state_key: str | None = None
         _ = self.state_key  # fixed by the arguments (also when a measure is dropped later)
 
@@ -682,6 +686,20 @@ class GeometryMonitor(Callback):
         }
         if res.exact:  # only the exact engine's rank is the dimension; a float engine's is a numerical rank
             values["batch_functional_dimension"] = res.rank
+        values["saturated"] = res.saturated
+        if res.saturated and probe.name not in self._warned_saturated:
+            self._warned_saturated.add(probe.name)
+            per_sample = res.num_rows / max(1, probe.num_samples)
+            needed = math.ceil(res.parameter_bound / per_sample)
+            rows = math.ceil(needed * per_sample)
+            rank_zero_warn(
+                f"GeometryMonitor: on probe {probe.name!r} the dimension equals its row bound {res.num_rows} "
+                f"({probe.num_samples} samples × {per_sample:g} rows), below P − hidden neurons = "
+                f"{res.parameter_bound}: the probe is too small for it to show anything else (logged as "
+                f"geometry/{probe.name}/saturated = 1; the spectrum's stable / effective rank still vary). A probe of "
+                f"at least {needed} samples lets the bound stop binding; its exact dimension needs a {rows:,} × "
+                f"{rows:,} Gram matrix mod p ({format_bytes(8 * rows * rows)}) and about {rows:,}³/3 flops"
+            )
         if res.spectrum is not None:
             spec = res.spectrum
             values.update({

@@ -772,3 +772,24 @@ def test_steps_the_counter_jumps_over_are_measured_at_the_next_step(tmp_path: Pa
     assert tr.global_step == 12  # 6 batches, 2 optimizer steps each: global steps 2, 4, ..., 12
     # scheduled 3, 6, 9, 12: 3 and 9 were jumped over and are taken at the next step, none is lost
     assert steps(events(tr), "geometry/train/batch_functional_dimension") == [0, 4, 6, 10, 12]
+
+
+def test_a_probe_too_small_for_its_dimension_to_move_is_flagged_once(tmp_path: Path) -> None:
+    """Classifier: P = 51, 6 hidden neurons, 3 outputs. 8 samples give 24 rows < 45: the dimension is its row
+    bound (saturated = 1, one warning naming 15 samples); 24 samples give 72 rows: not saturated."""
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_epochs=1, measures=["dimension"], probes=[
+        {"name": "small", "source": "train", "size": 8}, {"name": "large", "source": "train", "size": 24}])
+    tr = trainer(tmp_path, monitor, max_epochs=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(Classifier(), **loaders(train=24, val=None))
+    acc = events(tr)
+    small = [e.value for e in acc.Scalars("geometry/small/batch_functional_dimension")]
+    assert small == [24.0] * 3 and [e.value for e in acc.Scalars("geometry/small/saturated")] == [1.0] * 3
+    assert {e.value for e in acc.Scalars("geometry/large/saturated")} == {0.0}
+    assert max(e.value for e in acc.Scalars("geometry/large/batch_functional_dimension")) <= 45
+    notes = [str(w.message) for w in caught if "too small for it to show anything else" in str(w.message)]
+    assert len(notes) == 1 and "probe 'small'" in notes[0] and "at least 15 samples" in notes[0]
+    res = batch_functional_dimension(Classifier(), torch.randn(8, IN))
+    assert res.parameter_bound == 45 and res.saturated == (res.rank == 24)
