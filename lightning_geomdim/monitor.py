@@ -692,8 +692,9 @@ class GeometryMonitor(Callback):
             per_sample = res.num_rows / max(1, probe.num_samples)
             needed = math.ceil(res.parameter_bound / per_sample)
             rows = math.ceil(needed * per_sample)
+            what = "the dimension" if res.exact else "the numerical rank"
             rank_zero_warn(
-                f"GeometryMonitor: on probe {probe.name!r} the dimension equals its row bound {res.num_rows} "
+                f"GeometryMonitor: on probe {probe.name!r} {what} equals its row bound {res.num_rows} "
                 f"({probe.num_samples} samples × {per_sample:g} rows), below P − hidden neurons = "
                 f"{res.parameter_bound}: the probe is too small for it to show anything else (logged as "
                 f"geometry/{probe.name}/saturated = 1; the spectrum's stable / effective rank still vary). A probe of "
