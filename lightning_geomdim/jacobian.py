@@ -19,26 +19,13 @@ from torch import Tensor
 from torch.func import jacrev
 
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.hessian import activation_numel
 from lightning_geomdim.memory import check_memory, is_out_of_memory
 from lightning_geomdim.rank import Spectrum
 
 
-def jacobian_bytes(
-    num_outputs: int, num_params: int, dtype: torch.dtype, *, activations: int = 0, chunk: int = 1,
-) -> int:
-    """Peak memory estimate of :func:`jacobian_spectrum`, in bytes: the M × P Jacobian, its concatenated copy and
-    the SVD's workspace (3 M P values), plus ``chunk`` vector-Jacobian products vmapped at once, each holding the
-    backward intermediates of a forward pass of ``activations`` values and a gradient (3 A + P values)."""
-    values = 3 * num_outputs * num_params + max(0, chunk) * (3 * activations + num_params)
-    return values * torch.empty((), dtype=dtype).element_size()
-
-
-def vjp_chunk(num_outputs: int, num_params: int, dtype: torch.dtype, *, activations: int, budget: int) -> int:
-    """The most vector-Jacobian products (≤ M) that :func:`jacobian_bytes` lets run at once within ``budget``."""
-    base = jacobian_bytes(num_outputs, num_params, dtype, activations=activations, chunk=0)
-    per_row = jacobian_bytes(0, num_params, dtype, activations=activations, chunk=1)
-    return int(max(1, min(num_outputs, (budget - base) // max(1, per_row))))
+def jacobian_bytes(num_outputs: int, num_params: int, dtype: torch.dtype) -> int:
+    """Peak memory estimate of :func:`jacobian_spectrum`, in bytes."""
+    return 3 * num_outputs * num_params * torch.empty((), dtype=dtype).element_size()
 
 
 def jacobian_matrix(fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int | None = None) -> Tensor:
@@ -84,23 +71,16 @@ def jacobian_spectrum(
 ) -> Spectrum:
     """Singular values of the dense Jacobian (exact SVD, the finest resolution: ~eps · max(M, P) · σ_max).
 
-    ``chunk_size``: rows (vector-Jacobian products) computed at once; default the most that fit in ``budget``
-    (:func:`vjp_chunk`), whose backward intermediates the estimate counts.
-
     Raises:
-        MemoryBudgetError: before allocating, when :func:`jacobian_bytes` exceeds ``budget`` even one row at a time.
+        MemoryBudgetError: before allocating, when :func:`jacobian_bytes` exceeds ``budget``.
     """
     num_params = fm.num_params
-    activations = activation_numel(fm, inputs)
     check_memory(
-        jacobian_bytes(num_outputs, num_params, fm.dtype, activations=activations, chunk=chunk_size or 1), budget,
-        what=f"the dense {num_outputs} × {num_params} Jacobian with {chunk_size or 1} backward pass(es) at once "
-        f"(engine='jacrev')",
-        remedies="use a smaller probe (fewer samples), a smaller chunk_size, or a subset of parameters via "
-        "params=[...]",
+        jacobian_bytes(num_outputs, num_params, fm.dtype), budget,
+        what=f"the dense {num_outputs} × {num_params} Jacobian (engine='jacrev')",
+        remedies="use a smaller probe (fewer samples), engine='gram' for Linear/Conv networks, or a "
+        "subset of parameters via params=[...]",
     )
-    if chunk_size is None:  # as many backward passes at once as the budget allows: never more
-        chunk_size = vjp_chunk(num_outputs, num_params, fm.dtype, activations=activations, budget=budget)
     jac = jacobian_matrix(fm, inputs, chunk_size=chunk_size)
     sv = torch.linalg.svdvals(jac)
     del jac

@@ -128,38 +128,3 @@ def test_out_of_memory_is_not_mistaken_for_an_unsupported_transform(monkeypatch:
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "
                                          "memory: you tried to allocate 171798691840 bytes"))
     assert not is_out_of_memory(RuntimeError("vmap: It looks like you're calling .item() on a Tensor"))
-
-
-def test_jacrev_vmaps_only_as_many_backward_passes_as_the_budget_holds(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The dense-Jacobian engine's estimate counts the backward intermediates of the rows it vmaps at once, and by
-    default it vmaps as many as fit: the rank is the same, the chunk is what the budget allows."""
-    import importlib
-
-    from conftest import dense_jacobian, numpy_rank
-
-    from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-    from lightning_geomdim.hessian import activation_numel
-    from lightning_geomdim.jacobian import jacobian_bytes
-
-    jacobian = importlib.import_module("lightning_geomdim.jacobian")
-    chunks: list[int | None] = []
-    real = jacobian.jacrev
-
-    def spy(fn: object, chunk_size: int | None = None) -> object:
-        chunks.append(chunk_size)
-        return real(fn, chunk_size=chunk_size)
-
-    monkeypatch.setattr(jacobian, "jacrev", spy)
-    model = nn.Sequential(nn.Linear(6, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 3))
-    x = torch.randn(30, 6, generator=gen(2))
-    fm = FunctionalModel.from_module(model)
-    a = activation_numel(fm, ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device))
-    m, p = 90, sum(q.numel() for q in model.parameters())
-    budget = jacobian_bytes(m, p, torch.float64, activations=a, chunk=7)
-    res = batch_functional_dimension(model, x, engine="jacrev", max_memory_bytes=budget)
-    assert chunks == [7] and res.rank == numpy_rank(dense_jacobian(model, x))
-    with pytest.raises(MemoryBudgetError, match="1 backward pass"):
-        batch_functional_dimension(model, x, engine="jacrev", max_memory_bytes=budget - 7 * 8 * (3 * a + p))
-    chunks.clear()
-    batch_functional_dimension(model, x, engine="jacrev")  # the default budget: all 90 rows at once fit
-    assert chunks == [90]
