@@ -19,7 +19,8 @@ from torch import Tensor, nn
 
 from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.tracing import RELU_LIKE, LeafCall, call_keys, forward_hooks
+from lightning_geomdim.layer_kinds import RELU_LIKE
+from lightning_geomdim.tracing import LeafCall, call_keys, forward_hooks
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,10 @@ from torch import Tensor, nn
 from lightning_geomdim.activation_patterns import activation_patterns, unit_activity
 from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.layer_kinds import AFFINE, PASS_THROUGH, RELU_LIKE
 from lightning_geomdim.memory import check_memory, format_bytes, memory_budget
 from lightning_geomdim.rank import stable_rank
-from lightning_geomdim.symmetries import AFFINE
-from lightning_geomdim.tracing import RELU_LIKE, LeafCall, call_keys, trace_leaf_calls
-
-#: Modules between an affine layer and its ReLU that leave the pre-activation unchanged (in eval mode).
-PASS_THROUGH: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-)
+from lightning_geomdim.tracing import LeafCall, call_keys, trace_leaf_calls
 
 
 @dataclass(frozen=True)

@@ -59,7 +59,6 @@ from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.finite_field import DEFAULT_PRIME, PrimeField, _is_prime, rank_mod_p_symmetric
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
 from lightning_geomdim.gram import (
-    AFFINE_TYPES,
     GramPlan,
     _conv_padding,
     _unify,
@@ -67,23 +66,9 @@ from lightning_geomdim.gram import (
     gram_bytes,
     gram_from_factors,
 )
+from lightning_geomdim.layer_kinds import AVG_POOL, DROPOUT, FACTORED_AFFINE, MAX_POOL, PIECEWISE_LINEAR, RESHAPE
 from lightning_geomdim.memory import check_memory
 
-#: Piecewise-linear activations: with the pattern fixed, y = s ⊙ z + c.
-PIECEWISE_LINEAR: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.Hardtanh)
-_MAX_POOL: dict[type[nn.Module], tuple[int, Callable[..., Any]]] = {
-    nn.MaxPool1d: (1, F.max_pool1d), nn.MaxPool2d: (2, F.max_pool2d), nn.MaxPool3d: (3, F.max_pool3d),
-    nn.AdaptiveMaxPool1d: (1, F.adaptive_max_pool1d), nn.AdaptiveMaxPool2d: (2, F.adaptive_max_pool2d),
-    nn.AdaptiveMaxPool3d: (3, F.adaptive_max_pool3d),
-}
-_AVG_POOL: dict[type[nn.Module], int] = {
-    nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
-    nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3,
-}
-_RESHAPE: tuple[type[nn.Module], ...] = (
-    nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
-    nn.FeatureAlphaDropout,
-)
 #: Largest per-plane linear map (entries) stored densely for an average pooling.
 _MAX_PLANE_MAP = 1 << 24
 #: The draws' primes: the largest primes below 2^22, one per draw.
@@ -278,17 +263,17 @@ def exact_program(fm: FunctionalModel, inputs: ProbeInputs) -> ExactProgram:
         module = call.module
         z = call.input
         label = f"module {call.name or '<root>'!r} ({type(module).__name__})"
-        if isinstance(module, AFFINE_TYPES):
+        if isinstance(module, FACTORED_AFFINE):
             steps.append(_Affine(call.name, module, tuple(z.shape), tuple(call.output.shape)))
             depth += 1
         elif isinstance(module, PIECEWISE_LINEAR):
             steps.append(_activation(module, z))
-        elif type(module) in _MAX_POOL:
-            dims, pool = _MAX_POOL[type(module)]
+        elif type(module) in MAX_POOL:
+            dims, pool = MAX_POOL[type(module)]
             steps.append(_max_pool(module, z, dims, pool))
-        elif type(module) in _AVG_POOL:
-            steps.append(_average_pool(module, z, _AVG_POOL[type(module)], label))
-        elif type(module) in _RESHAPE:
+        elif type(module) in AVG_POOL:
+            steps.append(_average_pool(module, z, AVG_POOL[type(module)], label))
+        elif type(module) in (*RESHAPE, *DROPOUT):
             steps.append(_Reshape(module, tuple(z.shape)))
         elif module is fm.logit_head and index == graph.output:
             steps.append(None)

@@ -66,30 +66,9 @@ from torch import Tensor, nn
 from lightning_geomdim.errors import NotApplicableError
 from lightning_geomdim.finite_field import PrimeField
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.layer_kinds import ALONG_DIM, DROPOUT, FACTORED_AFFINE, PER_SAMPLE, POOLING
 from lightning_geomdim.memory import check_memory
 from lightning_geomdim.rank import Spectrum
-
-#: Parameterised modules the engine differentiates by formula (exact types, or subclasses keeping forward).
-AFFINE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
-
-_ELEMENTWISE: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.LeakyReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Tanh, nn.Sigmoid,
-    nn.Softplus, nn.Softsign, nn.Hardtanh, nn.Hardswish, nn.Hardsigmoid, nn.LogSigmoid, nn.Tanhshrink,
-    nn.Identity,
-)
-_DROPOUT: tuple[type[nn.Module], ...] = (
-    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout,
-)
-# Pooling acts on the trailing 1-3 dimensions and torch requires one more leading dimension, so it never
-# mixes entries along dim 0 (the samples).
-_POOLING: tuple[type[nn.Module], ...] = (
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.LPPool1d,
-    nn.LPPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
-_ALONG_DIM: tuple[type[nn.Module], ...] = (nn.Softmax, nn.LogSoftmax, nn.Softmin, nn.Flatten, nn.Unflatten)
-#: Parameter-free modules known to act on each sample separately (exact types only).
-PER_SAMPLE_TYPES: tuple[type[nn.Module], ...] = (*_ELEMENTWISE, *_DROPOUT, *_POOLING, *_ALONG_DIM)
 
 Side = Literal["outputs", "params"]
 
@@ -222,7 +201,7 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 def _affine_problem(name: str, module: nn.Module) -> str | None:
     """Why ``module`` (which owns parameters) is not a supported affine layer, or None."""
     label = f"module {name or '<root>'!r} ({type(module).__name__})"
-    if not isinstance(module, AFFINE_TYPES):
+    if not isinstance(module, FACTORED_AFFINE):
         return (f"{label} has parameters; the Gram engine differentiates only nn.Linear and nn.Conv2d by "
                 "formula")
     base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
@@ -247,16 +226,16 @@ def _affine_problem(name: str, module: nn.Module) -> str | None:
 
 def _per_sample_problem(label: str, module: nn.Module, inp: Tensor) -> str | None:
     """Why the parameter-free ``module`` may mix samples on ``inp``, or None."""
-    if type(module) not in PER_SAMPLE_TYPES:
+    if type(module) not in PER_SAMPLE:
         return (f"{label} is not known to act on each sample separately (supported: Linear, Conv2d and "
                 "elementwise activations, dropout, pooling, flatten, softmax)")
     if _has_hooks(module):
         return f"{label} has forward hooks"
-    if isinstance(module, _DROPOUT) and module.training:
+    if isinstance(module, DROPOUT) and module.training:
         return f"{label} is in training mode (random masks); measure in eval mode"
-    if isinstance(module, _POOLING) and getattr(module, "return_indices", False):
+    if isinstance(module, POOLING) and getattr(module, "return_indices", False):
         return f"{label} returns indices"
-    if isinstance(module, _ALONG_DIM):
+    if isinstance(module, ALONG_DIM):
         dim = module.start_dim if isinstance(module, nn.Flatten) else module.dim
         if dim is None or (inp.dim() > 0 and dim % inp.dim() == 0):
             return f"{label} acts along dim {dim}, which may be the sample dimension"
@@ -389,7 +368,7 @@ def check_structure(
         if not isinstance(call.output, Tensor) or call.output.dim() == 0 or call.output.shape[0] != n:
             return f"{label} does not return one tensor of {n} samples", *none
         activation_numel += call.output.numel()
-        if isinstance(call.module, AFFINE_TYPES):
+        if isinstance(call.module, FACTORED_AFFINE):
             if call.name in seen_affine:
                 return f"{label} is called more than once (shared weights)", *none
             seen_affine.add(call.name)

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from lightning_geomdim import tensorboard as tb
 from lightning_geomdim.dimension import ENGINES, DimensionResult
 from lightning_geomdim.errors import GeometryError, NotApplicableError
+from lightning_geomdim.layer_kinds import RELU_LIKE
 from lightning_geomdim.memory import format_bytes, memory_budget
 from lightning_geomdim.metrics import LOSSES, BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
 from lightning_geomdim.probes import (
@@ -42,7 +43,6 @@ from lightning_geomdim.probes import (
     tensor_probe,
 )
 from lightning_geomdim.schedule import Event, MeasurementClock, OverheadBudget, Schedule
-from lightning_geomdim.tracing import RELU_LIKE
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
 #: The time budget of the default schedule (see ``max_overhead``).

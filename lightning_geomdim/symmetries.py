@@ -24,16 +24,8 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.tracing import RELU_LIKE, LeafCall, trace_leaf_calls
-
-AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# Modules that commute with a positive per-unit (per-channel) scaling of their input.
-HOMOGENEOUS: tuple[type[nn.Module], ...] = (
-    *RELU_LIKE, nn.Identity, nn.Flatten, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
-    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
-)
+from lightning_geomdim.layer_kinds import AFFINE, HOMOGENEOUS, RELU_LIKE
+from lightning_geomdim.tracing import LeafCall, trace_leaf_calls
 
 
 @dataclass(frozen=True)

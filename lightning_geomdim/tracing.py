@@ -18,9 +18,6 @@ from torch.utils._pytree import tree_leaves
 
 from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
 
-#: Activations whose pattern 1[z > 0] defines the linear pieces, and which commute with positive scaling.
-RELU_LIKE: tuple[type[nn.Module], ...] = (nn.ReLU, nn.LeakyReLU)
-
 
 @dataclass(frozen=True)
 class LeafCall:

@@ -378,7 +378,8 @@ def test_multiple_outputs_need_output_fn(tmp_path: Path) -> None:
     monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8,
                               output_fn=lambda out: out[0])
     trainer, record = fit(tmp_path, Module(net, output_of=lambda out: out[0]), classification(), monitor)
-    assert not messages(record, "GeometryMonitor")
+    # nothing failed; the one note: 8 samples × 3 outputs are fewer rows than P − hidden (the bound binds)
+    assert [m for m in messages(record, "GeometryMonitor") if "too small for it to show" not in m] == []
     x, y = monitor.probes["train"].x, monitor.probes["train"].y
     values = logged(trainer)
     res = batch_functional_dimension(net, x, output_fn=lambda out: out[0])

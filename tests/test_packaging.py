@@ -7,7 +7,7 @@ import sys
 
 CORE = [
     "activation_patterns", "alignment", "cffd", "dimension", "errors", "flatness", "functional_model", "gram",
-    "hessian", "jacobian", "lanczos", "memory", "rank", "symmetries", "trace_estimation", "tracing",
+    "hessian", "jacobian", "lanczos", "layer_kinds", "memory", "rank", "symmetries", "trace_estimation", "tracing",
 ]
 
 
