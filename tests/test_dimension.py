@@ -335,3 +335,14 @@ def test_model_torch_func_cannot_transform_falls_back_with_warning() -> None:
     jac = dense_jacobian(model, x)
     assert res.rank == numpy_rank(jac)
     torch.testing.assert_close(res.spectrum.singular_values, torch.linalg.svdvals(jac))
+
+
+def test_readme_core_snippet_runs_and_says_what_it_claims(capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## The core, without Lightning"):]
+    start = section.index("```python\n") + len("```python\n")
+    exec(compile(section[start:section.index("```\n", start)], "README.md", "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "exact 2000 2000" and lines[-1] == "True"  # the exact BFD at its row bound: saturated
