@@ -54,7 +54,6 @@ SWEEPS: dict[str, list[dict[str, Any]]] = {
 TAGS = {
     "bfd": "geometry/train/batch_functional_dimension",
     "bound": "geometry/train/upper_bound",
-    "p_minus_hidden": None,  # computed from num_params − num_hidden_neurons
     "numerical_rank": "geometry/train/numerical_rank",
     "softmax_numerical_rank": "geometry/train_softmax/numerical_rank",
     "train_loss": "train/loss",
@@ -97,7 +96,7 @@ def run(setting: dict[str, Any], epochs: int, out: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - began
     acc = EventAccumulator(cli.trainer.logger.log_dir, size_guidance={"scalars": 0})
     acc.Reload()
-    values = {name: last(acc, tag) for name, tag in TAGS.items() if tag is not None}
+    values = {name: last(acc, tag) for name, tag in TAGS.items()}
     values["p_minus_hidden"] = last(acc, "geometry/train/num_params") - last(acc, "geometry/train/num_hidden_neurons")
     return {**setting, **values, "seconds": round(seconds, 1), "log_dir": cli.trainer.logger.log_dir}
 

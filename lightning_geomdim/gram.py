@@ -54,9 +54,8 @@ spectral gap shows singular values between those two levels.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -157,7 +156,7 @@ class GramPlan:
         m, n, p = self.num_outputs, self.num_samples, self.used_params
         outputs = sum(min(_kernel_cost(lay, m, n), _explicit_cost(lay, m)) for lay in self.layers) + m**3 / 3
         params = 2 * m * p**2 + p**3 / 3
-        return dataclasses.replace(self, forced_side="outputs" if outputs <= params else "params")
+        return replace(self, forced_side="outputs" if outputs <= params else "params")
 
 
 def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None, copies: int = 2) -> int:

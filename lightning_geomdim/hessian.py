@@ -211,15 +211,19 @@ class HessianOperator:
             stacklevel=4,
         )
 
-    def _single(self, v: Tensor) -> Tensor:
+    def _reverse_or_forward(self, reverse: Callable[[], Tensor], forward: Callable[[], Tensor]) -> Tensor:
+        """``reverse()`` in reverse mode, falling back for good to ``forward()`` on a missing double derivative."""
         if self.mode == "reverse":
             try:
-                return self._reverse(v)
+                return reverse()
             except (NotImplementedError, RuntimeError) as err:
                 if not _missing_derivative(err):
                     raise
                 self._fall_back(err)
-        return self._forward(v)
+        return forward()
+
+    def _single(self, v: Tensor) -> Tensor:
+        return self._reverse_or_forward(lambda: self._reverse(v), lambda: self._forward(v))
 
     def matvec(self, v: Tensor) -> Tensor:
         """H v for one vector, shape (P,) → (P,). Cost: 1 HVP."""
@@ -228,16 +232,8 @@ class HessianOperator:
 
     def matmat(self, v: Tensor) -> Tensor:
         """H V for a block of column vectors, shape (P, n) → (P, n). Cost: n HVPs, ``chunk_size`` at a time."""
-        n = v.shape[1]
-        self.num_hvps += n
-        if self.mode == "reverse":
-            try:
-                return self._matmat_reverse(v)
-            except (NotImplementedError, RuntimeError) as err:
-                if not _missing_derivative(err):
-                    raise
-                self._fall_back(err)
-        return self._matmat_forward(v)
+        self.num_hvps += v.shape[1]
+        return self._reverse_or_forward(lambda: self._matmat_reverse(v), lambda: self._matmat_forward(v))
 
     def _chunk(self, n: int) -> int:
         return n if self.chunk_size is None else max(1, min(int(self.chunk_size), n))

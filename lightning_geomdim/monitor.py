@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -299,8 +299,8 @@ class GeometryMonitor(Callback):
         if unknown or not measures:
             raise MisconfigurationException(f"measures={list(measures)} is invalid: choose among {MEASURES}")
         self.measures = tuple(dict.fromkeys(measures))
-        written = any(v is not None for v in (every_n_steps, every_n_epochs, log_spaced, at_epochs)) or bool(schedules)
-        if not any(v is not None for v in (every_n_steps, every_n_epochs, log_spaced, at_epochs)):
+        rule_given = any(v is not None for v in (every_n_steps, every_n_epochs, log_spaced, at_epochs))
+        if not rule_given:
             every_n_epochs = 1  # the default schedule: every epoch
         base = Schedule(every_n_steps=every_n_steps, every_n_epochs=every_n_epochs, log_spaced=log_spaced,
                         at_start=at_start, at_epochs=at_epochs)
@@ -312,9 +312,8 @@ class GeometryMonitor(Callback):
             )
         self._clock = MeasurementClock({m: Schedule.from_config(schedules.get(m, {}), base) for m in self.measures})
         if max_overhead == "auto":  # the budget governs the default schedule; a schedule the user wrote runs as written
-            max_overhead = None if written else DEFAULT_MAX_OVERHEAD
+            max_overhead = None if rule_given or schedules else DEFAULT_MAX_OVERHEAD
         self._time = OverheadBudget(max_overhead, measures=self.measures)
-        self._warned_overhead = False
         if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
             raise MisconfigurationException(f"probe_size={probe_size!r} must be a positive integer")
         self._default_probes = probes is None
@@ -377,21 +376,17 @@ class GeometryMonitor(Callback):
         self.probes: dict[str, Probe] = {}
         self._saved_probes: dict[str, dict[str, Any]] = {}
         self._known_keys: dict[tuple[str, str], set[str]] = {}
-        self._not_applicable: set[str] = set()
         self._failures: dict[tuple[str, str], Exception] = {}  # of the measurement in progress
-        self._warned_failures: set[tuple[str, str, str]] = set()  # (measure, probe, exception type) warned about
-        self._warned_saturated: set[str] = set()  # probes whose saturation was reported
-        self._state_key: str | None = None
-        _ = self.state_key  # fixed by the arguments (also when a measure is dropped later)
+        self._warned: set[Hashable] = set()  # causes already warned about (see _warn_once)
+        # Lightning reads the state key several times per training step (profiler names): built once, from the
+        # arguments (it stays the same when a measure is dropped at train start)
+        self._state_key = self._generate_state_key(
+            probes=[s.name for s in self._specs], measures=list(self.measures), module=self.module
+        )
 
     # ------------------------------------------------------------------ state
     @property
     def state_key(self) -> str:
-        # Lightning reads it several times per training step (profiler names): built once, from the arguments
-        if self._state_key is None:
-            self._state_key = self._generate_state_key(
-                probes=[s.name for s in self._specs], measures=list(self.measures), module=self.module
-            )
         return self._state_key
 
     def state_dict(self) -> dict[str, Any]:
@@ -615,10 +610,10 @@ class GeometryMonitor(Callback):
             # left alone in the collective
             taken = trainer.strategy.broadcast(taken, src=0)
         skipped = [m for m in due if m not in taken]
-        if skipped and not self._warned_overhead:
-            self._warned_overhead = True
+        if skipped and "overhead" not in self._warned:
             costs = ", ".join(f"{m} took {self._time.cost_s.get(m, math.nan):.2f} s" for m in skipped)
-            rank_zero_warn(
+            self._warn_once(
+                "overhead",
                 f"GeometryMonitor: skipped {skipped} at step {step} to stay within max_overhead="
                 f"{self._time.max_overhead} of the training's wall time (measuring so far: "
                 f"{self._time.measuring_s:.1f} s against {self._time.other_s:.1f} s of the rest; last time {costs}). "
@@ -633,28 +628,32 @@ class GeometryMonitor(Callback):
         try:
             values = fn()
         except NotApplicableError as err:
-            if measure not in self._not_applicable:  # a property of the model: one warning, whatever the probe
-                self._not_applicable.add(measure)
-                rank_zero_warn(f"GeometryMonitor: {measure} is not applicable, so it is not logged: {err}")
+            # a property of the model: one warning, whatever the probe
+            self._warn_once(("not applicable", measure),
+                            f"GeometryMonitor: {measure} is not applicable, so it is not logged: {err}")
             return {}
         except Exception as err:
             self._failures[(measure, probe)] = err
             where = measure if measure == probe else f"{measure} on probe {probe!r}"
             if self.on_error == "raise":
                 raise GeometryError(f"GeometryMonitor: {where} failed: {type(err).__name__}: {err}") from err
-            cause = (measure, probe, type(err).__name__)
-            if cause not in self._warned_failures:  # one warning per cause, not one per point
-                self._warned_failures.add(cause)
-                rank_zero_warn(
-                    f"GeometryMonitor: {where} failed and is logged as NaN ({type(err).__name__}: {err}). Training "
-                    "continues (later failures of this kind are logged as NaN without a warning); pass "
-                    "on_error='raise' to stop on such errors",
-                    category=RuntimeWarning,
-                )
+            self._warn_once(
+                ("failed", measure, probe, type(err).__name__),
+                f"GeometryMonitor: {where} failed and is logged as NaN ({type(err).__name__}: {err}). Training "
+                "continues (later failures of this kind are logged as NaN without a warning); pass "
+                "on_error='raise' to stop on such errors",
+                category=RuntimeWarning,
+            )
             keys = known or {_primary_key(measure, probe)}
             return dict.fromkeys(sorted(keys), math.nan)
         known.update(values)
         return values
+
+    def _warn_once(self, cause: Hashable, message: str, category: type[Warning] = UserWarning) -> None:
+        """Warn about ``cause`` the first time only: one warning per cause, not one per measured point."""
+        if cause not in self._warned:
+            self._warned.add(cause)
+            rank_zero_warn(message, category=category)
 
     def _on_device(self, module: nn.Module, probe: Probe) -> tuple[Any, Any]:
         """The whole probe (x, y) on the module's device.
@@ -687,13 +686,13 @@ class GeometryMonitor(Callback):
         if res.exact:  # only the exact engine's rank is the dimension; a float engine's is a numerical rank
             values["batch_functional_dimension"] = res.rank
         values["saturated"] = res.saturated
-        if res.saturated and probe.name not in self._warned_saturated:
-            self._warned_saturated.add(probe.name)
+        if res.saturated and ("saturated", probe.name) not in self._warned:
             per_sample = res.num_rows / max(1, probe.num_samples)
             needed = math.ceil(res.parameter_bound / per_sample)
             rows = math.ceil(needed * per_sample)
             what = "the dimension" if res.exact else "the numerical rank"
-            rank_zero_warn(
+            self._warn_once(
+                ("saturated", probe.name),
                 f"GeometryMonitor: on probe {probe.name!r} {what} equals its row bound {res.num_rows} "
                 f"({probe.num_samples} samples × {per_sample:g} rows), below P − hidden neurons = "
                 f"{res.parameter_bound}: the probe is too small for it to show anything else (logged as "
@@ -702,11 +701,11 @@ class GeometryMonitor(Callback):
                 f"{rows:,} Gram matrix mod p ({format_bytes(8 * rows * rows)}) and about {rows:,}³/3 flops"
             )
         if res.spectrum is not None:
-            spec = res.spectrum
+            sv = res.spectrum
             values.update({
-                "numerical_rank": spec.numerical_rank, "numerical_rank_rtol": spec.rtol,
-                "resolution": spec.resolution, "spectral_gap": spec.spectral_gap, "stable_rank": spec.stable_rank,
-                "effective_rank": spec.effective_rank,
+                "numerical_rank": sv.numerical_rank, "numerical_rank_rtol": sv.rtol,
+                "resolution": sv.resolution, "spectral_gap": sv.spectral_gap, "stable_rank": sv.stable_rank,
+                "effective_rank": sv.effective_rank,
             })
         return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
 
