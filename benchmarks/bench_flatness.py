@@ -63,8 +63,8 @@ from bench_bfd import trained_weights
 from mnist import MNISTClassifier, MNISTDataModule
 
 from lightning_geomdim import flatness
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
-from lightning_geomdim.hessian import HessianOperator, convert_targets
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
+from lightning_geomdim.core.hessian import HessianOperator, convert_targets
 
 try:
     from curvlinops import HessianLinearOperator, hutchpp_trace

@@ -25,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_geomdim import computable_full_functional_dimension
-from lightning_geomdim.cffd import gaussian_sampler
+from lightning_geomdim.core.cffd import gaussian_sampler
 
 
 class CFFDCurve(Callback):

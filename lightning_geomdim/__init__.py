@@ -11,32 +11,32 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from lightning_geomdim.activation_patterns import UnitActivity, activation_patterns, linear_regions, unit_activity
-from lightning_geomdim.alignment import AlignmentStats, neuron_alignment
-from lightning_geomdim.cffd import CFFDResult, computable_full_functional_dimension, gaussian_sampler
-from lightning_geomdim.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.errors import (
+from lightning_geomdim.core.activation_patterns import UnitActivity, activation_patterns, linear_regions, unit_activity
+from lightning_geomdim.core.alignment import AlignmentStats, neuron_alignment
+from lightning_geomdim.core.cffd import CFFDResult, computable_full_functional_dimension, gaussian_sampler
+from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
+from lightning_geomdim.core.errors import (
     GeometryError,
     MemoryBudgetError,
     NonFiniteError,
     NotApplicableError,
     ProbeError,
 )
-from lightning_geomdim.flatness import FlatnessResult, flatness
-from lightning_geomdim.rank import NumericalSpectrum
+from lightning_geomdim.core.flatness import FlatnessResult, flatness
+from lightning_geomdim.core.rank import NumericalSpectrum
 
 if TYPE_CHECKING:
+    from lightning_geomdim.callback.monitor import GeometryMonitor
+    from lightning_geomdim.callback.schedule import Schedule
     from lightning_geomdim.metrics import BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
-    from lightning_geomdim.monitor import GeometryMonitor
-    from lightning_geomdim.schedule import Schedule
 
 _LIGHTNING_LAYER = {
     "BatchFunctionalDimension": "lightning_geomdim.metrics",
     "Flatness": "lightning_geomdim.metrics",
     "LinearRegions": "lightning_geomdim.metrics",
     "NeuronAlignment": "lightning_geomdim.metrics",
-    "GeometryMonitor": "lightning_geomdim.monitor",
-    "Schedule": "lightning_geomdim.schedule",
+    "GeometryMonitor": "lightning_geomdim.callback.monitor",
+    "Schedule": "lightning_geomdim.callback.schedule",
 }
 
 

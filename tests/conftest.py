@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_geomdim.lanczos import one_thread as lanczos_one_thread
+from lightning_geomdim.core.lanczos import one_thread as lanczos_one_thread
 
 #: Engines of batch_functional_dimension that every core test runs against.
 ENGINES = ["jacrev", "gram", "exact"]

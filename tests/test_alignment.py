@@ -11,8 +11,8 @@ from conftest import gen, mlp, small_cnn
 from torch import Tensor, nn
 
 from lightning_geomdim import AlignmentStats, NotApplicableError, activation_patterns, neuron_alignment
-from lightning_geomdim.alignment import alignment_bytes
-from lightning_geomdim.errors import MemoryBudgetError
+from lightning_geomdim.core.alignment import alignment_bytes
+from lightning_geomdim.core.errors import MemoryBudgetError
 
 
 def set_layer(layer: nn.Module, weight: Tensor, bias: Tensor) -> None:

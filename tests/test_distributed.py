@@ -26,7 +26,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_geomdim import batch_functional_dimension
-from lightning_geomdim.probes import probe_seed, select_indices
+from lightning_geomdim.callback.probes import probe_seed, select_indices
 
 TIMEOUT_S = 240  # a healthy run takes ~10-25 s on 2 busy CPU cores; a deadlock would never end
 
@@ -284,7 +284,7 @@ def test_ddp_one_rank_short_of_memory_ends_the_whole_job_with_on_error_raise(tmp
     _, proc = run_script(tmp_path, "budget", devices=2, on_error="raise", budget_rank0=1000)
     assert proc.returncode != 0
     for rank in ("[rank0]", "[rank1]"):
-        assert f"{rank}: lightning_geomdim.errors.GeometryError: GeometryMonitor: dimension on probe 'train' " \
+        assert f"{rank}: lightning_geomdim.core.errors.GeometryError: GeometryMonitor: dimension on probe 'train' " \
                "failed: MemoryBudgetError" in proc.stderr, rank
     assert "Connection closed by peer" not in proc.stderr  # rank 1 refused by itself, it did not lose rank 0
 
@@ -342,7 +342,7 @@ def test_fsdp_and_deepspeed_strategies_are_refused() -> None:
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from lightning_geomdim.monitor import check_strategy
+    from lightning_geomdim.callback.monitor import check_strategy
 
     deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
     assert isinstance(deepspeed, DDPStrategy)

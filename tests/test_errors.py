@@ -85,7 +85,7 @@ def test_memory_budget_from_environment(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_format_bytes_units() -> None:
-    from lightning_geomdim.memory import format_bytes
+    from lightning_geomdim.core.memory import format_bytes
 
     assert [format_bytes(n) for n in (512, 1536, 5 * 1024**2, 3 * 1024**3, 2 * 1024**4)] == [
         "512 B", "1.50 KiB", "5.00 MiB", "3.00 GiB", "2.00 TiB"]
@@ -100,7 +100,7 @@ def test_out_of_memory_is_not_mistaken_for_an_unsupported_transform(monkeypatch:
     import torch.nn.functional as F
 
     from lightning_geomdim import flatness
-    from lightning_geomdim.memory import is_out_of_memory
+    from lightning_geomdim.core.memory import is_out_of_memory
 
     def out_of_memory(*args: object, **kwargs: object) -> object:
         def fail(*a: object, **k: object) -> None:
@@ -108,8 +108,8 @@ def test_out_of_memory_is_not_mistaken_for_an_unsupported_transform(monkeypatch:
         return fail
 
     model, x = mlp([3, 5, 2], seed=1), torch.randn(6, 3, generator=gen(1))
-    monkeypatch.setattr(importlib.import_module("lightning_geomdim.jacobian"), "jacrev", out_of_memory)
-    hessian = importlib.import_module("lightning_geomdim.hessian")
+    monkeypatch.setattr(importlib.import_module("lightning_geomdim.core.jacobian"), "jacrev", out_of_memory)
+    hessian = importlib.import_module("lightning_geomdim.core.hessian")
     monkeypatch.setattr(hessian, "vmap", out_of_memory)  # the forward-over-reverse products
     reverse = hessian.HessianOperator._reverse
 

@@ -11,8 +11,8 @@ from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import nn
 
 from lightning_geomdim import NotApplicableError, batch_functional_dimension
-from lightning_geomdim.exact import PRIMES, exact_program, exact_rank
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
+from lightning_geomdim.core.exact import PRIMES, exact_program, exact_rank
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
 
 
 def clear_gap_rank(model: nn.Module, x: torch.Tensor, *, logit_differences: bool = False) -> int:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import Tensor
 
-import lightning_geomdim.finite_field as ff
-from lightning_geomdim.finite_field import DEFAULT_PRIME, PrimeField, rank_mod_p, rank_mod_p_symmetric
+import lightning_geomdim.core.finite_field as ff
+from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, rank_mod_p, rank_mod_p_symmetric
 
 FIELD = PrimeField()
 P = DEFAULT_PRIME

@@ -14,9 +14,9 @@ from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import Tensor, nn
 
 from lightning_geomdim import FlatnessResult, batch_functional_dimension, flatness
-from lightning_geomdim.errors import MemoryBudgetError
-from lightning_geomdim.lanczos import lanczos
-from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
+from lightning_geomdim.core.errors import MemoryBudgetError
+from lightning_geomdim.core.lanczos import lanczos
+from lightning_geomdim.core.trace_estimation import hutch_plus_plus, hutchinson
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 

@@ -11,9 +11,9 @@ from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import nn
 
 from lightning_geomdim import MemoryBudgetError, NotApplicableError, batch_functional_dimension
-from lightning_geomdim import gram as gram_module
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
-from lightning_geomdim.gram import gram_bytes, gram_matrix, gram_plan, gram_unsupported_reason
+from lightning_geomdim.core import gram as gram_module
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
+from lightning_geomdim.core.gram import gram_bytes, gram_matrix, gram_plan, gram_unsupported_reason
 
 
 def assert_matches_dense(

@@ -14,8 +14,8 @@ import torch.multiprocessing as mp
 from conftest import gen, mlp, small_cnn
 
 from lightning_geomdim import batch_functional_dimension
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
-from lightning_geomdim.gram import _balanced_share, gram_from_factors, gram_plan, layer_factors
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
+from lightning_geomdim.core.gram import _balanced_share, gram_from_factors, gram_plan, layer_factors
 
 CASES = {
     # name: (model factory, probe factory); J Jᵀ side (M < P) and Jᵀ J side (M > P), Linear and Conv2d

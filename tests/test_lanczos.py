@@ -18,9 +18,9 @@ from conftest import gen, mlp
 from torch import Tensor, nn
 
 from lightning_geomdim import batch_functional_dimension, flatness
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs, measurement_mode
-from lightning_geomdim.hessian import HessianOperator, convert_targets
-from lightning_geomdim.lanczos import default_tolerance, lanczos, lanczos_vectors
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
+from lightning_geomdim.core.hessian import HessianOperator, convert_targets
+from lightning_geomdim.core.lanczos import default_tolerance, lanczos, lanczos_vectors
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -197,7 +197,7 @@ def test_flat_dimension_false_or_default_skips_the_dimension(
     def fail(*args: object, **kwargs: object) -> None:
         raise AssertionError("the batch functional dimension must not be computed")
 
-    monkeypatch.setattr(importlib.import_module("lightning_geomdim.flatness"), "batch_functional_dimension", fail)
+    monkeypatch.setattr(importlib.import_module("lightning_geomdim.core.flatness"), "batch_functional_dimension", fail)
     res = flatness(model, F.cross_entropy, x, y, flat_dimension=flat_dimension)
     assert res.flat_dimension is None and res.functional_dimension is None
     assert res.max_eigenvalue == with_dimension.max_eigenvalue and res.trace == with_dimension.trace

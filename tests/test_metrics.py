@@ -27,7 +27,7 @@ from lightning_geomdim import (
     flatness,
     neuron_alignment,
 )
-from lightning_geomdim.metrics import resolve_loss_fn
+from lightning_geomdim.core.losses import resolve_loss_fn
 
 
 def test_compute_measures_the_current_weights_not_a_cached_value() -> None:

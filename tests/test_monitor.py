@@ -26,9 +26,9 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_geomdim import GeometryError, GeometryMonitor, batch_functional_dimension
-from lightning_geomdim.probes import probe_seed, select_indices
-from lightning_geomdim.schedule import log_spaced_steps
-from lightning_geomdim.tensorboard import cosine_heatmap
+from lightning_geomdim.callback.probes import probe_seed, select_indices
+from lightning_geomdim.callback.schedule import log_spaced_steps
+from lightning_geomdim.callback.tensorboard import cosine_heatmap
 
 IN, HIDDEN, CLASSES = 4, 6, 3
 

@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from lightning_geomdim import GeometryMonitor, batch_functional_dimension, flatness
-from lightning_geomdim.probes import ProbeSpec, random_probe
+from lightning_geomdim.callback.probes import ProbeSpec, random_probe
 
 IN, CLASSES = 4, 3
 
@@ -418,7 +418,7 @@ def test_random_probe_high_on_floating_inputs_is_refused(tmp_path: Path) -> None
 
 
 def test_cosine_heatmap_of_a_wide_layer_is_averaged_down() -> None:
-    from lightning_geomdim.tensorboard import MAX_HEATMAP_PIXELS, cosine_heatmap
+    from lightning_geomdim.callback.tensorboard import MAX_HEATMAP_PIXELS, cosine_heatmap
 
     n = 2 * MAX_HEATMAP_PIXELS + 50
     cos = torch.zeros(n, n)

@@ -1,4 +1,4 @@
-"""Tolerance rules and spectrum statistics of lightning_geomdim.rank on explicit matrices."""
+"""Tolerance rules and spectrum statistics of lightning_geomdim.core.rank on explicit matrices."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_geomdim.rank import effective_rank, numerical_rank, rank_tolerance, spectral_gap, stable_rank
+from lightning_geomdim.core.rank import effective_rank, numerical_rank, rank_tolerance, spectral_gap, stable_rank
 
 
 def test_svd_rule_is_numpys_matrix_rank() -> None:

@@ -7,7 +7,13 @@ import math
 import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_geomdim.schedule import MeasurementClock, OverheadBudget, Schedule, is_log_spaced, log_spaced_steps
+from lightning_geomdim.callback.schedule import (
+    MeasurementClock,
+    OverheadBudget,
+    Schedule,
+    is_log_spaced,
+    log_spaced_steps,
+)
 
 
 def test_log_spaced_steps_are_rounded_powers_of_ten() -> None:

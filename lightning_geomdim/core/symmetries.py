@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.layer_kinds import AFFINE, HOMOGENEOUS, RELU_LIKE
-from lightning_geomdim.tracing import LeafCall, trace_leaf_calls
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.core.layer_kinds import AFFINE, HOMOGENEOUS, RELU_LIKE
+from lightning_geomdim.core.tracing import LeafCall, trace_leaf_calls
 
 
 @dataclass(frozen=True)

@@ -54,10 +54,10 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from lightning_geomdim.errors import NonFiniteError
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.memory import check_memory, is_out_of_memory
-from lightning_geomdim.tracing import forward_hooks
+from lightning_geomdim.core.errors import NonFiniteError
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.core.memory import check_memory, is_out_of_memory
+from lightning_geomdim.core.tracing import forward_hooks
 
 LossFn = Callable[[Tensor, Any], Tensor]
 """``loss_fn(outputs, targets) -> scalar``, e.g. ``torch.nn.functional.cross_entropy`` (mean reduction)."""
@@ -286,7 +286,7 @@ class HessianOperator:
         Raises:
             MemoryBudgetError: before allocating, when 3 · P² values exceed ``budget`` bytes (the identity,
                 the chunks of H and their concatenation; the HVPs' own memory is checked by
-                :func:`~lightning_geomdim.flatness.flatness`).
+                :func:`~lightning_geomdim.core.flatness.flatness`).
         """
         p = self.num_params
         itemsize = torch.empty((), dtype=self.fm.dtype).element_size()

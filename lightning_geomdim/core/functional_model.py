@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lightning_geomdim.errors import NonFiniteError, ProbeError
+from lightning_geomdim.core.errors import NonFiniteError, ProbeError
 
 OutputFn = Callable[[Any], Tensor]
 """Maps a model's raw output (tensor, tuple, dict, ...) to the tensor whose Jacobian is measured."""
@@ -136,7 +136,7 @@ class FunctionalModel:
     output_fn: OutputFn | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     #: A softmax / log-softmax module whose output is the measured output (set by the dimension measure from
-    #: :func:`~lightning_geomdim.symmetries.find_symmetries`): :meth:`measured_output` then returns the logit
+    #: :func:`~lightning_geomdim.core.symmetries.find_symmetries`): :meth:`measured_output` then returns the logit
     #: differences of its input instead (same row space of J, no floating-point saturation).
     logit_head: nn.Module | None = None
 

@@ -46,7 +46,7 @@ dtype), plus the backward intermediates of ``chunk_size`` output coordinates (�
 activations). :func:`gram_bytes` is checked against the memory budget before anything is allocated. For
 the paper's MLP: 0.56 GiB at N = 600 (measured 566 MiB), 6.0 GiB at N = 2,000.
 
-Tolerance: σ = √max(λ, 0) with the Gram rule of :mod:`lightning_geomdim.rank` (``from_gram=True``): a
+Tolerance: σ = √max(λ, 0) with the Gram rule of :mod:`lightning_geomdim.core.rank` (``from_gram=True``): a
 float64 Gram resolves σ down to about σ_max · sqrt(max(M, P) · eps64) (~2e-6 σ_max for the paper's MLP),
 a dense SVD (``engine="jacrev"``) down to σ_max · max(M, P) · eps64 (~6e-12 σ_max). Use jacrev when the
 spectral gap shows singular values between those two levels.
@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_geomdim.errors import NotApplicableError
-from lightning_geomdim.finite_field import PrimeField
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.layer_kinds import ALONG_DIM, DROPOUT, FACTORED_AFFINE, PER_SAMPLE, POOLING
-from lightning_geomdim.memory import check_memory
-from lightning_geomdim.rank import Spectrum
+from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.finite_field import PrimeField
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.core.layer_kinds import ALONG_DIM, DROPOUT, FACTORED_AFFINE, PER_SAMPLE, POOLING
+from lightning_geomdim.core.memory import check_memory
+from lightning_geomdim.core.rank import Spectrum
 
 Side = Literal["outputs", "params"]
 

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_geomdim.dimension import DimensionResult, Engine, batch_functional_dimension
-from lightning_geomdim.functional_model import OutputFn
+from lightning_geomdim.core.dimension import DimensionResult, Engine, batch_functional_dimension
+from lightning_geomdim.core.functional_model import OutputFn
 
 Sampler = Callable[[int, torch.Generator], Any]
 """``sampler(n, generator)`` returns a probe batch of n inputs, drawing only from ``generator``."""

@@ -9,14 +9,14 @@ set {f_θ'(X) : θ' near θ} (Bona-Pellissier, Malgouyres, Bachoc, arXiv 2402.08
 The engine computes that rank exactly, by evaluation at a random point modulo a prime p:
 
 1. one traced float forward pass records the patterns and checks the structure (the conditions of the Gram
-   engine, :mod:`lightning_geomdim.gram`, plus: every parameter-free module is piecewise linear or linear);
+   engine, :mod:`lightning_geomdim.core.gram`, plus: every parameter-free module is piecewise linear or linear);
 2. the network is re-run in GF(p) with the patterns fixed, at random nonzero residues for the measured
    parameters (exact zeros of θ stay zero: pruned weights), the exact images of X and of the frozen parameters
-   (:meth:`~lightning_geomdim.finite_field.PrimeField.from_float`), and backpropagated once per output
+   (:meth:`~lightning_geomdim.core.finite_field.PrimeField.from_float`), and backpropagated once per output
    coordinate class, giving the per-layer factors of the Gram engine as residues;
 3. the Gram matrix J Jᵀ (or Jᵀ J) is assembled from them exactly mod p by the Gram engine's own code, and its
    rank over GF(p) is computed by blocked symmetric elimination with sweeps
-   (:func:`~lightning_geomdim.finite_field.rank_mod_p_symmetric`).
+   (:func:`~lightning_geomdim.core.finite_field.rank_mod_p_symmetric`).
 
 Why it is right. rank(J Jᵀ) = rank J over the formally real field R(θ) (vᵀJJᵀv is a sum of squares), so a
 nonzero r × r minor of the Gram exists, a polynomial of degree ≤ 2(L − 1)·r in θ for L affine layers. Reduction
@@ -28,18 +28,18 @@ draws, except that a draw reaching the proven upper bound min(rows, P − hidden
 paper's MLP at N = 600 (L = 4, bound 5,400): 7.7e-3 per draw with p ≈ 4.2e6, 6e-5 for two.
 
 Softmax / log-softmax heads are measured on their logit differences (same row space; see
-:meth:`~lightning_geomdim.functional_model.FunctionalModel.measured_output`).
+:meth:`~lightning_geomdim.core.functional_model.FunctionalModel.measured_output`).
 
 Supported modules: ``nn.Linear``, ``nn.Conv2d`` (as in the Gram engine) with ReLU, LeakyReLU, ReLU6,
 Hardtanh, Identity, dropout (eval), max / average / adaptive pooling, Flatten / Unflatten between them and a
 final Softmax / LogSoftmax. Anything else (GELU, tanh, normalisation, residual sums) raises
-:class:`~lightning_geomdim.errors.NotApplicableError` with the reason; ``engine="auto"`` then falls back to a
+:class:`~lightning_geomdim.core.errors.NotApplicableError` with the reason; ``engine="auto"`` then falls back to a
 floating-point engine.
 
 Cost: one float forward pass, then per draw a forward and ``K`` batched backward passes in float64 residues, the
 Gram assembly (as the Gram engine's, with a reduction after each product) and about d³/3 flops of symmetric
 elimination for d = min(rows, P) — no eigendecomposition. Peak memory: one d × d float64 matrix (the Gram mod
-p, eliminated in place) plus the Gram engine's per-layer factors (:func:`~lightning_geomdim.gram.gram_bytes` with
+p, eliminated in place) plus the Gram engine's per-layer factors (:func:`~lightning_geomdim.core.gram.gram_bytes` with
 ``copies=1``): 4.9 GiB for the paper's MLP on 2,848 inputs (d = 25,632).
 """
 
@@ -55,10 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_geomdim.errors import NotApplicableError
-from lightning_geomdim.finite_field import DEFAULT_PRIME, PrimeField, _is_prime, rank_mod_p_symmetric
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.gram import (
+from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime, rank_mod_p_symmetric
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.core.gram import (
     GramPlan,
     _conv_padding,
     _unify,
@@ -66,8 +66,8 @@ from lightning_geomdim.gram import (
     gram_bytes,
     gram_from_factors,
 )
-from lightning_geomdim.layer_kinds import AVG_POOL, DROPOUT, FACTORED_AFFINE, MAX_POOL, PIECEWISE_LINEAR, RESHAPE
-from lightning_geomdim.memory import check_memory
+from lightning_geomdim.core.layer_kinds import AVG_POOL, DROPOUT, FACTORED_AFFINE, MAX_POOL, PIECEWISE_LINEAR, RESHAPE
+from lightning_geomdim.core.memory import check_memory
 
 #: Largest per-plane linear map (entries) stored densely for an average pooling.
 _MAX_PLANE_MAP = 1 << 24

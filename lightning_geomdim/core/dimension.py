@@ -2,9 +2,10 @@
 
 It is the local dimension of {f_θ'(X)} near θ (Bona-Pellissier, Malgouyres, Bachoc, arXiv 2402.08269); it is
 invariant under neuron permutations and positive rescalings and bounded by min(M, P − hidden neurons) for ReLU
-networks. Three engines: "exact" (:mod:`lightning_geomdim.exact`, the dimension itself for piecewise-linear
-networks) and the floating-point "gram" (:mod:`lightning_geomdim.gram`) and "jacrev"
-(:mod:`lightning_geomdim.jacobian`), whose numerical rank (:mod:`lightning_geomdim.rank`) depends on a tolerance.
+networks. Three engines: "exact" (:mod:`lightning_geomdim.core.exact`, the dimension itself for
+piecewise-linear networks) and the floating-point "gram" (:mod:`lightning_geomdim.core.gram`) and "jacrev"
+(:mod:`lightning_geomdim.core.jacobian`), whose numerical rank (:mod:`lightning_geomdim.core.rank`) depends on
+a tolerance.
 """
 
 from __future__ import annotations
@@ -17,14 +18,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_geomdim.errors import NotApplicableError
-from lightning_geomdim.exact import ExactProgram, exact_program, exact_rank
-from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.gram import gram_spectrum, gram_unsupported_reason
-from lightning_geomdim.jacobian import jacobian_spectrum
-from lightning_geomdim.memory import memory_budget
-from lightning_geomdim.rank import NumericalSpectrum, Spectrum, numerical_spectrum
-from lightning_geomdim.symmetries import find_symmetries
+from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.exact import ExactProgram, exact_program, exact_rank
+from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.core.gram import gram_spectrum, gram_unsupported_reason
+from lightning_geomdim.core.jacobian import jacobian_spectrum
+from lightning_geomdim.core.memory import memory_budget
+from lightning_geomdim.core.rank import NumericalSpectrum, Spectrum, numerical_spectrum
+from lightning_geomdim.core.symmetries import find_symmetries
 
 Engine = Literal["auto", "exact", "gram", "jacrev"]
 ENGINES = ("auto", "exact", "gram", "jacrev")
@@ -37,7 +38,7 @@ class DimensionResult:
 
     Attributes:
         rank: with ``engine == "exact"`` the batch functional dimension, exact (the generic rank of J with
-            the activation patterns fixed, see :mod:`lightning_geomdim.exact`); with a floating-point engine
+            the activation patterns fixed, see :mod:`lightning_geomdim.core.exact`); with a floating-point engine
             ("gram", "jacrev": models that are not piecewise linear, or when asked) the numerical rank of
             ``spectrum``, an estimate that depends on its tolerance.
         engine: "exact", "gram" or "jacrev": what produced ``rank``.
@@ -151,7 +152,7 @@ def batch_functional_dimension(
     * the **batch functional dimension** (``engine="exact"``, the default wherever it applies): for a
       piecewise-linear network (ReLU, LeakyReLU, max pooling, ...) the rank of J is determined by the activation
       patterns on ``x`` for almost every θ; the exact engine computes that generic rank by modular arithmetic,
-      with no tolerance (:mod:`lightning_geomdim.exact`);
+      with no tolerance (:mod:`lightning_geomdim.core.exact`);
     * a **numerical rank** (``spectrum=True``, or a floating-point engine): the number of singular values of the
       floating-point J above a tolerance, reported with that tolerance and the engine's resolution. It is not the
       dimension: σ below the resolution are lost (the Gram engine resolves σ only down to ~2e-6·σ_max on the
@@ -174,9 +175,9 @@ def batch_functional_dimension(
             whatever the model's dtype: a float32 Jacobian with a float64 tolerance over-counts the rank.
         engine: "auto" (default): "exact" where it applies, else a floating-point engine ("gram" where
             exact in floating point, else "jacrev"). "exact": the batch functional dimension of a
-            piecewise-linear network of Linear/Conv2d layers (conditions in :mod:`lightning_geomdim.exact`);
+            piecewise-linear network of Linear/Conv2d layers (conditions in :mod:`lightning_geomdim.core.exact`);
             peak memory ≈ 8·min(rows, P)² bytes plus per-layer factors. "gram": J Jᵀ or Jᵀ J from per-layer
-            factors, σ = √λ of its float64 eigenvalues (:mod:`lightning_geomdim.gram`). "jacrev": the dense
+            factors, σ = √λ of its float64 eigenvalues (:mod:`lightning_geomdim.core.gram`). "jacrev": the dense
             M × P Jacobian and its SVD: any differentiable model, the finest floating-point resolution, about
             3·M·P·8 bytes and a much slower SVD. ``DimensionResult.engine`` says which ran.
         spectrum: also compute the floating-point spectrum (``DimensionResult.spectrum``: σ, numerical rank,
@@ -189,17 +190,17 @@ def batch_functional_dimension(
             can do (its numerical rank collapses when the probabilities saturate; "auto" then picks one).
         rtol: relative tolerance of the numerical rank; default the engine's resolution, ``σ_max · max(M, P)
             · eps(dtype)`` for an SVD, ``σ_max · max(max(M, P) · eps(dtype), sqrt(max(M, P) · eps64))`` for a
-            Gram (see :mod:`lightning_geomdim.rank`). With ``rtol``: ``rtol · σ_max``. No effect on the exact
+            Gram (see :mod:`lightning_geomdim.core.rank`). With ``rtol``: ``rtol · σ_max``. No effect on the exact
             engine's rank.
         seed: seeds the exact engine's random evaluation points (the global RNG is never used).
         draws: the exact engine's independent evaluations (≥ 2; one suffices when it reaches the bound).
         chunk_size: number of VJPs computed at once (bounds backward memory): rows of J for jacrev, output
             coordinates per sample for gram and exact.
         max_memory_bytes: memory budget; default half the available memory (see
-            :mod:`lightning_geomdim.memory`).
+            :mod:`lightning_geomdim.core.memory`).
         distributed: with the Gram engine and an initialised ``torch.distributed`` process group, divide the
             Gram accumulation among the processes and all-reduce it (see
-            :func:`lightning_geomdim.gram.gram_matrix`). A collective: every process must call it, with the
+            :func:`lightning_geomdim.core.gram.gram_matrix`). A collective: every process must call it, with the
             same model, probe and arguments. Ignored by the other engines and without a process group.
 
     Returns:

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 from torch.func import jacrev
 
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.memory import check_memory, is_out_of_memory
-from lightning_geomdim.rank import Spectrum
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.core.memory import check_memory, is_out_of_memory
+from lightning_geomdim.core.rank import Spectrum
 
 
 def jacobian_bytes(num_outputs: int, num_params: int, dtype: torch.dtype) -> int:

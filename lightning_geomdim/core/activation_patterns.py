@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_geomdim.errors import NotApplicableError
-from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.layer_kinds import RELU_LIKE
-from lightning_geomdim.tracing import LeafCall, call_keys, forward_hooks
+from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.core.layer_kinds import RELU_LIKE
+from lightning_geomdim.core.tracing import LeafCall, call_keys, forward_hooks
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 
-from lightning_geomdim.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 
-from lightning_geomdim import tensorboard as tb
-from lightning_geomdim.dimension import ENGINES, DimensionResult
-from lightning_geomdim.errors import GeometryError, NotApplicableError
-from lightning_geomdim.layer_kinds import RELU_LIKE
-from lightning_geomdim.memory import format_bytes, memory_budget
-from lightning_geomdim.metrics import LOSSES, BatchFunctionalDimension, Flatness, LinearRegions, NeuronAlignment
-from lightning_geomdim.probes import (
+from lightning_geomdim.callback import tensorboard as tb
+from lightning_geomdim.callback.probes import (
     Probe,
     ProbeSpec,
     dataset_probe,
@@ -42,7 +37,18 @@ from lightning_geomdim.probes import (
     random_probe,
     tensor_probe,
 )
-from lightning_geomdim.schedule import Event, MeasurementClock, OverheadBudget, Schedule
+from lightning_geomdim.callback.schedule import Event, MeasurementClock, OverheadBudget, Schedule
+from lightning_geomdim.core.dimension import ENGINES, DimensionResult
+from lightning_geomdim.core.errors import GeometryError, NotApplicableError
+from lightning_geomdim.core.layer_kinds import RELU_LIKE
+from lightning_geomdim.core.losses import LOSSES
+from lightning_geomdim.core.memory import format_bytes, memory_budget
+from lightning_geomdim.metrics.probe_metrics import (
+    BatchFunctionalDimension,
+    Flatness,
+    LinearRegions,
+    NeuronAlignment,
+)
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
 #: The time budget of the default schedule (see ``max_overhead``).
@@ -114,7 +120,7 @@ class GeometryMonitor(Callback):
     The dimension keys are logged per probe; flatness on ``flatness_probe``, alignment on
     ``alignment_probe``. With a ``TensorBoardLogger`` (and ``tensorboard_extras=True``) the monitor also writes
     a custom-scalars layout, singular-value histograms and cosine heatmaps (see
-    :mod:`lightning_geomdim.tensorboard`).
+    :mod:`lightning_geomdim.callback.tensorboard`).
 
     **Cost**: on the default schedule (every epoch) the monitor spends about 5 % of the run's wall time measuring
     (``max_overhead="auto"`` → 0.05): each measure's first point is taken, later scheduled points only while their
@@ -136,13 +142,13 @@ class GeometryMonitor(Callback):
     ``output_fn``) warns with the reason and the remedy and logs NaN under its keys, and training continues;
     the next measurement starts afresh (``on_error="raise"`` stops the run instead).
 
-    **Probes** are fixed for the whole run and chosen once at fit start (see :mod:`lightning_geomdim.probes`):
+    **Probes** are fixed for the whole run and chosen once at fit start (see :mod:`lightning_geomdim.callback.probes`):
     ``"train"`` / ``"val"`` (``probe_size`` samples of the dataset, picked by index with a private generator:
     the dataloaders are never iterated and no global RNG is consumed), ``"random"`` (Gaussian inputs shaped
     like the data, for the computable full functional dimension; for integer inputs (token ids) uniform ids in
     [``low``, ``high``), which needs ``high``, the vocabulary size), or dicts ``{"name": ..., "source": ...,
     "size": ..., "mean": ..., "std": ..., "shape": ..., "low": ..., "high": ..., "dataloader_idx": ...,
-    "logit_differences": ..., "spectrum": ...}`` (:class:`~lightning_geomdim.probes.ProbeSpec`; e.g.
+    "logit_differences": ..., "spectrum": ...}`` (:class:`~lightning_geomdim.callback.probes.ProbeSpec`; e.g.
     ``"logit_differences": False`` measures a softmax head on its probabilities: a numerical rank only) and,
     from Python only, ``{"name": ..., "x": tensor, "y": tensor}`` (any input structure, e.g. a dict of keyword
     inputs). The default probes leave out ``"val"`` without validation data and ``"random"`` (with a warning)
@@ -184,7 +190,7 @@ class GeometryMonitor(Callback):
             point is always taken. Cheap measures keep dense curves, expensive ones get sparser. ``None``: take
             every scheduled point whatever it costs (a protocol's exact steps). ``"auto"`` (default): 0.05 on the
             default schedule, ``None`` when the schedule was written by the user (see **Cost**). Under DDP rank 0
-            decides for all processes. See :class:`~lightning_geomdim.schedule.OverheadBudget`.
+            decides for all processes. See :class:`~lightning_geomdim.callback.schedule.OverheadBudget`.
         schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: probe specifications (see above); default ``["train", "val", "random"]``, where ``"val"`` is
             left out when there is no validation data.
@@ -224,9 +230,9 @@ class GeometryMonitor(Callback):
             resolution rather than bit for bit (the summation order differs).
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
         rtol: relative tolerance of the numerical rank; default the engine's resolution (see
-            :mod:`lightning_geomdim.rank`). No effect on the exact dimension.
+            :mod:`lightning_geomdim.core.rank`). No effect on the exact dimension.
         max_memory_bytes: memory budget of a measure, in bytes; default half the available memory (see
-            :mod:`lightning_geomdim.memory`). A measure that would exceed it is refused before allocating, with
+            :mod:`lightning_geomdim.core.memory`). A measure that would exceed it is refused before allocating, with
             the numbers and the remedies in the warning, and logged as NaN.
         flatness_probe: probe used for flatness (needs targets); default ``"train"`` if it exists, else the
             first probe with targets.

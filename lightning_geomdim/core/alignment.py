@@ -9,7 +9,7 @@ Which layers: an ``nn.Linear`` / ``nn.Conv{1,2,3}d`` whose output reaches an ``n
 directly or through ``nn.Identity`` / dropout modules only (identity in eval mode), so that the ReLU's
 pattern is 1[u_j · (x, 1) > 0]. Anything else in between (BatchNorm, pooling, a residual addition,
 functional code) breaks the link and the layer is not reported. With ``x`` the data flow is traced on one
-sample tensor by tensor (:mod:`lightning_geomdim.tracing`); without ``x`` it is read from the children order
+sample tensor by tensor (:mod:`lightning_geomdim.core.tracing`); without ``x`` it is read from the children order
 of the model's ``nn.Sequential`` containers (exactly how a Sequential runs).
 """
 
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_geomdim.activation_patterns import activation_patterns, unit_activity
-from lightning_geomdim.errors import NotApplicableError
-from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.layer_kinds import AFFINE, PASS_THROUGH, RELU_LIKE
-from lightning_geomdim.memory import check_memory, format_bytes, memory_budget
-from lightning_geomdim.rank import stable_rank
-from lightning_geomdim.tracing import LeafCall, call_keys, trace_leaf_calls
+from lightning_geomdim.core.activation_patterns import activation_patterns, unit_activity
+from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.core.layer_kinds import AFFINE, PASS_THROUGH, RELU_LIKE
+from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
+from lightning_geomdim.core.rank import stable_rank
+from lightning_geomdim.core.tracing import LeafCall, call_keys, trace_leaf_calls
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def neuron_alignment(
         dtype: computation dtype of the cosines and of the forward pass on x (float64 by default).
         output_fn: only needed when the model returns a non-tensor.
         max_memory_bytes: memory budget in bytes; default half the available memory (see
-            :mod:`lightning_geomdim.memory`).
+            :mod:`lightning_geomdim.core.memory`).
 
     Returns:
         Module name → :class:`AlignmentStats`, in execution (with x) or registration (without x) order.

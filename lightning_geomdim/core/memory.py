@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from lightning_geomdim.errors import MemoryBudgetError
+from lightning_geomdim.core.errors import MemoryBudgetError
 
 _FALLBACK_BYTES = 8 * 1024**3
 

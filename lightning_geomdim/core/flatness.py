@@ -2,10 +2,10 @@
 
 * ``max_eigenvalue`` / ``top_eigenvalues`` (and, on request, ``eigenvectors``): largest algebraic eigenvalues of
   H = ∇²_θ L with their multiplicities, by restarted Lanczos with full reorthogonalisation on Hessian-vector
-  products (:mod:`lightning_geomdim.lanczos`: a check run from a random vector orthogonal to the eigenvectors
+  products (:mod:`lightning_geomdim.core.lanczos`: a check run from a random vector orthogonal to the eigenvectors
   found catches copies of repeated eigenvalues, which one Krylov space cannot hold), or exactly from the dense
-  H for small P (rule in :mod:`lightning_geomdim.hessian`: P ≤ 399 with the default budgets).
-* ``trace``: tr H by Hutch++ (or Hutchinson) on Rademacher probes (:mod:`lightning_geomdim.trace_estimation`),
+  H for small P (rule in :mod:`lightning_geomdim.core.hessian`: P ≤ 399 with the default budgets).
+* ``trace``: tr H by Hutch++ (or Hutchinson) on Rademacher probes (:mod:`lightning_geomdim.core.trace_estimation`),
   exact on the dense path.
 * ``flat_dimension``: P − batch functional dimension on x. At an interpolating minimum of a squared loss
   H = (2/N) JᵀJ, so this is the dimension of the manifold of nearby minimisers (docs/science.md). It is the
@@ -25,9 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_geomdim.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.hessian import (
+from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
+from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.core.hessian import (
     DEFAULT_CHUNK_SIZE,
     HessianOperator,
     LossFn,
@@ -36,9 +36,9 @@ from lightning_geomdim.hessian import (
     hvp_values,
     use_dense_hessian,
 )
-from lightning_geomdim.lanczos import default_tolerance, lanczos, lanczos_vectors, one_thread
-from lightning_geomdim.memory import check_memory, format_bytes, memory_budget
-from lightning_geomdim.trace_estimation import hutch_plus_plus, hutchinson
+from lightning_geomdim.core.lanczos import default_tolerance, lanczos, lanczos_vectors, one_thread
+from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
+from lightning_geomdim.core.trace_estimation import hutch_plus_plus, hutchinson
 
 Method = Literal["auto", "dense", "lanczos"]
 TraceMethod = Literal["hutch++", "hutchinson"]
@@ -75,7 +75,7 @@ class FlatnessResult:
         num_hvps: Hessian-vector products spent (P on the dense path).
         method: "dense" or "lanczos", the path that ran.
         converged: Lanczos met its tolerance and its check run found no eigenvalue above the top_k-th, i.e. no
-            copy of a repeated eigenvalue is missing (see :class:`~lightning_geomdim.lanczos.LanczosResult`);
+            copy of a repeated eigenvalue is missing (see :class:`~lightning_geomdim.core.lanczos.LanczosResult`);
             always True on the dense path.
         eigenvectors: with ``return_eigenvectors=True``, shape (P, top_k), float64, on the CPU: orthonormal
             eigenvectors (Ritz vectors on the Lanczos path, each with residual ``eigenvalue_residuals[i]``),
@@ -139,18 +139,18 @@ def flatness(
         dtype: computation dtype (float64 by default).
         method: "dense" forms H (P HVPs, exact eigenvalues and trace), "lanczos" never forms it; "auto"
             picks "dense" when that costs no more HVPs than the Lanczos path may, P ≤ lanczos_iterations +
-            trace_samples (399 by default), and P ≤ :data:`~lightning_geomdim.hessian.DENSE_HESSIAN_MAX_PARAMS`.
+            trace_samples (399 by default), and P ≤ :data:`~lightning_geomdim.core.hessian.DENSE_HESSIAN_MAX_PARAMS`.
         trace_method: "hutch++" (default) or "hutchinson", on the Lanczos path.
         lanczos_iterations: at most this many Lanczos HVPs over all its runs (a warning is emitted when it did
             not converge); only what convergence needs is spent.
         lanczos_tol: relative residual for Lanczos convergence, default √eps(dtype).
         lanczos_basis: vectors a Lanczos run keeps before it thick-restarts (bounds its memory; default
-            max(40, 2 top_k + 20), :func:`~lightning_geomdim.lanczos.default_basis_size`).
+            max(40, 2 top_k + 20), :func:`~lightning_geomdim.core.lanczos.default_basis_size`).
         params: names of the parameters θ; default every parameter with ``requires_grad``.
         output_fn: maps the model's raw output to the tensor given to ``loss_fn``.
         chunk_size: HVPs computed at once as one batched backward (dense Hessian and trace probes); default 1,
             one at a time, which was never more than 15 % slower than batching on CPU except for tiny models
-            (:mod:`lightning_geomdim.hessian`); ``None`` batches a whole block.
+            (:mod:`lightning_geomdim.core.hessian`); ``None`` batches a whole block.
         flat_dimension: report ``flat_dimension`` / ``functional_dimension``. ``None`` (default): from
             ``dimension`` when it is given (free), else not (both fields ``None``): the batch functional
             dimension is often the most expensive part of the call. ``True``: computed when ``dimension`` is not
@@ -165,7 +165,7 @@ def flatness(
         return_eigenvectors: also return the top_k eigenvectors (``FlatnessResult.eigenvectors``, (P, top_k)
             float64 on the CPU; P · top_k more values in memory).
         max_memory_bytes: memory budget in bytes, of the curvature and of the functional dimension; default
-            half the available memory (see :mod:`lightning_geomdim.memory`).
+            half the available memory (see :mod:`lightning_geomdim.core.memory`).
 
     Returns:
         A :class:`FlatnessResult`. Cost: dense path P HVPs; Lanczos path at most ``lanczos_iterations`` +
@@ -173,15 +173,15 @@ def flatness(
         ``dimension``.
 
     Memory (checked before any HVP, after one forward pass that counts A, the values of a forward pass:
-    :func:`~lightning_geomdim.hessian.activation_numel`), in values of ``dtype`` (8 bytes for float64):
+    :func:`~lightning_geomdim.core.hessian.activation_numel`), in values of ``dtype`` (8 bytes for float64):
     2 P (parameter copies) plus, with c = min(chunk_size, vectors in one block) HVPs at once holding
-    :func:`~lightning_geomdim.hessian.hvp_values` = 14 P + 4 A + (c − 1)(10 P + 3 A) (the cached gradient graph
+    :func:`~lightning_geomdim.core.hessian.hvp_values` = 14 P + 4 A + (c − 1)(10 P + 3 A) (the cached gradient graph
     included),
 
     * dense: 3 P² (identity, chunks of H, their concatenation) + HVPs of c = min(chunk_size, P);
     * Lanczos: the larger of its two phases, run one after the other:
       eigenvalues (b + 2 top_k + 4) · P, b = min(lanczos_basis, lanczos_iterations, P) the basis of a run
-      (:func:`~lightning_geomdim.lanczos.lanczos_vectors`; it does not grow with ``lanczos_iterations``)
+      (:func:`~lightning_geomdim.core.lanczos.lanczos_vectors`; it does not grow with ``lanczos_iterations``)
       + one HVP; trace: Hutch++ with m = trace_samples, s = ⌊m/3⌋ sketch and p = m − 2s probe vectors,
       max(3s, s + 4p) · P (2 m · P at most), Hutchinson 3 m · P, + c HVPs;
     * ``return_eigenvectors``: top_k · P more (the eigenvectors kept through the trace phase).
