@@ -11,8 +11,10 @@ import pytest
 import torch
 from torch import Tensor
 
-import lightning_geomdim.core.finite_field as ff
-from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, rank_mod_p, rank_mod_p_symmetric
+import lightning_geomdim.core.symmetric_rank_mod_p as symmetric
+from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField
+from lightning_geomdim.core.rank_mod_p import rank_mod_p
+from lightning_geomdim.core.symmetric_rank_mod_p import rank_mod_p_symmetric
 
 FIELD = PrimeField()
 P = DEFAULT_PRIME
@@ -372,13 +374,13 @@ def test_sweep_gives_the_inverse() -> None:
     x = FIELD.random((6, 6), gen(40))
     a = FIELD.reduce_(x + x.T)
     m = [[int(v) % p for v in row] for row in a.tolist()]
-    assert ff._sweep_ints(m, p, 6) == list(range(6))  # every leading principal minor is nonzero here
+    assert symmetric._sweep_ints(m, p, 6) == list(range(6))  # every leading principal minor is nonzero here
     inverse = flint.nmod_mat(6, 6, [int(v) % p for v in a.flatten().tolist()], p).inv()
     assert [[(-v) % p for v in row] for row in m] == [[int(inverse[i, j]) for j in range(6)] for i in range(6)]
     # the blocked sweep of a panel: pivots and W = T[R, R]⁻¹, with a zero diagonal entry skipped
     b = symmetric_low_rank(20, 20, seed=41)
     b[2, 2] = 0.0
-    pivots, w = ff._principal_pivots(b, FIELD, 20)
+    pivots, w = symmetric._principal_pivots(b, FIELD, 20)
     assert 2 not in pivots[:1] and len(pivots) >= 18
     index = torch.tensor(pivots)
     product = FIELD.matmul(w, b[index][:, index])
@@ -465,7 +467,7 @@ def test_symmetric_delayed_reductions_and_chunks(
     # p ≈ 2^24: the trailing matrix must be reduced every few steps; tiny chunks of rows: many chunks
     a = symmetric_low_rank(n, r, seed=n + r, field=BIG)
     assert check_symmetric_rank(a, flint_rank, block, BIG) == r
-    monkeypatch.setitem(ff._SYMMETRIC_CHUNK, "cpu", 64)
+    monkeypatch.setitem(symmetric._SYMMETRIC_CHUNK, "cpu", 64)
     assert check_symmetric_rank(a, flint_rank, block, BIG) == r
 
 

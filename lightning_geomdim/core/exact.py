@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime, rank_mod_p_symmetric
+from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
 from lightning_geomdim.core.gram import (
     GramPlan,
@@ -68,6 +68,7 @@ from lightning_geomdim.core.gram import (
 )
 from lightning_geomdim.core.layer_kinds import AVG_POOL, DROPOUT, FACTORED_AFFINE, MAX_POOL, PIECEWISE_LINEAR, RESHAPE
 from lightning_geomdim.core.memory import check_memory
+from lightning_geomdim.core.symmetric_rank_mod_p import rank_mod_p_symmetric
 
 #: Largest per-plane linear map (entries) stored densely for an average pooling.
 _MAX_PLANE_MAP = 1 << 24
