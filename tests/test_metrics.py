@@ -1,21 +1,31 @@
-"""torchmetrics wrappers against explicit float64 dense computations, and inside a LightningModule's own loop."""
+"""torchmetrics wrappers against explicit float64 dense computations and the core functions, inside a LightningModule's
+own loop, and under a real two-process gloo group; the torchmetrics contract: states declared in ``__init__`` with
+"cat" reductions, no cached ``compute()``, nested inputs bit-exact, ``max_samples`` bounding the stored inputs."""
 
 from __future__ import annotations
 
 import copy
 import csv
+import json
 import os
+import time
+import warnings
+from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import dense_jacobian, gen, mlp, numpy_rank
+from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
+from torch.utils._pytree import tree_leaves
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.utilities.data import dim_zero_cat
 
 from lightning_geomdim import (
     BatchFunctionalDimension,
@@ -23,11 +33,15 @@ from lightning_geomdim import (
     LinearRegions,
     NeuronAlignment,
     NotApplicableError,
+    activation_patterns,
     batch_functional_dimension,
     flatness,
+    linear_regions,
     neuron_alignment,
 )
+from lightning_geomdim.core.activation_patterns import count_regions
 from lightning_geomdim.core.losses import resolve_loss_fn
+from lightning_geomdim.metrics.packing import layout_of, pack, unpack
 
 
 def test_compute_measures_the_current_weights_not_a_cached_value() -> None:
@@ -56,7 +70,7 @@ def test_dimension_accumulates_updates_and_matches_the_dense_rank() -> None:
     torch.testing.assert_close(metric.result.spectrum.singular_values, torch.linalg.svdvals(jac), rtol=1e-6, atol=1e-9)
     assert metric.result.num_outputs == 18 and metric.result.num_params == 32
     metric.reset()
-    assert metric.result is None and metric.inputs_0 == []
+    assert metric.result is None and metric.inputs == []
     # max_samples keeps the first N accumulated inputs
     small = BatchFunctionalDimension(model, max_samples=2)
     small.update(x)
@@ -89,7 +103,7 @@ def test_tuple_and_dict_inputs() -> None:
         as_dict.update(left)
     with pytest.raises(TypeError, match="pass a Tensor"):
         BatchFunctionalDimension(model).update([left, "text"])
-    with pytest.raises(ValueError, match="call update"):
+    with pytest.raises(ValueError, match="call update"), pytest.warns(UserWarning, match="before the ``update``"):
         BatchFunctionalDimension(model).compute()
 
 
@@ -238,3 +252,226 @@ def test_logging_a_metric_from_validation_step(tmp_path: Path) -> None:
     # the whole validation set (5 inputs over 3 batches), on the weights after training
     assert logged == [float(numpy_rank(dense_jacobian(module.net, val_x)))]
     assert module.val_bfd.update_count == 0  # Lightning reset it at the end of the epoch
+
+
+# --- the torchmetrics contract ------------------------------------------------------------------------------------
+
+Pair = namedtuple("Pair", "left right")
+
+
+def test_states_are_declared_in_init_with_cat_reductions() -> None:
+    model = mlp([3, 4, 2])
+    for metric in (BatchFunctionalDimension(model), LinearRegions(model), NeuronAlignment(model), Flatness(model)):
+        names = ["inputs", "targets"] if isinstance(metric, Flatness) else ["inputs"]
+        assert list(metric._defaults) == names, type(metric).__name__
+        for name in names:
+            assert metric._reductions[name] is dim_zero_cat and metric._persistent[name] is False
+            assert getattr(metric, name) == []
+        assert metric.compute_with_cache is False and metric.full_state_update is False
+    # update() stores rows in the declared state, whatever the structure: it never adds one
+    nested = BatchFunctionalDimension(TwoInputs())
+    nested.update({"left": torch.randn(2, 3), "right": torch.randn(2, 2)})
+    assert list(nested._defaults) == ["inputs"] and len(nested.inputs) == 1 and nested.inputs[0].dtype == torch.uint8
+    with pytest.raises(ValueError, match="compute_with_cache=True is refused"):
+        BatchFunctionalDimension(model, compute_with_cache=True)
+
+
+def _reinit(model: nn.Sequential, seed: int) -> None:
+    g = gen(seed)
+    with torch.no_grad():
+        for layer in model:
+            if isinstance(layer, nn.Linear):
+                nn.init.normal_(layer.weight, std=0.8, generator=g)
+                nn.init.normal_(layer.bias, std=0.8, generator=g)
+
+
+@pytest.mark.parametrize("kind", ["dimension", "regions", "flatness", "alignment"])
+def test_every_compute_measures_the_weights_at_its_call(kind: str) -> None:
+    model = mlp([3, 6, 5, 2], seed=12)
+    x, y = torch.randn(16, 3, generator=gen(13)), torch.randint(0, 2, (16,), generator=gen(14))
+    direct = {
+        "dimension": lambda: batch_functional_dimension(model, x),
+        "regions": lambda: linear_regions(model, x),
+        "flatness": lambda: flatness(model, F.cross_entropy, x, y, generator=torch.Generator().manual_seed(0)),
+        "alignment": lambda: neuron_alignment(model, x),
+    }[kind]
+    metric = {"dimension": BatchFunctionalDimension, "regions": LinearRegions, "flatness": Flatness,
+              "alignment": NeuronAlignment}[kind](model)
+    if kind == "flatness":
+        metric.update(x, y)
+    else:
+        metric.update(x)
+    before = metric.compute()
+    if kind == "dimension":
+        with torch.no_grad():
+            model[2].weight.zero_()  # the second hidden layer no longer depends on x: the dimension drops
+        assert int(metric.compute()) == metric.result.rank == numpy_rank(dense_jacobian(model, x)) < int(before)
+    _reinit(model, seed=15)
+    after = metric.compute()  # no update() since the first compute: a cached value would be `before`
+    assert metric._computed is None
+    expected = direct()
+    if kind == "dimension":
+        assert metric.result.rank == expected.rank == numpy_rank(dense_jacobian(model, x))
+    elif kind == "regions":
+        assert metric.result == expected != int(before)
+    elif kind == "flatness":
+        assert metric.result.max_eigenvalue == pytest.approx(expected.max_eigenvalue, rel=1e-12)
+        assert float(after) != pytest.approx(float(before), rel=1e-3)
+    else:
+        for name, stats in expected.items():
+            torch.testing.assert_close(metric.result[name].cosines, stats.cosines)
+    assert float(after) == float(metric._value(expected))
+
+
+def test_nested_inputs_round_trip_bit_exact() -> None:
+    inputs = {
+        "ids": torch.tensor([[2**62 + 1], [-(2**53) - 1]]),  # not representable in float64
+        "mask": torch.tensor([[True, False], [False, True]]),
+        "half": torch.randn(2, 1, 3, generator=gen(17)).half(),
+        "pair": Pair(torch.randn(2, 2, dtype=torch.float64, generator=gen(18)), torch.zeros(2, 0)),
+    }
+    rows = pack(inputs)
+    assert rows.dtype == torch.uint8 and rows.shape == (2, 8 + 2 + 3 * 2 + 2 * 8)
+    back = unpack(rows, layout_of(inputs))
+    assert type(back) is dict and list(back) == list(inputs) and type(back["pair"]) is Pair
+    for a, b in zip(tree_leaves(inputs), tree_leaves(back), strict=True):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    assert torch.equal(unpack(pack(inputs, limit=1), layout_of(inputs))["ids"], inputs["ids"][:1])
+
+    model = TwoInputs()
+    left, right = torch.randn(6, 3, generator=gen(19)), torch.randn(6, 2, generator=gen(20))
+    metric = BatchFunctionalDimension(model)
+    metric.update(Pair(left[:2], right[:2]))
+    metric.update(Pair(left[2:], right[2:]))
+    metric.set_dtype(torch.float16)  # torchmetrics converts every state, the byte rows too: they survive it
+    seen = metric._gathered("inputs")
+    assert type(seen) is Pair and torch.equal(seen.left, left) and torch.equal(seen.right, right)
+    assert int(metric.compute()) == batch_functional_dimension(model, (left, right)).rank
+    # the structure is the container type, the keys in their order, the dtypes and per-sample shapes
+    for other in [(left, right), Pair(left[:, :2], right), Pair(left.double(), right)]:
+        with pytest.raises(ValueError, match="structured as"):
+            metric.update(other)
+    keyed = BatchFunctionalDimension(model)
+    keyed.update({"left": left, "right": right})
+    with pytest.raises(ValueError, match="structured as"):
+        keyed.update({"right": right, "left": left})
+    with pytest.raises(ValueError, match="different numbers of samples"):
+        keyed.update({"left": left, "right": right[:5]})
+    keyed.reset()  # a reset forgets the structure with the inputs
+    keyed.update((left, right))
+    assert int(keyed.compute()) == int(metric.compute())
+
+
+def test_max_samples_bounds_the_stored_inputs() -> None:
+    model = mlp([3, 5, 2], seed=1)
+    x, y = torch.randn(12, 3, generator=gen(21)), torch.randint(0, 2, (12,), generator=gen(22))
+    metric = Flatness(model, max_samples=6)
+    for xs, ys in zip(x.split(4), y.split(4), strict=True):
+        metric.update(xs, ys)
+    assert [r.shape[0] for r in metric.inputs] == [4, 2, 0] == [r.shape[0] for r in metric.targets]
+    metric.compute()
+    direct = flatness(model, F.cross_entropy, x[:6], y[:6], generator=torch.Generator().manual_seed(0))
+    assert metric.result.max_eigenvalue == pytest.approx(direct.max_eigenvalue, rel=1e-12)
+    with pytest.raises(ValueError, match="each input needs its target"):
+        metric.update(x[:2], y[:3])
+    with pytest.raises(ValueError, match="max_samples"):
+        Flatness(model, max_samples=0)
+
+
+def test_alignment_without_inputs_warns_once_per_metric() -> None:
+    model = mlp([3, 6, 2], seed=8)
+    metric = NeuronAlignment(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            metric.compute()
+        metric.reset()
+        metric.compute()
+    messages = [str(w.message) for w in caught]
+    assert sum("before the ``update``" in m for m in messages) == 1
+    assert not any("The ``compute`` method of metric" in m for m in messages)  # torchmetrics' per-call warning
+    assert metric.result["0"].dead is None
+    with pytest.warns(UserWarning, match="Warned once per metric"):
+        NeuronAlignment(model).compute()  # another instance warns once itself
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with_inputs = NeuronAlignment(model)
+        with_inputs.update(torch.randn(5, 3, generator=gen(23)))
+        with_inputs.compute()
+    assert with_inputs.result["0"].dead is not None
+
+
+class DictOutput(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = small_cnn(seed=3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"logits": self.net(x)}
+
+
+def test_linear_regions_is_the_core_count_regions() -> None:
+    model = DictOutput()
+    x = torch.randn(30, 1, 6, 6, generator=gen(24))
+    metric = LinearRegions(model, output_fn=lambda out: out["logits"], dtype=torch.float32)
+    for chunk in x.split(7):
+        metric.update(chunk)
+    patterns = activation_patterns(model, x, dtype=torch.float32, output_fn=lambda out: out["logits"])
+    assert int(metric.compute()) == metric.result == count_regions(patterns, model) > 1
+
+
+# --- under a real process group: compute() sees the inputs of every process -------------------------------------
+
+DDP_TIMEOUT_S = 180  # a healthy run takes a few seconds; a deadlock must fail the test, not hang it
+
+
+def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = TwoInputs()
+        left, right = torch.randn(10, 3, generator=gen(25)), torch.randn(10, 2, generator=gen(26))
+        lo, hi = (0, 4) if rank == 0 else (4, 10)  # uneven shares, in two updates on rank 1
+        metric = BatchFunctionalDimension(model)
+        for a, b in [(lo, hi)] if rank == 0 else [(lo, 7), (7, hi)]:
+            metric.update(Pair(left[a:b], right[a:b]))
+        value = int(metric.compute())
+        metric.sync()
+        seen = metric._gathered("inputs")
+        metric.unsync()
+        bounded = BatchFunctionalDimension(model, max_samples=3)
+        bounded.update(Pair(left[lo:hi], right[lo:hi]))
+        local_rows = sum(r.shape[0] for r in bounded.inputs)
+        bounded_value = int(bounded.compute())
+        result = {
+            "value": value, "in_order": type(seen) is Pair and torch.equal(seen.left, left)
+            and torch.equal(seen.right, right), "local_rows": local_rows, "bounded_value": bounded_value,
+            "local_after_compute": sum(r.shape[0] for r in metric.inputs),
+        }
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compute_gathers_every_process_inputs(tmp_path: Path) -> None:
+    context = mp.start_processes(
+        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    try:
+        while not context.join(timeout=2):
+            assert time.monotonic() < deadline, f"the two ranks did not finish in {DDP_TIMEOUT_S} s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    model = TwoInputs()
+    left, right = torch.randn(10, 3, generator=gen(25)), torch.randn(10, 2, generator=gen(26))
+    expected = batch_functional_dimension(model, (left, right)).rank
+    three = batch_functional_dimension(model, (left[:3], right[:3])).rank
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.json") as f:
+            got = json.load(f)
+        assert got == {"value": expected, "in_order": True, "local_rows": 3, "bounded_value": three,
+                       "local_after_compute": 4 if rank == 0 else 6}
