@@ -65,6 +65,7 @@ from mnist import MNISTClassifier, MNISTDataModule
 from lightning_geomdim import flatness
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
 from lightning_geomdim.core.hessian import HessianOperator, convert_targets
+from lightning_geomdim.core.probe_trace import ProbeTrace
 
 try:
     from curvlinops import HessianLinearOperator, hutchpp_trace
@@ -151,7 +152,7 @@ def hvp_times(model: nn.Module, x: Tensor, y: Tensor, repeats: int) -> dict[str,
         fm = FunctionalModel.from_module(model, dtype=torch.float64)
         inputs = ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)
         targets = convert_targets(y, dtype=torch.float64, device=fm.device)
-        op = HessianOperator(fm, F.cross_entropy, inputs, targets)
+        op = HessianOperator(ProbeTrace.record(fm, inputs), F.cross_entropy, targets)
         v = torch.randn(op.num_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
         leaf = op.theta.detach().requires_grad_(True)
 

@@ -304,8 +304,8 @@ def test_reused_relu_module_and_shared_weights() -> None:
     assert shared.num_params == 12 + 4
 
 
-class _OldStyleSquare(torch.autograd.Function):
-    """An autograd.Function without setup_context: torch.func cannot transform it."""
+class _UnbatchableSquare(torch.autograd.Function):
+    """x², with a backward that reads a value (``.item()``): vmap cannot batch it."""
 
     @staticmethod
     def forward(ctx, x):
@@ -315,17 +315,19 @@ class _OldStyleSquare(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (x,) = ctx.saved_tensors
+        if grad.abs().sum().item() == 0.0:  # data-dependent: no batching rule
+            return torch.zeros_like(x)
         return 2 * x * grad
 
 
-def test_model_torch_func_cannot_transform_falls_back_with_warning() -> None:
+def test_model_whose_backward_cannot_be_batched_falls_back_with_warning() -> None:
     class Squared(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.lin = nn.Linear(3, 4)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return _OldStyleSquare.apply(self.lin(x))
+            return _UnbatchableSquare.apply(self.lin(x))
 
     torch.manual_seed(22)
     model = Squared()

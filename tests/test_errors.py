@@ -107,8 +107,24 @@ def test_out_of_memory_is_not_mistaken_for_an_unsupported_transform(monkeypatch:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 160.00 GiB")
         return fail
 
+    class OutOfMemoryInBackward(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx: object, z: torch.Tensor) -> torch.Tensor:
+            return z.clone()
+
+        @staticmethod
+        def backward(ctx: object, g: torch.Tensor) -> torch.Tensor:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 160.00 GiB")
+
+    class Net(torch.nn.Module):  # the dense Jacobian's batched backward runs out of memory
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = mlp([3, 5, 2], seed=1)
+
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            return OutOfMemoryInBackward.apply(self.net(z))
+
     model, x = mlp([3, 5, 2], seed=1), torch.randn(6, 3, generator=gen(1))
-    monkeypatch.setattr(importlib.import_module("lightning_geomdim.core.jacobian"), "jacrev", out_of_memory)
     hessian = importlib.import_module("lightning_geomdim.core.hessian")
     monkeypatch.setattr(hessian, "vmap", out_of_memory)  # the forward-over-reverse products
     reverse = hessian.HessianOperator._reverse
@@ -122,7 +138,7 @@ def test_out_of_memory_is_not_mistaken_for_an_unsupported_transform(monkeypatch:
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "falling back" warning either
         with pytest.raises(torch.OutOfMemoryError):
-            batch_functional_dimension(model, x, engine="jacrev")
+            batch_functional_dimension(Net(), x, engine="jacrev")
         with pytest.raises(torch.OutOfMemoryError):
             flatness(model, F.cross_entropy, x, torch.zeros(6, dtype=torch.long), method="dense", chunk_size=4)
     assert is_out_of_memory(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate "

@@ -11,8 +11,10 @@ from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import nn
 
 from lightning_geomdim import NotApplicableError, batch_functional_dimension
-from lightning_geomdim.core.exact import PRIMES, exact_program, exact_rank
+from lightning_geomdim.core.exact import PRIMES, exact_rank
+from lightning_geomdim.core.exact_program import exact_program
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
+from lightning_geomdim.core.probe_trace import ProbeTrace
 
 
 def clear_gap_rank(model: nn.Module, x: torch.Tensor, *, logit_differences: bool = False) -> int:
@@ -168,7 +170,7 @@ def test_draws_use_distinct_primes_and_the_failure_bound() -> None:
     with measurement_mode(model):
         fm = FunctionalModel.from_module(model)
         inputs = ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)
-        res = exact_rank(fm, inputs, upper_bound=10**6, draws=3)
+        res = exact_rank(ProbeTrace.record(fm, inputs), upper_bound=10**6, draws=3)
     assert res.primes == PRIMES[:3] and len(set(res.primes)) == 3 and len(res.ranks) == 3
     depth = 3
     assert res.failure_bound == pytest.approx(
@@ -176,7 +178,7 @@ def test_draws_use_distinct_primes_and_the_failure_bound() -> None:
         if all(2 * (depth - 1) * 10**6 < p for p in res.primes) else 1.0
     )
     with pytest.raises(ValueError, match="draws=1"):
-        exact_rank(fm, inputs, upper_bound=5, draws=1)
+        exact_rank(ProbeTrace.record(fm, inputs), upper_bound=5, draws=1)
 
 
 class Residual(nn.Module):
@@ -215,9 +217,10 @@ def test_exact_program_records_patterns_once_and_is_reusable() -> None:
     with measurement_mode(model):
         fm = FunctionalModel.from_module(model)
         inputs = ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)
-        program = exact_program(fm, inputs)
-        first = exact_rank(fm, inputs, upper_bound=10**6, program=program)
-        second = exact_rank(fm, inputs, upper_bound=10**6, program=program)
+        trace = ProbeTrace.record(fm, inputs)
+        program = exact_program(trace)
+        first = exact_rank(trace, upper_bound=10**6, program=program)
+        second = exact_rank(trace, upper_bound=10**6, program=program)
     assert first == second
     assert program.depth == 3 and program.plan.num_samples == 30
 
@@ -249,8 +252,7 @@ def test_gram_side_chosen_by_cost_gives_the_rank_on_either_side(samples: int) ->
     takes Jᵀ J. Same rank as the dense SVD on both sides. mlp [3, 6, 5, 2]: P = 71, M = 2 · samples."""
     model, x = mlp([3, 6, 5, 2], seed=3), torch.randn(samples, 3, generator=gen(9))
     with measurement_mode(model):
-        fm = FunctionalModel.from_module(model)
-        plan = exact_program(fm, ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)).plan
+        plan = exact_program(ProbeTrace.of(model, x)).plan
     assert plan.num_outputs > plan.used_params == 71
     assert plan.side == ("outputs" if samples < 80 else "params")
     assert plan.size == (plan.num_outputs if plan.side == "outputs" else plan.used_params)

@@ -13,7 +13,10 @@ from torch import nn
 from lightning_geomdim import MemoryBudgetError, NotApplicableError, batch_functional_dimension
 from lightning_geomdim.core import gram as gram_module
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
-from lightning_geomdim.core.gram import gram_bytes, gram_matrix, gram_plan, gram_unsupported_reason
+from lightning_geomdim.core.gram import gram_matrix
+from lightning_geomdim.core.gram_plan import gram_bytes
+from lightning_geomdim.core.probe_trace import ProbeTrace
+from lightning_geomdim.core.structure import gram_plan, gram_unsupported_reason
 
 
 def assert_matches_dense(
@@ -174,8 +177,7 @@ def test_gram_matrix_equals_dense_gram(num_samples: int) -> None:
     x = torch.randn(num_samples, 1, 6, 6, generator=gen(12))
     jac = dense_jacobian(model, x)
     with measurement_mode(model):
-        fm = FunctionalModel.from_module(model)
-        gram, plan = gram_matrix(fm, ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device))
+        gram, plan = gram_matrix(ProbeTrace.of(model, x))
     expected = jac @ jac.T if plan.side == "outputs" else None
     if expected is not None:
         torch.testing.assert_close(gram, expected, rtol=1e-10, atol=1e-12)
@@ -194,8 +196,9 @@ def test_blocked_lower_triangle_accumulation(num_samples: int, monkeypatch: pyte
     with measurement_mode(model):
         fm = FunctionalModel.from_module(model)
         inputs = ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)
-        full, plan = gram_matrix(fm, inputs)
-        lower, _ = gram_matrix(fm, inputs, lower_only=True)
+        trace = ProbeTrace.record(fm, inputs)
+        full, plan = gram_matrix(trace)
+        lower, _ = gram_matrix(trace, lower_only=True)
     torch.testing.assert_close(lower, full.tril(), rtol=0, atol=1e-12)
     assert not lower.triu(1).any()
     torch.testing.assert_close(full, full.T, rtol=0, atol=1e-12)
@@ -214,7 +217,7 @@ def test_memory_budget_refused_before_allocating_with_numbers() -> None:
         batch_functional_dimension(model, x, engine="gram", max_memory_bytes=1000)
     with measurement_mode(model):
         fm = FunctionalModel.from_module(model)
-        plan = gram_plan(fm, ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device))
+        plan = gram_plan(ProbeTrace.record(fm, ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)))
     assert gram_bytes(plan) >= 16 * 30 * 30
 
 
@@ -321,8 +324,7 @@ def test_output_fn_that_selects_is_gram_and_one_that_computes_falls_back() -> No
 def test_reason_names_the_module() -> None:
     model, x = _fallback_models()["batchnorm"]
     with measurement_mode(model):
-        fm = FunctionalModel.from_module(model)
-        reason = gram_unsupported_reason(fm, ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device))
+        reason = gram_unsupported_reason(ProbeTrace.of(model, x))
     assert reason is not None and "'1' (BatchNorm1d)" in reason
 
 

@@ -15,7 +15,10 @@ from conftest import gen, mlp, small_cnn
 
 from lightning_geomdim import batch_functional_dimension
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
-from lightning_geomdim.core.gram import _balanced_share, gram_from_factors, gram_plan, layer_factors
+from lightning_geomdim.core.gram import _balanced_share, gram_from_factors
+from lightning_geomdim.core.layer_factors import layer_factors
+from lightning_geomdim.core.probe_trace import ProbeTrace
+from lightning_geomdim.core.structure import gram_plan
 
 CASES = {
     # name: (model factory, probe factory); J Jᵀ side (M < P) and Jᵀ J side (M > P), Linear and Conv2d
@@ -33,8 +36,9 @@ def test_shares_sum_to_the_whole_gram(case: str, count: int) -> None:
     with measurement_mode(model):
         fm = FunctionalModel.from_module(model)
         inputs = ProbeInputs.from_batch(make_x(), dtype=torch.float64, device=fm.device)
-        plan = gram_plan(fm, inputs)
-        factors = layer_factors(fm, inputs, plan)
+        trace = ProbeTrace.record(fm, inputs)
+        plan = gram_plan(trace)
+        factors = layer_factors(trace, plan)
         whole = gram_from_factors(factors, plan)
         parts = [gram_from_factors(factors, plan, share=(i, count)) for i in range(count)]
     assert plan.side == ("params" if case == "mlp_params_side" else "outputs")

@@ -21,6 +21,7 @@ from lightning_geomdim import batch_functional_dimension, flatness
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
 from lightning_geomdim.core.hessian import HessianOperator, convert_targets
 from lightning_geomdim.core.lanczos import default_tolerance, lanczos, lanczos_vectors
+from lightning_geomdim.core.probe_trace import ProbeTrace
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -214,7 +215,8 @@ def test_flat_dimension_false_or_default_skips_the_dimension(
 def operator(model: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor, chunk_size: int | None = 1) -> HessianOperator:
     fm = FunctionalModel.from_module(model, dtype=torch.float64)
     inputs = ProbeInputs.from_batch(x, dtype=torch.float64, device=fm.device)
-    return HessianOperator(fm, loss_fn, inputs, convert_targets(y, dtype=torch.float64, device=fm.device), chunk_size)
+    targets = convert_targets(y, dtype=torch.float64, device=fm.device)
+    return HessianOperator(ProbeTrace.record(fm, inputs), loss_fn, targets, chunk_size)
 
 
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])

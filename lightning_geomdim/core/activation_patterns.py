@@ -1,8 +1,9 @@
 """ReLU activation patterns Δ_l(x) = 1[z_l(x) > 0] on a probe batch, linear regions, dead units.
 
-Patterns are captured with forward hooks on ``nn.ReLU`` / ``nn.LeakyReLU`` modules (their input z is
-recorded). Functional calls (``torch.relu``, ``F.relu`` inside ``forward``) are invisible to hooks and are
-not reported: replace them with ``nn.ReLU`` modules to have them measured. A module called several times
+Patterns are recorded by the traced pass (:class:`~lightning_geomdim.core.probe_trace.ProbeTrace`) when each
+``nn.ReLU`` / ``nn.LeakyReLU`` module call returns (1[z > 0] of its input z). Functional calls (``torch.relu``,
+``F.relu`` inside ``forward``) are invisible to hooks and are not reported: replace them with ``nn.ReLU`` modules
+to have them measured. A module called several times
 in one forward yields one entry per call, keyed ``name#0``, ``name#1``, ...
 
 The forward runs in the computation dtype (float64 by default), like the dimension, so the patterns are
@@ -18,9 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.core.layer_kinds import RELU_LIKE
-from lightning_geomdim.core.tracing import LeafCall, call_keys, forward_hooks
+from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
+from lightning_geomdim.core.probe_trace import ProbeTrace
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,7 @@ class UnitActivity:
 
 def activation_patterns(
     model: nn.Module, x: Any, *, dtype: torch.dtype = torch.float64, output_fn: OutputFn | None = None,
+    trace: ProbeTrace | None = None,
 ) -> dict[str, Tensor]:
     """Activation pattern of every ReLU module on ``x``.
 
@@ -58,31 +59,27 @@ def activation_patterns(
         x: probe batch, as in :func:`~lightning_geomdim.batch_functional_dimension`.
         dtype: computation dtype of the forward pass.
         output_fn: only needed when the model returns a non-tensor.
+        trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
+            (shared with the other measures of a step); default: record one.
 
     Returns:
         ReLU module name (``name#k`` for repeated calls) → bool tensor of shape (N, units), where units is
         the flattened size of the ReLU's input per sample (conv: channels × positions). Empty when the
         model has no ReLU module.
     """
+    if trace is not None:
+        trace.check(model, dtype)
+        return trace.patterns()
     with measurement_mode(model):
-        fm = _all_params(model, dtype, output_fn)
-        inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
-        calls: list[LeafCall] = []
-
-        def record(name: str, m: nn.Module, args: tuple[Any, ...], out: Any) -> None:
-            calls.append(LeafCall(name, m, (args[0] > 0).reshape(args[0].shape[0], -1), None))
-
-        with forward_hooks(model, record, select=lambda m: isinstance(m, RELU_LIKE)):
-            fm.probe_outputs(inputs)
-    return dict(zip(call_keys(calls), (c.input for c in calls), strict=True))
-
-
-def _all_params(model: nn.Module, dtype: torch.dtype, output_fn: OutputFn | None) -> FunctionalModel:
-    # Patterns do not depend on which parameters are "trainable": measure frozen models too.
-    names = [n for n, _ in model.named_parameters()]
-    if not names:
-        raise ValueError(f"{type(model).__name__} has no parameters: there is no network to measure")
-    return FunctionalModel.from_module(model, params=names, dtype=dtype, output_fn=output_fn)
+        # patterns do not depend on which parameters are trainable: measure frozen models too
+        names = [n for n, _ in model.named_parameters()]
+        if not names:
+            raise ValueError(f"{type(model).__name__} has no parameters: there is no network to measure")
+        trace = ProbeTrace.of(model, x, params=names, dtype=dtype, output_fn=output_fn)
+        try:
+            return trace.patterns()
+        finally:
+            trace.release()
 
 
 def _require_relus(patterns: dict[str, Tensor], model: nn.Module) -> None:
@@ -96,13 +93,14 @@ def _require_relus(patterns: dict[str, Tensor], model: nn.Module) -> None:
 
 def linear_regions(
     model: nn.Module, x: Any, *, dtype: torch.dtype = torch.float64, output_fn: OutputFn | None = None,
+    trace: ProbeTrace | None = None,
 ) -> int:
     """Number of distinct joint activation patterns (all ReLU layers together) over the N inputs of ``x``.
 
     Raises:
         NotApplicableError: the model has no ReLU module.
     """
-    return count_regions(activation_patterns(model, x, dtype=dtype, output_fn=output_fn), model)
+    return count_regions(activation_patterns(model, x, dtype=dtype, output_fn=output_fn, trace=trace), model)
 
 
 def count_regions(patterns: dict[str, Tensor], model: nn.Module) -> int:

@@ -21,14 +21,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
-from lightning_geomdim.core.activation_patterns import activation_patterns, unit_activity
+from lightning_geomdim.core.activation_patterns import unit_activity
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
 from lightning_geomdim.core.layer_kinds import AFFINE, PASS_THROUGH, RELU_LIKE
 from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
+from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
 from lightning_geomdim.core.rank import stable_rank
-from lightning_geomdim.core.tracing import LeafCall, call_keys, trace_leaf_calls
+from lightning_geomdim.core.tracing import call_keys
 
 
 @dataclass(frozen=True)
@@ -91,7 +93,7 @@ class AlignmentStats:
 
 def neuron_alignment(
     model: nn.Module, x: Any = None, *, threshold: float = 0.99, dtype: torch.dtype = torch.float64,
-    output_fn: OutputFn | None = None, max_memory_bytes: int | None = None,
+    output_fn: OutputFn | None = None, max_memory_bytes: int | None = None, trace: ProbeTrace | None = None,
 ) -> dict[str, AlignmentStats]:
     """Alignment statistics of every Linear/Conv layer that feeds a ReLU, keyed by module name.
 
@@ -104,12 +106,15 @@ def neuron_alignment(
         output_fn: only needed when the model returns a non-tensor.
         max_memory_bytes: memory budget in bytes; default half the available memory (see
             :mod:`lightning_geomdim.core.memory`).
+        trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
+            (shared with the other measures of a step); it replaces ``x``, and the neurons are read from its
+            float64 parameters. Default: record one when ``x`` is given.
 
     Returns:
         Module name → :class:`AlignmentStats`, in execution (with x) or registration (without x) order.
         A layer called several times (shared weights) is reported once; its activity statistics pool the
-        calls. Cost: one forward on one sample and one on x, plus O(n² · fan_in) per layer.
-        Memory (:func:`alignment_bytes`, checked before the activation patterns and any cosine): the n × n
+        calls. Cost: one forward on one sample and one on x (none with ``trace``), plus O(n² · fan_in) per layer.
+        Memory (:func:`alignment_bytes`, checked before any cosine): the n × n
         float64 cosines of every layer are kept (8 n² bytes each), and the largest layer's computation
         holds 19 n² + 16 n (fan_in + 1) bytes more (a float64 temporary, the int64 labels of the
         clustering, three boolean n × n masks, the normalised neurons): 2.1 GiB for n = 16,384.
@@ -138,14 +143,39 @@ def neuron_alignment(
             f"{type(model).__name__} has no nn.ReLU / nn.LeakyReLU module, so neuron alignment is not defined "
             "(functional relu calls are not seen: use nn.ReLU modules to have them measured)"
         )
-    feeding = {name: [] for name in _sequential_feeding(model)} if x is None else _traced_feeding(
-        model, x, dtype, output_fn)
+    with measurement_mode(model):
+        if trace is not None:
+            trace.check(model, dtype)
+            feeding = _feeding(model, trace, max_memory_bytes)
+            return _statistics(model, feeding, trace, threshold, dtype)
+        if x is None:
+            return _statistics(model, _feeding(model, None, max_memory_bytes), None, threshold, dtype)
+        names = [n for n, _ in model.named_parameters()]
+        # the data flow and the memory check from one sample, before the forward pass of the whole batch
+        first = ProbeTrace.of(model, _first_sample(x), params=names, dtype=dtype, output_fn=output_fn)
+        feeding = _feeding(model, first, max_memory_bytes)
+        first.release()
+        trace = ProbeTrace.of(model, x, params=names, dtype=dtype, output_fn=output_fn)
+        try:
+            return _statistics(model, feeding, trace, threshold, dtype)
+        finally:
+            trace.release()
+
+
+def _first_sample(x: Any) -> Any:
+    """The first sample of a probe batch (tensors sliced along dim 0 in a tensor, tuple or dict)."""
+    return tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() > 0 else t, x)
+
+
+def _feeding(model: nn.Module, trace: ProbeTrace | None, max_memory_bytes: int | None) -> dict[str, list[str]]:
+    """The layers measured (name → keys of the ReLU calls they feed), after checking the cosines' memory."""
+    feeding = {name: [] for name in _sequential_feeding(model)} if trace is None else _traced_feeding(trace)
     if not feeding:
-        how = "in the traced forward" if x is not None else "in the children order of its nn.Sequential containers"
+        how = "in the traced forward" if trace is not None else "in the children order of its nn.Sequential containers"
         raise NotApplicableError(
             f"no nn.Linear / nn.Conv layer of {type(model).__name__} feeds a ReLU directly (only through "
             f"Identity/Dropout) {how}, so neuron alignment is not defined for it"
-            + ("" if x is not None else ": pass a probe batch x=... to trace the data flow of a custom forward")
+            + ("" if trace is not None else ": pass a probe batch x=... to trace the data flow of a custom forward")
         )
     modules = dict(model.named_modules())
     shapes = {name: _neuron_shape(modules[name]) for name in feeding}
@@ -157,10 +187,17 @@ def neuron_alignment(
         remedies="the pairwise cosines have no cheaper exact form: leave alignment out for this model (e.g. "
         "GeometryMonitor(measures=('dimension', 'flatness')))",
     )
-    patterns: dict[str, Tensor] = {} if x is None else activation_patterns(
-        model, x, dtype=dtype, output_fn=output_fn)
+    return feeding
+
+
+def _statistics(
+    model: nn.Module, feeding: dict[str, list[str]], trace: ProbeTrace | None, threshold: float, dtype: torch.dtype,
+) -> dict[str, AlignmentStats]:
+    modules = dict(model.named_modules())
+    patterns: dict[str, Tensor] = {} if trace is None else trace.patterns()
+    tensors = {} if trace is None else {**trace.fm.frozen, **trace.fm.params}
     return {
-        name: _layer_stats(modules[name], [patterns[k] for k in keys], threshold, dtype)
+        name: _layer_stats(modules[name], name, tensors, [patterns[k] for k in keys], threshold, dtype)
         for name, keys in feeding.items()
     }
 
@@ -201,14 +238,9 @@ def _sequential_feeding(model: nn.Module) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def _traced_feeding(model: nn.Module, x: Any, dtype: torch.dtype, output_fn: OutputFn | None) -> dict[str, list[str]]:
-    """Affine module name → keys (as in :func:`activation_patterns`) of the ReLU calls it feeds, traced on x[:1]."""
-    with measurement_mode(model):
-        names = [n for n, _ in model.named_parameters()]
-        fm = FunctionalModel.from_module(model, params=names, dtype=dtype, output_fn=output_fn)
-        inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
-        fm.probe_outputs(inputs.select(slice(0, 1)))  # wraps the model's own errors with the probe's shapes
-        calls, _ = trace_leaf_calls(fm, inputs.select(slice(0, 1)))
+def _traced_feeding(trace: ProbeTrace) -> dict[str, list[str]]:
+    """Affine module name → keys (as in :func:`activation_patterns`) of the ReLU calls it feeds, in the trace."""
+    calls = trace.leaf_calls()
     relu_calls = [c for c in calls if isinstance(c.module, RELU_LIKE)]
     keys = dict(zip((id(c) for c in relu_calls), call_keys(relu_calls), strict=True))
     feeding: dict[str, list[str]] = {}
@@ -220,7 +252,7 @@ def _traced_feeding(model: nn.Module, x: Any, dtype: torch.dtype, output_fn: Out
     return feeding
 
 
-def _producer(calls: list[LeafCall], index: int, relu: LeafCall) -> LeafCall | None:
+def _producer(calls: list[TracedCall], index: int, relu: TracedCall) -> TracedCall | None:
     """The affine call whose output is the ReLU's input, through pass-through calls only; else None."""
     tensor = relu.input
     for j in range(index - 1, -1, -1):
@@ -235,14 +267,20 @@ def _producer(calls: list[LeafCall], index: int, relu: LeafCall) -> LeafCall | N
     return None
 
 
-def _neurons(module: nn.Module, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(W, U): weight as (n, fan_in) and the neurons (w_j, b_j), shape (n, fan_in + 1) (or fan_in without bias)."""
-    w = module.weight.detach().to(dtype=dtype, copy=True)
+def _neurons(module: nn.Module, name: str, tensors: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(W, U): weight as (n, fan_in) and the neurons (w_j, b_j), shape (n, fan_in + 1) (or fan_in without bias).
+
+    ``tensors``: the trace's copies of the parameters in ``dtype`` by qualified name (read instead of copying the
+    module's own when present)."""
+    prefix = f"{name}." if name else ""
+    weight = tensors.get(prefix + "weight")
+    w = (module.weight if weight is None else weight).detach().to(dtype=dtype)
     w = w.reshape(w.shape[0], -1)
     bias = getattr(module, "bias", None)
     if bias is None:
         return w, w
-    return w, torch.cat([w, bias.detach().to(dtype=dtype).reshape(-1, 1)], dim=1)
+    b = tensors.get(prefix + "bias")
+    return w, torch.cat([w, (bias if b is None else b).detach().to(dtype=dtype).reshape(-1, 1)], dim=1)
 
 
 def _clusters(adjacency: Tensor) -> Tensor:
@@ -257,8 +295,11 @@ def _clusters(adjacency: Tensor) -> Tensor:
         labels = new
 
 
-def _layer_stats(module: nn.Module, patterns: list[Tensor], threshold: float, dtype: torch.dtype) -> AlignmentStats:
-    w, u = _neurons(module, dtype)
+def _layer_stats(
+    module: nn.Module, name: str, tensors: dict[str, Tensor], patterns: list[Tensor], threshold: float,
+    dtype: torch.dtype,
+) -> AlignmentStats:
+    w, u = _neurons(module, name, tensors, dtype)
     n = u.shape[0]
     norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
     u = torch.where(norms > 0, u / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(u))

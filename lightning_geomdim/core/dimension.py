@@ -19,12 +19,15 @@ import torch
 from torch import nn
 
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.exact import ExactProgram, exact_program, exact_rank
-from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.core.gram import gram_spectrum, gram_unsupported_reason
+from lightning_geomdim.core.exact import exact_rank
+from lightning_geomdim.core.exact_program import ExactProgram, exact_program
+from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
+from lightning_geomdim.core.gram import gram_spectrum
 from lightning_geomdim.core.jacobian import jacobian_spectrum
 from lightning_geomdim.core.memory import memory_budget
+from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import NumericalSpectrum, Spectrum, numerical_spectrum
+from lightning_geomdim.core.structure import gram_unsupported_reason
 from lightning_geomdim.core.symmetries import find_symmetries
 
 Engine = Literal["auto", "exact", "gram", "jacrev"]
@@ -82,7 +85,7 @@ class DimensionResult:
         return self.rank >= self.upper_bound and self.num_rows < self.parameter_bound
 
 
-def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> tuple[str, ExactProgram | None]:
+def select_engine(engine: str, trace: ProbeTrace) -> tuple[str, ExactProgram | None]:
     """Resolve ``engine``: "auto" is "exact" where it applies (piecewise-linear networks), else the float engine
     of :func:`select_float_engine`. Returns the engine and, for "exact", its traced program.
 
@@ -94,14 +97,14 @@ def select_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> tupl
         raise ValueError(f"unknown engine {engine!r}: choose one of {ENGINES}")
     if engine in ("auto", "exact"):
         try:
-            return "exact", exact_program(fm, inputs)
+            return "exact", exact_program(trace)
         except NotApplicableError:
             if engine == "exact":
                 raise
-    return select_float_engine(engine, fm, inputs), None
+    return select_float_engine(engine, trace), None
 
 
-def select_float_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -> str:
+def select_float_engine(engine: str, trace: ProbeTrace) -> str:
     """The floating-point engine: "gram" when it is exact for this model and probe, else "jacrev" (for
     ``engine`` "auto" or "exact"); ``engine`` itself when it is "gram" or "jacrev".
 
@@ -110,7 +113,7 @@ def select_float_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -
     """
     if engine == "jacrev":
         return "jacrev"
-    reason = gram_unsupported_reason(fm, inputs)
+    reason = gram_unsupported_reason(trace)
     if reason is None:
         return "gram"
     if engine == "gram":
@@ -119,13 +122,12 @@ def select_float_engine(engine: str, fm: FunctionalModel, inputs: ProbeInputs) -
 
 
 def compute_spectrum(
-    engine: str, fm: FunctionalModel, inputs: ProbeInputs, num_rows: int, *, chunk_size: int | None,
-    budget: int, distributed: bool = False,
+    engine: str, trace: ProbeTrace, num_rows: int, *, chunk_size: int | None, budget: int, distributed: bool = False,
 ) -> Spectrum:
     """Run the floating-point ``engine`` ("gram" or "jacrev") and return the singular values of J."""
     if engine == "gram":
-        return gram_spectrum(fm, inputs, num_rows, chunk_size=chunk_size, budget=budget, distributed=distributed)
-    return jacobian_spectrum(fm, inputs, num_rows, chunk_size=chunk_size, budget=budget)
+        return gram_spectrum(trace, num_rows, chunk_size=chunk_size, budget=budget, distributed=distributed)
+    return jacobian_spectrum(trace, num_rows, chunk_size=chunk_size, budget=budget)
 
 
 def batch_functional_dimension(
@@ -144,6 +146,7 @@ def batch_functional_dimension(
     chunk_size: int | None = None,
     max_memory_bytes: int | None = None,
     distributed: bool = False,
+    trace: ProbeTrace | None = None,
 ) -> DimensionResult:
     """Batch functional dimension of ``model`` on the probe batch ``x``: rank ∂ vec f_θ(x) / ∂θ.
 
@@ -202,6 +205,9 @@ def batch_functional_dimension(
             Gram accumulation among the processes and all-reduce it (see
             :func:`lightning_geomdim.core.gram.gram_matrix`). A collective: every process must call it, with the
             same model, probe and arguments. Ignored by the other engines and without a process group.
+        trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
+            (with these ``params``, ``dtype`` and ``output_fn``), shared with the other measures of a step; ``x`` is
+            then not read again. Default: record one.
 
     Returns:
         A :class:`DimensionResult`.
@@ -224,28 +230,36 @@ def batch_functional_dimension(
         True
     """
     with measurement_mode(model):
-        fm = FunctionalModel.from_module(model, params=params, dtype=dtype, output_fn=output_fn)
-        inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
-        out = fm.probe_outputs(inputs)
-        num_outputs, num_params = out.numel(), fm.num_params
-        symmetries = find_symmetries(fm, inputs)
-        fm.logit_head = symmetries.softmax_head if logit_differences else None
-        num_rows = num_outputs - num_outputs // out.shape[-1] if fm.logit_head is not None else num_outputs
-        upper_bound = symmetries.upper_bound(inputs.num_samples, tuple(out.shape), num_params)
-        budget = memory_budget(fm.device, max_memory_bytes)
-        resolved, program = select_engine(engine, fm, inputs)
-        exact = None
-        if program is not None:
-            exact = exact_rank(fm, inputs, upper_bound=upper_bound, program=program, seed=seed, draws=draws,
-                               chunk_size=chunk_size, budget=budget)
-            del program
-        numerical = None
-        if spectrum or exact is None:
-            # the exact engine applies only where the Gram engine's structural conditions hold: no second check
-            float_engine = select_float_engine(resolved, fm, inputs) if exact is None else "gram"
-            raw = compute_spectrum(float_engine, fm, inputs, num_rows, chunk_size=chunk_size, budget=budget,
-                                   distributed=distributed)
-            numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
+        own = trace is None
+        if trace is None:
+            trace = ProbeTrace.of(model, x, params=params, dtype=dtype, output_fn=output_fn)
+        trace.check(model, dtype)
+        trace.require_trainable()
+        try:
+            fm, out = trace.fm, trace.output
+            num_outputs, num_params = out.numel(), fm.num_params
+            symmetries = find_symmetries(trace)
+            fm.logit_head = symmetries.softmax_head if logit_differences else None
+            num_rows = num_outputs - num_outputs // out.shape[-1] if fm.logit_head is not None else num_outputs
+            upper_bound = symmetries.upper_bound(trace.inputs.num_samples, tuple(out.shape), num_params)
+            budget = memory_budget(fm.device, max_memory_bytes)
+            resolved, program = select_engine(engine, trace)
+            exact = None
+            if program is not None:
+                exact = exact_rank(trace, upper_bound=upper_bound, program=program, seed=seed, draws=draws,
+                                   chunk_size=chunk_size, budget=budget)
+                del program
+            numerical = None
+            if spectrum or exact is None:
+                # the exact engine applies only where the Gram engine's structural conditions hold: no second check
+                float_engine = select_float_engine(resolved, trace) if exact is None else "gram"
+                raw = compute_spectrum(float_engine, trace, num_rows, chunk_size=chunk_size, budget=budget,
+                                       distributed=distributed)
+                numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
+        finally:
+            trace.fm.logit_head = None
+            if own:
+                trace.release()
     return DimensionResult(
         rank=exact.rank if exact is not None else numerical.numerical_rank,  # type: ignore[union-attr]
         engine="exact" if exact is not None else numerical.engine,  # type: ignore[union-attr]

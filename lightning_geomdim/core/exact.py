@@ -46,32 +46,29 @@ p, eliminated in place) plus the Gram engine's per-layer factors (:func:`~lightn
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
-from fractions import Fraction
-from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime
-from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
-from lightning_geomdim.core.gram import (
-    GramPlan,
-    _conv_padding,
-    _unify,
-    check_structure,
-    gram_bytes,
-    gram_from_factors,
+from lightning_geomdim.core.exact_program import (
+    Affine,
+    Diagonal,
+    ExactProgram,
+    PlaneLinear,
+    Step,
+    exact_program,
+    residue_of_constant,
 )
-from lightning_geomdim.core.layer_kinds import AVG_POOL, DROPOUT, FACTORED_AFFINE, MAX_POOL, PIECEWISE_LINEAR, RESHAPE
+from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime
+from lightning_geomdim.core.functional_model import FunctionalModel
+from lightning_geomdim.core.gram import gram_from_factors
+from lightning_geomdim.core.gram_plan import gram_bytes
+from lightning_geomdim.core.layer_factors import unify
 from lightning_geomdim.core.memory import check_memory
+from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.symmetric_rank_mod_p import rank_mod_p_symmetric
 
-#: Largest per-plane linear map (entries) stored densely for an average pooling.
-_MAX_PLANE_MAP = 1 << 24
 #: The draws' primes: the largest primes below 2^22, one per draw.
 PRIMES: tuple[int, ...] = tuple(q for q in range(DEFAULT_PRIME, DEFAULT_PRIME - 2000, -1) if _is_prime(q))[:8]
 
@@ -93,264 +90,25 @@ class ExactRank:
     failure_bound: float
 
 
-# --------------------------------------------------------------------------------------------- the program
-
-
-def _residue_of_constant(field: PrimeField, value: float) -> float:
-    """The residue of a module constant (slope, clamp value, pooling weight): the simplest fraction with
-    denominator ≤ 2^20 whose float64 is ``value`` (0.01 → 1/100, 1/9 → 1/9), else the exact dyadic value."""
-    fraction = Fraction(value).limit_denominator(1 << 20)
-    if float(fraction) != value:
-        return float(field.from_float(torch.tensor([value], dtype=torch.float64))[0])
-    return field.from_int(fraction.numerator * pow(fraction.denominator, -1, field.p))
-
-
-class _Step:
-    """One module call of the network, in GF(p), with the float patterns fixed."""
-
-    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        raise NotImplementedError
-
-    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        """Cotangents (C, N, *out) → (C, N, *in)."""
-        raise NotImplementedError
-
-
-@dataclass
-class _Affine(_Step):
-    name: str
-    module: nn.Module
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-
-    def _weight(self, theta: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
-        prefix = f"{self.name}." if self.name else ""
-        return theta[prefix + "weight"], theta.get(prefix + "bias")
-
-    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        w, b = self._weight(theta)
-        if isinstance(self.module, nn.Linear):
-            y = field.matmul(x, w.T)
-            return y if b is None else field.reduce_(y.add_(b))
-        m = self.module
-        cols = F.unfold(x, m.kernel_size, dilation=m.dilation, padding=_conv_padding(m), stride=m.stride)
-        y = field.matmul(w.reshape(w.shape[0], -1), cols)  # (N, O, L)
-        if b is not None:
-            field.reduce_(y.add_(b[:, None]))
-        return y.reshape(self.out_shape)
-
-    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        w, _ = self._weight(theta)
-        c = g.shape[0]
-        if isinstance(self.module, nn.Linear):
-            return field.matmul(g, w)
-        m = self.module
-        o = w.shape[0]
-        cols = field.matmul(w.reshape(o, -1).T, g.reshape(-1, o, math.prod(self.out_shape[2:])))  # (C·N, D, L)
-        x = F.fold(cols, self.in_shape[2:], m.kernel_size, dilation=m.dilation, padding=_conv_padding(m),
-                   stride=m.stride)
-        return field.reduce_(x).reshape(c, *self.in_shape)
-
-
-@dataclass
-class _Diagonal(_Step):
-    """y = s ⊙ z + c with the pattern's slopes s and clamp constants c (residues, shape of z)."""
-
-    slope: Tensor
-    offset: Tensor | None
-
-    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        y = field.mul(x, self.slope)
-        return y if self.offset is None else field.reduce_(y.add_(self.offset))
-
-    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        return field.mul(g, self.slope)
-
-
-@dataclass
-class _Gather(_Step):
-    """Max pooling with its argmax fixed: y = x[index] per plane (index over the last ``dims`` dims)."""
-
-    index: Tensor  # (planes, out positions), int64
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    dims: int
-
-    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        planes = x.reshape(self.index.shape[0], -1)
-        return planes.gather(1, self.index).reshape(self.out_shape)
-
-    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        c = g.shape[0]
-        flat = g.reshape(c, self.index.shape[0], -1)
-        size = math.prod(self.in_shape[len(self.in_shape) - self.dims :])
-        out = flat.new_zeros(c, self.index.shape[0], size)
-        out.scatter_add_(2, self.index.expand(c, *self.index.shape), flat)
-        return field.reduce_(out).reshape(c, *self.in_shape)
-
-
-@dataclass
-class _PlaneLinear(_Step):
-    """A linear map applied to every plane (last ``dims`` dims) alike, e.g. average pooling: (out, in) residues."""
-
-    matrix: Tensor
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
-    dims: int
-
-    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        lead = self.in_shape[: len(self.in_shape) - self.dims]
-        return field.matmul(x.reshape(*lead, -1), self.matrix.T).reshape(self.out_shape)
-
-    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        c = g.shape[0]
-        lead = self.in_shape[: len(self.in_shape) - self.dims]
-        return field.matmul(g.reshape(c, *lead, -1), self.matrix).reshape(c, *self.in_shape)
-
-
-@dataclass
-class _Reshape(_Step):
-    """Identity, dropout in eval mode, Flatten, Unflatten: values unchanged, shape changed."""
-
-    module: nn.Module
-    in_shape: tuple[int, ...]
-
-    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        return self.module(x)
-
-    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        return g.reshape(g.shape[0], *self.in_shape)
-
-
-@dataclass(frozen=True)
-class ExactProgram:
-    """The network as a program over GF(p) with its activation patterns fixed, read from one traced pass.
-
-    Attributes:
-        plan: the Gram plan (measured layers, N, rows per sample, P).
-        steps: one step per module call (None for the softmax head, whose input is measured).
-        sources: for each call, the call whose output is its input (-1: the probe).
-        measured: the call whose output is measured (-1: the probe itself).
-        head: the measured tensor is a softmax head's input, measured as logit differences.
-        probe: the probe input, float64.
-        depth: L, the number of affine layers (bounds the degree of J's entries in θ by L − 1).
-    """
-
-    plan: GramPlan
-    steps: tuple[_Step | None, ...]
-    sources: tuple[int, ...]
-    measured: int
-    head: bool
-    probe: Tensor
-    depth: int
-
-
-def exact_program(fm: FunctionalModel, inputs: ProbeInputs) -> ExactProgram:
-    """Trace ``fm`` on ``inputs`` once, check that the exact engine applies and record the patterns.
-
-    Raises:
-        NotApplicableError: the structure is not supported (the message names the module and why).
-    """
-    problem, plan, graph = check_structure(fm, inputs)
-    if problem is not None:
-        raise NotApplicableError(
-            f"the exact engine does not apply: {problem}. engine='auto' falls back to a floating-point engine"
-        )
-    assert plan is not None and graph is not None
-    steps: list[_Step | None] = []
-    depth = 0
-    measured = graph.output
-    for index, call in enumerate(graph.calls):
-        module = call.module
-        z = call.input
-        label = f"module {call.name or '<root>'!r} ({type(module).__name__})"
-        if isinstance(module, FACTORED_AFFINE):
-            steps.append(_Affine(call.name, module, tuple(z.shape), tuple(call.output.shape)))
-            depth += 1
-        elif isinstance(module, PIECEWISE_LINEAR):
-            steps.append(_activation(module, z))
-        elif type(module) in MAX_POOL:
-            dims, pool = MAX_POOL[type(module)]
-            steps.append(_max_pool(module, z, dims, pool))
-        elif type(module) in AVG_POOL:
-            steps.append(_average_pool(module, z, AVG_POOL[type(module)], label))
-        elif type(module) in (*RESHAPE, *DROPOUT):
-            steps.append(_Reshape(module, tuple(z.shape)))
-        elif module is fm.logit_head and index == graph.output:
-            steps.append(None)
-            measured = graph.sources[index]
-        else:
-            raise NotApplicableError(
-                f"the exact engine does not apply: {label} is not piecewise linear, so the dimension is not "
-                "determined by activation patterns; engine='auto' measures it with a floating-point engine "
-                "(a numerical rank)"
-            )
-    probe = inputs.args[0].to(torch.float64)
-    return ExactProgram(
-        plan.with_cheaper_side(), tuple(steps), graph.sources, measured, measured != graph.output, probe, depth,
-    )
-
-
-def _activation(module: nn.Module, z: Tensor) -> _Diagonal:
-    # floats here; converted to residues per field in _field_constants
-    if isinstance(module, nn.ReLU):
-        return _Diagonal((z > 0).to(torch.float64), None)
-    if isinstance(module, nn.LeakyReLU):
-        # an in-place LeakyReLU with a negative slope flips signs; the recorded z is its output then
-        return _Diagonal(torch.where(z > 0, 1.0, module.negative_slope).to(torch.float64), None)
-    low, high = (0.0, 6.0) if isinstance(module, nn.ReLU6) else (module.min_val, module.max_val)
-    inside = ((z > low) & (z < high)).to(torch.float64)
-    offset = torch.where(z >= high, high, 0.0) + torch.where(z <= low, low, 0.0)
-    return _Diagonal(inside, offset.to(torch.float64))
-
-
-def _max_pool(module: nn.Module, z: Tensor, dims: int, pool: Callable[..., Any]) -> _Gather:
-    if isinstance(module, (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)):
-        out, index = pool(z, module.output_size, return_indices=True)
-    else:
-        out, index = pool(z, module.kernel_size, module.stride, module.padding, module.dilation,
-                          ceil_mode=module.ceil_mode, return_indices=True)
-    planes = math.prod(z.shape[: z.dim() - dims])
-    return _Gather(index.reshape(planes, -1), tuple(z.shape), tuple(out.shape), dims)
-
-
-def _average_pool(module: nn.Module, z: Tensor, dims: int, label: str) -> _PlaneLinear:
-    plane = z.shape[z.dim() - dims :]
-    size = math.prod(plane)
-    basis = torch.eye(size, dtype=torch.float64, device=z.device).reshape(size, *([1] * (z.dim() - dims - 1)), *plane)
-    with torch.no_grad():
-        images = module(basis)  # (size, 1…, *out plane): column j of the map
-    out_size = images[0].numel()
-    if size * out_size > _MAX_PLANE_MAP:
-        raise NotApplicableError(
-            f"the exact engine does not apply: {label} maps planes of {size} to {out_size} entries, a "
-            f"{out_size} × {size} map too large to hold; engine='auto' falls back to a floating-point engine"
-        )
-    matrix = images.reshape(size, out_size).T.contiguous()
-    with torch.no_grad():
-        out = module(z)
-    return _PlaneLinear(matrix, tuple(z.shape), tuple(out.shape), dims)
-
-
 # --------------------------------------------------------------------------------------------- one draw
 
 
-def _field_steps(program: ExactProgram, field: PrimeField) -> list[_Step | None]:
+def _field_steps(program: ExactProgram, field: PrimeField) -> list[Step | None]:
     """The program's float constants (slopes, clamps, pooling weights) as residues of ``field``."""
-    steps: list[_Step | None] = []
+    steps: list[Step | None] = []
     for step in program.steps:
-        if isinstance(step, _Diagonal):
+        if isinstance(step, Diagonal):
             offset = None if step.offset is None else _constants(field, step.offset)
-            step = _Diagonal(_constants(field, step.slope), offset)
-        elif isinstance(step, _PlaneLinear):
-            step = _PlaneLinear(_constants(field, step.matrix), step.in_shape, step.out_shape, step.dims)
+            step = Diagonal(_constants(field, step.slope), offset)
+        elif isinstance(step, PlaneLinear):
+            step = PlaneLinear(_constants(field, step.matrix), step.in_shape, step.out_shape, step.dims)
         steps.append(step)
     return steps
 
 
 def _constants(field: PrimeField, values: Tensor) -> Tensor:
     distinct, index = torch.unique(values, return_inverse=True)
-    table = torch.tensor([_residue_of_constant(field, v) for v in distinct.tolist()], dtype=torch.float64,
+    table = torch.tensor([residue_of_constant(field, v) for v in distinct.tolist()], dtype=torch.float64,
                          device=values.device)
     return table[index]
 
@@ -393,7 +151,7 @@ def _draw(
         src = program.sources[i]
         x = x0 if src < 0 else values[src]
         assert x is not None or step is None
-        if isinstance(step, _Affine):
+        if isinstance(step, Affine):
             inputs[i] = x
         values[i] = None if step is None else step.forward(field, x, theta)
     measured = x0 if program.measured < 0 else values[program.measured]
@@ -425,19 +183,20 @@ def _draw(
     factors = []
     for layer in program.plan.layers:
         i = by_name[layer.name]
-        factors.append(_unify(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k))
+        factors.append(unify(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k))
     return gram_from_factors(factors, program.plan, lower_only=True, field=field)
 
 
 def exact_rank(
-    fm: FunctionalModel, inputs: ProbeInputs, *, upper_bound: int, program: ExactProgram | None = None,
+    trace: ProbeTrace, *, upper_bound: int, program: ExactProgram | None = None,
     seed: int = 0, draws: int = 2, chunk_size: int | None = None, budget: int | None = None,
 ) -> ExactRank:
-    """The exact batch functional dimension of ``fm`` on ``inputs`` (method and guarantees in the module doc).
+    """The exact batch functional dimension of the traced model on its probe (method and guarantees in the module
+    doc).
 
     Args:
         upper_bound: a proven bound on the rank (min(rows, P − hidden neurons)): a draw reaching it stops.
-        program: :func:`exact_program` of the same model and inputs, when already traced.
+        program: :func:`exact_program` of the same trace, when already built.
         seed: seeds the private generator of the random residues; the global RNG is not used.
         draws: independent evaluations (each with its own prime), at least 2; the maximum is returned.
         chunk_size: output coordinate classes backpropagated at once (bounds the backward's memory).
@@ -451,7 +210,7 @@ def exact_rank(
     if not 2 <= draws <= len(PRIMES):
         raise ValueError(f"draws={draws!r} must be between 2 and {len(PRIMES)}")
     if program is None:
-        program = exact_program(fm, inputs)
+        program = exact_program(trace)
     plan = program.plan
     if budget is not None:
         check_memory(
@@ -466,7 +225,7 @@ def exact_rank(
     primes: list[int] = []
     for p in PRIMES[:draws]:
         field = PrimeField(p)
-        gram = _draw(fm, program, field, generator, chunk_size)
+        gram = _draw(trace.fm, program, field, generator, chunk_size)
         ranks.append(rank_mod_p_symmetric(gram, field, upper_bound=upper_bound, overwrite=True))
         primes.append(p)
         del gram

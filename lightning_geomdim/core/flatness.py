@@ -26,18 +26,18 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
 from lightning_geomdim.core.hessian import (
     DEFAULT_CHUNK_SIZE,
     HessianOperator,
     LossFn,
-    activation_numel,
     convert_targets,
     hvp_values,
     use_dense_hessian,
 )
 from lightning_geomdim.core.lanczos import default_tolerance, lanczos, lanczos_vectors, one_thread
 from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
+from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.trace_estimation import hutch_plus_plus, hutchinson
 
 Method = Literal["auto", "dense", "lanczos"]
@@ -121,6 +121,7 @@ def flatness(
     dimension_options: Mapping[str, Any] | None = None,
     return_eigenvectors: bool = False,
     max_memory_bytes: int | None = None,
+    trace: ProbeTrace | None = None,
 ) -> FlatnessResult:
     """Hessian top eigenvalues, trace and flat dimension of ``loss_fn(model(x), y)`` w.r.t. the parameters.
 
@@ -166,14 +167,17 @@ def flatness(
             float64 on the CPU; P · top_k more values in memory).
         max_memory_bytes: memory budget in bytes, of the curvature and of the functional dimension; default
             half the available memory (see :mod:`lightning_geomdim.core.memory`).
+        trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
+            (with these ``params``, ``dtype`` and ``output_fn``), shared with the other measures of a step: the
+            gradient graph is built on its output, so ``x`` is not evaluated again. Default: record one.
 
     Returns:
         A :class:`FlatnessResult`. Cost: dense path P HVPs; Lanczos path at most ``lanczos_iterations`` +
         ``trace_samples`` HVPs; plus one batch functional dimension with ``flat_dimension=True`` and no
         ``dimension``.
 
-    Memory (checked before any HVP, after one forward pass that counts A, the values of a forward pass:
-    :func:`~lightning_geomdim.core.hessian.activation_numel`), in values of ``dtype`` (8 bytes for float64):
+    Memory (checked before any HVP, after the traced forward pass that counts A, the values of a forward pass:
+    :attr:`.probe_trace.ProbeTrace.activation_numel`), in values of ``dtype`` (8 bytes for float64):
     2 P (parameter copies) plus, with c = min(chunk_size, vectors in one block) HVPs at once holding
     :func:`~lightning_geomdim.core.hessian.hvp_values` = 14 P + 4 A + (c − 1)(10 P + 3 A) (the cached gradient graph
     included),
@@ -223,79 +227,106 @@ def flatness(
     budget = memory_budget(next((p.device for p in model.parameters()), torch.device("cpu")), max_memory_bytes)
 
     with measurement_mode(model):
-        fm = FunctionalModel.from_module(model, params=params, dtype=dtype, output_fn=output_fn)
-        inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
-        activations = activation_numel(fm, inputs)  # also wraps shape errors with the probe's description
-        op = HessianOperator(fm, loss_fn, inputs, convert_targets(y, dtype=dtype, device=fm.device), chunk_size)
-        num_params = op.num_params
-        if not 1 <= top_k <= num_params:
-            raise ValueError(f"top_k must be between 1 and the number of parameters P={num_params}, got {top_k}")
-        if lanczos_basis is not None and lanczos_basis < min(top_k + 2, num_params):
-            raise ValueError(f"lanczos_basis ({lanczos_basis}) must be at least top_k + 2 = {top_k + 2}")
-        if dimension is not None and dimension.num_params != num_params:
-            raise ValueError(
-                f"dimension was computed for P={dimension.num_params} parameters but the loss has P={num_params}: "
-                "pass the DimensionResult of the same model and params, or dimension=None"
+        own = trace is None
+        if trace is None:
+            trace = ProbeTrace.of(model, x, params=params, dtype=dtype, output_fn=output_fn)
+        trace.check(model, dtype)
+        trace.require_trainable()
+        try:
+            return _flatness(
+                model, trace, loss_fn, y, top_k=top_k, trace_samples=trace_samples, generator=generator, dtype=dtype,
+                method=method, trace_method=trace_method, lanczos_iterations=lanczos_iterations,
+                lanczos_tol=lanczos_tol, lanczos_basis=lanczos_basis, params=params, output_fn=output_fn,
+                chunk_size=chunk_size, flat_dimension=flat_dimension, dimension=dimension,
+                dimension_options=dimension_options, return_eigenvectors=return_eigenvectors,
+                max_memory_bytes=max_memory_bytes, budget=budget,
             )
-        dense = use_dense_hessian(num_params, lanczos_iterations + trace_samples)
-        resolved = method if method != "auto" else ("dense" if dense else "lanczos")
-        needed, what, remedies = _memory_estimate(
-            resolved, num_params, activations, torch.empty((), dtype=dtype).element_size(), top_k=top_k,
-            lanczos_iterations=lanczos_iterations, lanczos_basis=lanczos_basis, trace_samples=trace_samples,
-            trace_method=trace_method, chunk_size=chunk_size, return_eigenvectors=return_eigenvectors,
+        finally:
+            if own:
+                trace.release()
+
+
+def _flatness(
+    model: nn.Module, trace: ProbeTrace, loss_fn: LossFn, y: Any, *, top_k: int, trace_samples: int,
+    generator: torch.Generator, dtype: torch.dtype, method: str, trace_method: str, lanczos_iterations: int,
+    lanczos_tol: float | None, lanczos_basis: int | None, params: Sequence[str] | None, output_fn: OutputFn | None,
+    chunk_size: int | None, flat_dimension: bool, dimension: DimensionResult | None,
+    dimension_options: Mapping[str, Any] | None, return_eigenvectors: bool, max_memory_bytes: int | None,
+    budget: int,
+) -> FlatnessResult:
+    """:func:`flatness` on a recorded trace (arguments checked by it)."""
+    fm = trace.fm
+    activations = trace.activation_numel
+    op = HessianOperator(trace, loss_fn, convert_targets(y, dtype=dtype, device=fm.device), chunk_size)
+    num_params = op.num_params
+    if not 1 <= top_k <= num_params:
+        raise ValueError(f"top_k must be between 1 and the number of parameters P={num_params}, got {top_k}")
+    if lanczos_basis is not None and lanczos_basis < min(top_k + 2, num_params):
+        raise ValueError(f"lanczos_basis ({lanczos_basis}) must be at least top_k + 2 = {top_k + 2}")
+    if dimension is not None and dimension.num_params != num_params:
+        raise ValueError(
+            f"dimension was computed for P={dimension.num_params} parameters but the loss has P={num_params}: "
+            "pass the DimensionResult of the same model and params, or dimension=None"
         )
-        check_memory(needed, budget, what=what, remedies=remedies)
-        loss = op.loss_value()
-        if flat_dimension and dimension is None:  # before the HVPs: a probe too large fails before the HVPs
-            dimension = batch_functional_dimension(
-                model, x, output_fn=output_fn, params=params, dtype=dtype, max_memory_bytes=max_memory_bytes,
-                **dict(dimension_options or {}),
-            )
-        vectors = None
-        if resolved == "dense":
-            h = op.dense(budget=budget)
-            with one_thread() if h.device.type == "cpu" else contextlib.nullcontext():  # P ≤ 2048: see one_thread
-                if return_eigenvectors:
-                    eigenvalues, basis = torch.linalg.eigh(h)
-                    vectors = basis[:, -top_k:].flip(1).to(device="cpu", dtype=torch.float64)
-                    del basis
-                else:
-                    eigenvalues = torch.linalg.eigvalsh(h)
-            del h
-            eigenvalues = eigenvalues.to(torch.float64)
-            top = eigenvalues[-top_k:].flip(0)
-            residuals = torch.zeros(top_k, dtype=torch.float64)
-            trace, trace_std_error, converged = float(eigenvalues.sum()), 0.0, True
-        else:
-            result = lanczos(
-                op.matvec, num_params, k=top_k, max_iterations=max(lanczos_iterations, top_k), tol=lanczos_tol,
-                generator=generator, dtype=dtype, device=fm.device, max_basis=lanczos_basis,
-            )
-            top, residuals, converged = result.eigenvalues, result.residuals, result.converged
-            spent = result.num_matvecs
+    dense = use_dense_hessian(num_params, lanczos_iterations + trace_samples)
+    resolved = method if method != "auto" else ("dense" if dense else "lanczos")
+    needed, what, remedies = _memory_estimate(
+        resolved, num_params, activations, torch.empty((), dtype=dtype).element_size(), top_k=top_k,
+        lanczos_iterations=lanczos_iterations, lanczos_basis=lanczos_basis, trace_samples=trace_samples,
+        trace_method=trace_method, chunk_size=chunk_size, return_eigenvectors=return_eigenvectors,
+    )
+    check_memory(needed, budget, what=what, remedies=remedies)
+    loss = op.loss_value()
+    if flat_dimension and dimension is None:  # before the HVPs: a probe too large fails before the HVPs
+        dimension = batch_functional_dimension(
+            model, None, output_fn=output_fn, params=params, dtype=dtype, max_memory_bytes=max_memory_bytes,
+            trace=trace, **dict(dimension_options or {}),
+        )
+    vectors = None
+    if resolved == "dense":
+        h = op.dense(budget=budget)
+        with one_thread() if h.device.type == "cpu" else contextlib.nullcontext():  # P ≤ 2048: see one_thread
             if return_eigenvectors:
-                vectors = result.eigenvectors.to(device="cpu", dtype=torch.float64)
-            del result
-            if not converged:
-                scale = float(top.abs().max())
-                tol = lanczos_tol if lanczos_tol is not None else default_tolerance(dtype)
-                reason = (
-                    "the top_k Ritz pairs converged, but the check for missed copies of repeated eigenvalues ran "
-                    "out of iterations" if bool((residuals <= tol * scale).all()) else
-                    f"largest residual {float(residuals.max()):.3g}"
-                )
-                warnings.warn(
-                    f"Lanczos did not converge in {spent} iterations ({reason}): raise "
-                    "lanczos_iterations for accurate eigenvalues",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-            estimator = hutch_plus_plus if trace_method == "hutch++" else hutchinson
-            estimate = estimator(op.matmat, num_params, trace_samples, generator=generator, dtype=dtype,
-                                 device=fm.device)
-            trace, trace_std_error = estimate.value, estimate.std_error
-        num_hvps = op.num_hvps
-        op.release()
+                eigenvalues, basis = torch.linalg.eigh(h)
+                vectors = basis[:, -top_k:].flip(1).to(device="cpu", dtype=torch.float64)
+                del basis
+            else:
+                eigenvalues = torch.linalg.eigvalsh(h)
+        del h
+        eigenvalues = eigenvalues.to(torch.float64)
+        top = eigenvalues[-top_k:].flip(0)
+        residuals = torch.zeros(top_k, dtype=torch.float64)
+        trace, trace_std_error, converged = float(eigenvalues.sum()), 0.0, True
+    else:
+        result = lanczos(
+            op.matvec, num_params, k=top_k, max_iterations=max(lanczos_iterations, top_k), tol=lanczos_tol,
+            generator=generator, dtype=dtype, device=fm.device, max_basis=lanczos_basis,
+        )
+        top, residuals, converged = result.eigenvalues, result.residuals, result.converged
+        spent = result.num_matvecs
+        if return_eigenvectors:
+            vectors = result.eigenvectors.to(device="cpu", dtype=torch.float64)
+        del result
+        if not converged:
+            scale = float(top.abs().max())
+            tol = lanczos_tol if lanczos_tol is not None else default_tolerance(dtype)
+            reason = (
+                "the top_k Ritz pairs converged, but the check for missed copies of repeated eigenvalues ran "
+                "out of iterations" if bool((residuals <= tol * scale).all()) else
+                f"largest residual {float(residuals.max()):.3g}"
+            )
+            warnings.warn(
+                f"Lanczos did not converge in {spent} iterations ({reason}): raise "
+                "lanczos_iterations for accurate eigenvalues",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        estimator = hutch_plus_plus if trace_method == "hutch++" else hutchinson
+        estimate = estimator(op.matmat, num_params, trace_samples, generator=generator, dtype=dtype,
+                             device=fm.device)
+        trace, trace_std_error = estimate.value, estimate.std_error
+    num_hvps = op.num_hvps
+    op.release()
 
     rank = dimension.rank if dimension is not None else None
     return FlatnessResult(

@@ -39,7 +39,7 @@ holds 0.4–2.4 A + a few P values, each further batched product 0.24–2.0 A; f
 for one product and 1.0–2.4 A per further vmapped one. The bound used, valid for both formulations (it
 over-estimates the default one 1.8–3.6×, 10× when the input dominates A, and forward-over-reverse 1.15–2.1×):
 c products at once hold 14 P + 4 A + (c − 1)(10 P + 3 A) values
-besides their outputs, where A is :func:`activation_numel`; the gradient graph stays allocated while the
+besides their outputs, where A is :attr:`ProbeTrace.activation_numel`; the gradient graph stays allocated while the
 operator lives (:meth:`HessianOperator.release` frees it).
 """
 
@@ -55,9 +55,9 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from lightning_geomdim.core.errors import NonFiniteError
-from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
+from lightning_geomdim.core.functional_model import FunctionalModel
 from lightning_geomdim.core.memory import check_memory, is_out_of_memory
-from lightning_geomdim.core.tracing import forward_hooks
+from lightning_geomdim.core.probe_trace import ProbeTrace
 
 LossFn = Callable[[Tensor, Any], Tensor]
 """``loss_fn(outputs, targets) -> scalar``, e.g. ``torch.nn.functional.cross_entropy`` (mean reduction)."""
@@ -72,24 +72,6 @@ DENSE_HESSIAN_MAX_PARAMS = 2048
 def use_dense_hessian(num_params: int, matrix_free_hvps: int) -> bool:
     """The "auto" rule: dense iff P ≤ min(``matrix_free_hvps``, :data:`DENSE_HESSIAN_MAX_PARAMS`)."""
     return num_params <= min(matrix_free_hvps, DENSE_HESSIAN_MAX_PARAMS)
-
-
-def activation_numel(fm: FunctionalModel, inputs: ProbeInputs) -> int:
-    """A, the values of one forward pass: input tensors plus every leaf module's tensor outputs.
-
-    Runs :meth:`FunctionalModel.probe_outputs` once (so it also checks the probe). Functional ops inside a
-    ``forward`` (``F.relu``, ``x + y``) are not seen: A is a lower bound for such models.
-    """
-    total = sum(t.numel() for t in (*inputs.args, *inputs.kwargs.values()) if isinstance(t, Tensor))
-
-    def count(_name: str, _m: torch.nn.Module, _args: tuple[Any, ...], out: Any) -> None:
-        nonlocal total
-        outs = out if isinstance(out, (tuple, list)) else (out.values() if isinstance(out, dict) else (out,))
-        total += sum(t.numel() for t in outs if isinstance(t, Tensor))
-
-    with forward_hooks(fm.module, count):
-        fm.probe_outputs(inputs)
-    return int(total)
 
 
 def hvp_values(num_params: int, activations: int, batch: int) -> int:
@@ -116,17 +98,16 @@ class HessianOperator:
     ``num_hvps`` counts the Hessian-vector products spent so far (the cost).
 
     Attributes:
-        fm: the model as a function of its parameters (built inside :func:`measurement_mode`).
+        trace: the traced pass of the model on the probe batch X (recorded inside :func:`measurement_mode`); the
+            gradient graph is built on its output, so the products cost no further forward pass.
         loss_fn: ``(outputs, targets) -> scalar``.
-        inputs: the probe batch X.
         targets: y, passed to ``loss_fn`` unchanged (convert it with :func:`convert_targets`).
         chunk_size: HVPs computed at once in :meth:`matmat` as one batched backward (``None``: a whole block);
             default 1, one at a time (module docstring).
     """
 
-    fm: FunctionalModel
+    trace: ProbeTrace
     loss_fn: LossFn
-    inputs: ProbeInputs
     targets: Any
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
     num_hvps: int = 0
@@ -137,7 +118,11 @@ class HessianOperator:
     _vectorise: bool = field(init=False, default=True)
 
     def __post_init__(self) -> None:
-        self.theta = self.fm.flat_params()
+        self.theta = self.trace.theta
+
+    @property
+    def fm(self) -> FunctionalModel:
+        return self.trace.fm
 
     @property
     def num_params(self) -> int:
@@ -146,7 +131,7 @@ class HessianOperator:
     def loss(self, flat: Tensor, targets: Any = None) -> Tensor:
         """The scalar loss at the flat parameter vector ``flat`` (shape (P,)); ``targets`` default ``self.targets``."""
         targets = self.targets if targets is None else targets
-        return self.loss_fn(self.fm(self.fm.unflatten(flat), self.inputs), targets)
+        return self.loss_fn(self.fm(self.fm.unflatten(flat), self.trace.inputs), targets)
 
     def loss_value(self) -> float:
         """L(θ), checked to be a finite scalar.
@@ -156,7 +141,7 @@ class HessianOperator:
             NonFiniteError: the loss is NaN or inf.
         """
         with torch.no_grad():
-            value = self.loss(self.theta)
+            value = self.loss_fn(self.trace.output.detach(), self.targets)
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
@@ -173,10 +158,12 @@ class HessianOperator:
     # --- reverse-over-reverse on a cached gradient graph ---------------------------------------------------
 
     def _gradient_graph(self) -> tuple[Tensor, Tensor | None]:
-        """(θ leaf, ∇L(θ) with its graph), built once; the gradient is None when it does not depend on θ (H = 0)."""
+        """(θ leaf, ∇L(θ) with its graph), built once on the trace's output; the gradient is None when it does not
+        depend on θ (H = 0)."""
         if self._graph is None:
-            leaf = self.theta.detach().requires_grad_(True)
-            (gradient,) = torch.autograd.grad(self.loss(leaf), leaf, create_graph=True, allow_unused=True)
+            leaf = self.theta
+            loss = self.loss_fn(self.trace.output, self.targets)
+            (gradient,) = torch.autograd.grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)
             if gradient is None or not gradient.requires_grad:
                 gradient = None
             self._graph = (leaf, gradient)
@@ -198,8 +185,8 @@ class HessianOperator:
     def _forward(self, v: Tensor) -> Tensor:
         y = self.targets
         if isinstance(y, Tensor) and y.is_floating_point():
-            return jvp(grad(self.loss), (self.theta, y), (v, torch.zeros_like(y)))[1]
-        return jvp(grad(self.loss), (self.theta,), (v,))[1]
+            return jvp(grad(self.loss), (self.theta.detach(), y), (v, torch.zeros_like(y)))[1]
+        return jvp(grad(self.loss), (self.theta.detach(),), (v,))[1]
 
     def _fall_back(self, err: Exception) -> None:
         self.mode = "forward"

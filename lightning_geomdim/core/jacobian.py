@@ -1,25 +1,22 @@
-"""The dense Jacobian engine: J = ∂ vec f_θ(X) / ∂θ with ``torch.func.jacrev``, then its SVD.
+"""The dense Jacobian engine: J = ∂ vec f_θ(X) / ∂θ from the graph of one traced pass, then its SVD.
 
-Works for any model ``torch.func`` can differentiate (vmap over reverse-mode VJPs). A model that
-``torch.func`` cannot transform (e.g. an old-style ``autograd.Function`` without ``setup_context``, an op
-without a batching rule) falls back, with a warning, to one plain ``torch.autograd.grad`` per output
-coordinate: M backward passes, same result, slower. Memory is dominated
-by J itself: about 3 · M · P · itemsize bytes at peak (the per-parameter blocks, their concatenation and
-the SVD's working copy). ``chunk_size`` bounds how many VJPs are vmapped at once, which bounds the
-backward intermediates but not J.
+Rows of J are vector-Jacobian products through the :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`'s
+graph, ``chunk_size`` of them at once as one batched backward (``is_grads_batched``, vmap over the backward;
+default all M). A model whose backward cannot be batched (an op without a batching rule, an old-style
+``autograd.Function``) falls back, with a warning, to one backward per output coordinate: M backward passes, same
+result, slower. Memory is dominated by J itself: about 3 · M · P · itemsize bytes at peak (J, the rows of a
+chunk, the SVD's working copy); ``chunk_size`` bounds the batched backward's intermediates, not J.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
-from torch.func import jacrev
 
-from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
 from lightning_geomdim.core.memory import check_memory, is_out_of_memory
+from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
 
 
@@ -28,52 +25,49 @@ def jacobian_bytes(num_outputs: int, num_params: int, dtype: torch.dtype) -> int
     return 3 * num_outputs * num_params * torch.empty((), dtype=dtype).element_size()
 
 
-def jacobian_matrix(fm: FunctionalModel, inputs: ProbeInputs, *, chunk_size: int | None = None) -> Tensor:
+def jacobian_matrix(trace: ProbeTrace, *, chunk_size: int | None = None) -> Tensor:
     """The dense Jacobian, shape (M, P), dtype ``fm.dtype``; columns in the order of ``fm.params``.
 
     Rows follow ``vec(f_θ(X))`` (row-major flattening of the output), so row n·K + k is ∂f_k(x_n)/∂θ
     for an (N, K) output; for a softmax head (``fm.logit_head``) the rows of its logit differences.
     """
-
-    def flat_output(params: dict[str, Tensor]) -> Tensor:
-        return fm.measured_output(params, inputs).reshape(-1)
-
+    out = trace.measured_output(trace.fm.logit_head).reshape(-1)
+    m, theta = out.numel(), trace.theta
+    jac = torch.zeros((m, theta.numel()), dtype=theta.dtype, device=theta.device)
+    if not out.requires_grad:
+        return jac
+    step = m if chunk_size is None else max(1, min(int(chunk_size), m))
+    start = 0
     try:
-        blocks = jacrev(flat_output, chunk_size=chunk_size)(fm.params)
-    except RuntimeError as err:  # torch.func cannot transform this model: plain autograd, row by row
+        for start in range(0, m, step):  # after a failure, the loop below resumes at ``start``
+            stop = min(start + step, m)
+            cotangents = torch.zeros((stop - start, m), dtype=out.dtype, device=out.device)
+            cotangents[:, start:stop].fill_diagonal_(1.0)
+            (rows,) = torch.autograd.grad(out, theta, cotangents, retain_graph=True, is_grads_batched=True,
+                                          allow_unused=True, materialize_grads=True)
+            jac[start:stop] = rows
+            del cotangents, rows
+        return jac
+    except RuntimeError as err:  # the backward cannot be batched: plain autograd, row by row
         if is_out_of_memory(err):  # out of memory is out of memory: M backward passes would not help
             raise
         warnings.warn(
-            f"torch.func could not differentiate {type(fm.module).__name__} ({str(err).splitlines()[0][:160]}); "
+            f"could not batch the backward of {type(trace.fm.module).__name__} ({str(err).splitlines()[0][:160]}); "
             "computing the Jacobian with one torch.autograd.grad call per output instead (slower)",
             RuntimeWarning, stacklevel=3,
         )
-        return _jacobian_by_rows(flat_output, fm.params)
-    num_outputs = next(iter(blocks.values())).shape[0]
-    return torch.cat([blocks[name].reshape(num_outputs, -1) for name in fm.params], dim=1)
+    for i in range(start, m):
+        (jac[i],) = torch.autograd.grad(out[i], theta, retain_graph=True, allow_unused=True, materialize_grads=True)
+    return jac
 
 
-def _jacobian_by_rows(flat_output: Callable[[dict[str, Tensor]], Tensor], params: dict[str, Tensor]) -> Tensor:
-    leaves = {n: p.detach().requires_grad_(True) for n, p in params.items()}
-    out = flat_output(leaves)
-    rows = []
-    for i in range(out.numel()):
-        grads = torch.autograd.grad(out[i], list(leaves.values()), retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([
-            (torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, leaves.values(), strict=True)
-        ]))
-    return torch.stack(rows)
-
-
-def jacobian_spectrum(
-    fm: FunctionalModel, inputs: ProbeInputs, num_outputs: int, *, chunk_size: int | None = None,
-    budget: int,
-) -> Spectrum:
+def jacobian_spectrum(trace: ProbeTrace, num_outputs: int, *, chunk_size: int | None = None, budget: int) -> Spectrum:
     """Singular values of the dense Jacobian (exact SVD, the finest resolution: ~eps · max(M, P) · σ_max).
 
     Raises:
         MemoryBudgetError: before allocating, when :func:`jacobian_bytes` exceeds ``budget``.
     """
+    fm = trace.fm
     num_params = fm.num_params
     check_memory(
         jacobian_bytes(num_outputs, num_params, fm.dtype), budget,
@@ -81,7 +75,7 @@ def jacobian_spectrum(
         remedies="use a smaller probe (fewer samples), engine='gram' for Linear/Conv networks, or a "
         "subset of parameters via params=[...]",
     )
-    jac = jacobian_matrix(fm, inputs, chunk_size=chunk_size)
+    jac = jacobian_matrix(trace, chunk_size=chunk_size)
     sv = torch.linalg.svdvals(jac)
     del jac
     return Spectrum(sv.to(torch.float64), fm.dtype, from_gram=False)

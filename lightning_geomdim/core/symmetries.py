@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs
 from lightning_geomdim.core.layer_kinds import AFFINE, HOMOGENEOUS, RELU_LIKE
-from lightning_geomdim.core.tracing import LeafCall, trace_leaf_calls
+from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
 
 
 @dataclass(frozen=True)
@@ -68,14 +67,13 @@ def _same(a: object, b: object) -> bool:
     return isinstance(a, Tensor) and a is b
 
 
-def find_symmetries(fm: FunctionalModel, inputs: ProbeInputs) -> NetworkSymmetries:
-    """Trace one sample through ``fm`` and recognise its symmetries (rules in the module docstring)."""
-    uses: dict[int, list[int | None]] = {}
-    calls, out = trace_leaf_calls(fm, inputs.select(slice(0, 1)), uses=uses)
+def find_symmetries(trace: ProbeTrace) -> NetworkSymmetries:
+    """Recognise the symmetries of the traced model (rules in the module docstring)."""
+    fm, calls, out = trace.fm, trace.leaf_calls(), trace.output
     selected = set(fm.params)
     names_of = {id(m): n for n, m in fm.module.named_modules()}
 
-    def measured(call: LeafCall, *, bias: bool) -> bool:
+    def measured(call: TracedCall, *, bias: bool) -> bool:
         prefix = f"{names_of[id(call.module)]}."
         own = [n for n, _ in call.module.named_parameters()]
         needed = own if bias else [n for n in own if n == "weight"]
@@ -90,7 +88,7 @@ def find_symmetries(fm: FunctionalModel, inputs: ProbeInputs) -> NetworkSymmetri
             prev, saw_relu, chain = a, False, {i}
             for j, b in enumerate(calls[i + 1 :], start=i + 1):
                 # the tensor between prev and b must be read by b alone (and, when in place, by prev)
-                if not _same(b.input, prev.output) or not set(uses.get(id(b.input), [])) <= chain | {j}:
+                if not _same(b.input, prev.output) or not set(trace.input_readers.get(j, [])) <= chain | {j}:
                     break
                 chain.add(j)
                 if isinstance(b.module, AFFINE):

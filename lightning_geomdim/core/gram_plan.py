@@ -1,0 +1,121 @@
+"""What a factored dimension engine (float Gram, exact) will compute, read from one traced pass: the measured
+affine layers as :class:`GramLayer` s, the :class:`GramPlan` (which Gram, J Jᵀ or Jᵀ J, of which size) and its peak
+memory (:func:`gram_bytes`). The formulas are in :mod:`lightning_geomdim.core.gram`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Literal
+
+from torch import nn
+
+Side = Literal["outputs", "params"]
+
+
+@dataclass(frozen=True)
+class GramLayer:
+    """A measured affine layer as the engine sees it.
+
+    Attributes:
+        name: module name in ``named_modules()`` ("" for the root).
+        module: the ``nn.Linear`` / ``nn.Conv2d``.
+        weight: the weight is among the measured parameters.
+        bias: the bias exists and is measured.
+        positions: T, positions the layer is applied at per sample (Linear: product of the middle input
+            dimensions, 1 for (N, in) inputs; Conv2d: output pixels Ho · Wo).
+        features: D, length of the layer input at one position (in_features; C_in · kh · kw).
+        units: O, out_features or out_channels.
+    """
+
+    name: str
+    module: nn.Module
+    weight: bool
+    bias: bool
+    positions: int
+    features: int
+    units: int
+
+    @property
+    def num_params(self) -> int:
+        """Measured scalar parameters of the layer."""
+        return self.units * (self.features * self.weight + self.bias)
+
+
+@dataclass(frozen=True)
+class GramPlan:
+    """What :func:`gram_matrix` will compute, read from one traced forward pass.
+
+    Attributes:
+        layers: the measured affine layers that ran, in execution order.
+        num_samples: N.
+        outputs_per_sample: K (the measured output has M = N · K entries).
+        num_params: P, every measured parameter (those of modules that did not run have zero columns).
+        activation_numel: entries of all module outputs of the forward pass (for the backward's memory).
+        outputs_per_sample: K, rows of J per sample: the measured output's entries per sample, or for a softmax
+            head (``fm.logit_head``) its logit differences, K_out − K_out / C for C classes.
+        forced_side: the Gram's side when set (see :meth:`with_cheaper_side`), else the smaller one.
+    """
+
+    layers: tuple[GramLayer, ...]
+    num_samples: int
+    outputs_per_sample: int
+    num_params: int
+    activation_numel: int
+    forced_side: Side | None = None
+
+    @property
+    def num_outputs(self) -> int:
+        """M = N · K."""
+        return self.num_samples * self.outputs_per_sample
+
+    @property
+    def used_params(self) -> int:
+        """Measured parameters of the layers that ran (the others have zero Jacobian columns)."""
+        return sum(layer.num_params for layer in self.layers)
+
+    @property
+    def side(self) -> Side:
+        """"outputs" for J Jᵀ (M × M) or "params" for Jᵀ J (P_used × P_used): ``forced_side``, else the smaller."""
+        if self.forced_side is not None:
+            return self.forced_side
+        return "outputs" if self.num_outputs <= self.used_params else "params"
+
+    @property
+    def size(self) -> int:
+        """Side length d of the Gram matrix."""
+        return self.num_outputs if self.side == "outputs" else self.used_params
+
+    def with_cheaper_side(self) -> GramPlan:
+        """This plan on the side whose assembly plus ~d³/3 elimination costs fewer flops (the exact engine's rule).
+
+        J Jᵀ is assembled from the per-layer factors in about Σ_l min(kernel, explicit) flops (at most M² times
+        the layers' widths), Jᵀ J from explicit rows of J in 2·M·P_used² flops. Past the balance point M = P the
+        J Jᵀ side stays cheaper while M³/3 < 2·M·P² + P³/3 (e.g. the paper's MLP on 3,200 inputs: M = 28,800,
+        P = 25,720: 8.1e12 against 4.4e13 flops).
+        """
+        m, n, p = self.num_outputs, self.num_samples, self.used_params
+        outputs = sum(min(kernel_cost(lay, m, n), explicit_cost(lay, m)) for lay in self.layers) + m**3 / 3
+        params = 2 * m * p**2 + p**3 / 3
+        return replace(self, forced_side="outputs" if outputs <= params else "params")
+
+
+def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None, copies: int = 2) -> int:
+    """Peak memory estimate of :func:`gram_spectrum`, in bytes (formula in the module docstring).
+
+    ``copies``: d × d float64 matrices alive at once: 2 for the eigensolver (the Gram and LAPACK's copy), 1 for
+    the exact engine (the Gram mod p, eliminated in place).
+    """
+    n, m = plan.num_samples, plan.num_outputs
+    factors = sum(n * lay.positions * lay.features + m * lay.positions * lay.units for lay in plan.layers)
+    chunk = plan.outputs_per_sample if chunk_size is None else min(chunk_size, plan.outputs_per_sample)
+    backward = chunk * plan.activation_numel * itemsize
+    return 8 * copies * plan.size**2 + (8 + itemsize) * factors + backward
+
+
+def kernel_cost(lay: GramLayer, m: int, n: int) -> float:
+    t = lay.positions
+    return t * t * (m * m * (lay.units + 1) + n * n * lay.features)
+
+
+def explicit_cost(lay: GramLayer, m: int) -> float:
+    return m * lay.positions * lay.units * lay.features + m * m * lay.units * (lay.features + 1)

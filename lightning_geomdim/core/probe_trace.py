@@ -1,0 +1,260 @@
+"""One traced forward pass of a model over a probe batch, shared by every measure taken at one step.
+
+:meth:`ProbeTrace.record` runs f_θ(X) once, in the computation dtype, with autograd on, on one flat float64 copy
+θ of the measured parameters (shape (P,), a leaf that requires grad; ``fm.params`` become views of it), and keeps
+what every measure reads:
+
+* ``calls``: each call of a leaf module or of a module owning parameters, in call order, with its input and output
+  and their tensor versions (the data-flow checks of :mod:`.structure`), and for ReLU-like modules the
+  activation pattern 1[z > 0], (N, units) bool, taken when the call returns (:mod:`.activation_patterns`);
+* ``input_readers``: for each leaf call, which leaf calls read its input tensor (None: code outside leaf modules),
+  so that a rescaling symmetry can be recognised only where nothing else reads the tensor (:mod:`.symmetries`);
+* ``layer_inputs`` and ``deltas``: for each measured ``nn.Linear`` / ``nn.Conv2d`` call, a copy of its input and a
+  zero δ added to its output, so that ∂f/∂δ = ∂f/∂z is the backprop signal of the Gram factors (:mod:`.gram`) even
+  when a later in-place activation overwrites z;
+* ``output``: f_θ(X) after ``output_fn``, whose graph to θ gives the Jacobian rows (:mod:`.jacobian`) and the loss
+  gradient whose derivatives are the Hessian-vector products (:mod:`.hessian`).
+
+The dimension (every engine), the linear regions, the alignment and the flatness all read one trace, so a
+measurement step costs one forward pass over the probe and one float64 copy of the parameters (counted by
+``benchmarks/count_passes.py`` and a test). Memory: the forward's activations with their autograd graph, plus the
+measured layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.release`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lightning_geomdim.core.errors import NonFiniteError, ProbeError
+from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs
+from lightning_geomdim.core.layer_kinds import FACTORED_AFFINE, RELU_LIKE
+from lightning_geomdim.core.tracing import UseRecorder, call_keys
+
+
+@dataclass(eq=False)
+class TracedCall:
+    """One module call of the traced pass.
+
+    Attributes:
+        name: qualified module name ("" for the root).
+        module: the module.
+        input: its first positional argument (None without one); ``num_args`` says how many it got.
+        input_version / output_version: the tensors' versions when the call started / returned (an in-place
+            change between modules shows as a version mismatch).
+        output: what it returned (for a measured affine layer, z + δ).
+        leaf: the module has no children.
+        pattern: ReLU-like modules: 1[z > 0], shape (N, units) bool, units the flattened size per sample.
+    """
+
+    name: str
+    module: nn.Module
+    input: Any
+    num_args: int
+    input_version: int
+    leaf: bool
+    output: Any = None
+    output_version: int = -1
+    pattern: Tensor | None = None
+
+
+@dataclass(eq=False)
+class ProbeTrace:
+    """The traced pass (module docstring). Build with :meth:`record` or :meth:`of`, inside ``measurement_mode``.
+
+    Attributes:
+        fm: the model as a function of θ; ``fm.params`` are views of ``theta``.
+        inputs: the probe in the computation dtype.
+        theta: the measured parameters, flat, shape (P,), ``fm.dtype``, a leaf requiring grad.
+        calls: see the module docstring.
+        input_readers: leaf-call position → positions (among :meth:`leaf_calls`) of the leaf calls that read the
+            call's input tensor, None for code outside leaf modules.
+        layer_inputs: measured affine call name → copy of its input.
+        deltas: measured affine call name → the zero δ added to its output (requires grad).
+        output: f_θ(X), with its graph to ``theta``.
+        probe_version: the version of the probe tensor before the pass.
+        activation_numel: A, entries of the inputs and of every leaf call's tensor outputs.
+        trainable: False when the model has no trainable parameter and ``theta`` holds all of them (patterns and
+            alignment only; the dimension and flatness then refuse as for any model without trainable parameters).
+    """
+
+    fm: FunctionalModel
+    inputs: ProbeInputs
+    theta: Tensor
+    calls: list[TracedCall]
+    input_readers: dict[int, list[int | None]]
+    layer_inputs: dict[str, Tensor]
+    deltas: dict[str, Tensor]
+    output: Tensor
+    probe_version: int
+    activation_numel: int
+    trainable: bool = True
+    _leaves: list[TracedCall] | None = field(default=None, repr=False)
+
+    @staticmethod
+    def of(
+        model: nn.Module, x: Any, *, params: Sequence[str] | None = None, dtype: torch.dtype = torch.float64,
+        output_fn: OutputFn | None = None,
+    ) -> ProbeTrace:
+        """Copy the parameters of ``model`` (``params``, default the trainable ones) to ``dtype`` once and
+        :meth:`record` the pass on the probe batch ``x`` (a Tensor, tuple or dict, see :class:`ProbeInputs`).
+
+        Raises:
+            ValueError: unknown names in ``params``, a non-floating dtype, or no parameters at all.
+            ProbeError, NonFiniteError: as in :meth:`record`.
+        """
+        trainable = params is not None or any(p.requires_grad for p in model.parameters())
+        if not trainable:  # patterns and alignment measure frozen models too
+            params = [n for n, _ in model.named_parameters()]
+            if not params:
+                raise ValueError(f"{type(model).__name__} has no parameters: there is no network to measure")
+        fm = FunctionalModel.from_module(model, params=params, dtype=dtype, output_fn=output_fn)
+        trace = ProbeTrace.record(fm, ProbeInputs.from_batch(x, dtype=dtype, device=fm.device))
+        trace.trainable = trainable
+        return trace
+
+    @staticmethod
+    def record(fm: FunctionalModel, inputs: ProbeInputs) -> ProbeTrace:
+        """Run ``fm`` once on ``inputs`` with autograd on, recording what the measures read (module docstring).
+
+        ``fm.params`` are replaced by views of one flat leaf θ (the copies they were are freed).
+
+        Raises:
+            ProbeError: the model's forward fails on the probe (the original error chained), or returns no tensor.
+            NonFiniteError: the outputs contain NaN or inf.
+        """
+        theta = torch.cat([p.detach().reshape(-1) for p in fm.params.values()]).requires_grad_(True)
+        fm.params = fm.unflatten(theta)
+        measured = _measured_affine(fm)
+        calls: list[TracedCall] = []
+        stack: list[TracedCall] = []
+        running: list[int] = []  # indices in ``calls`` of the running leaf calls
+        layer_inputs: dict[str, Tensor] = {}
+        deltas: dict[str, Tensor] = {}
+        numel = [sum(t.numel() for t in (*inputs.args, *inputs.kwargs.values()) if isinstance(t, Tensor))]
+
+        def pre(name: str, m: nn.Module, args: tuple[Any, ...]) -> None:
+            inp = args[0] if args else None
+            leaf = next(m.children(), None) is None
+            call = TracedCall(name, m, inp, len(args), inp._version if isinstance(inp, Tensor) else -1, leaf)
+            if leaf:
+                running.append(len(calls))
+            calls.append(call)
+            stack.append(call)
+
+        def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+            call = stack.pop()
+            replaced = None
+            if call.name in measured and isinstance(out, Tensor) and isinstance(call.input, Tensor):
+                layer_inputs[call.name] = call.input.detach().clone()  # a later in-place op must not change it
+                delta = torch.zeros_like(out, requires_grad=True)
+                deltas[call.name] = delta
+                out = replaced = out + delta
+            if isinstance(m, RELU_LIKE) and isinstance(call.input, Tensor) and call.input.dim() > 0:
+                call.pattern = (call.input > 0).reshape(call.input.shape[0], -1)
+            call.output = out
+            call.output_version = out._version if isinstance(out, Tensor) else -1
+            if call.leaf:
+                running.pop()
+                outs = out if isinstance(out, (tuple, list)) else (out.values() if isinstance(out, dict) else (out,))
+                numel[0] += sum(t.numel() for t in outs if isinstance(t, Tensor))
+            return replaced
+
+        recorder = UseRecorder(running)
+        handles = []
+        probe = inputs.args[0] if inputs.args and isinstance(inputs.args[0], Tensor) else None
+        probe_version = probe._version if probe is not None else -1
+        try:
+            for name, sub in fm.module.named_modules():
+                if next(sub.children(), None) is None or any(True for _ in sub.parameters(recurse=False)):
+                    handles.append(sub.register_forward_pre_hook(lambda m, a, _n=name: pre(_n, m, a)))
+                    handles.append(sub.register_forward_hook(post))
+            with torch.enable_grad(), recorder:
+                out = fm(fm.params, inputs)
+        except ProbeError:
+            raise
+        except Exception as err:  # the model's own error; re-raise with the probe's description
+            shapes = [tuple(t.shape) for t in (*inputs.args, *inputs.kwargs.values()) if isinstance(t, Tensor)]
+            raise ProbeError(
+                f"{type(fm.module).__name__} forward failed on the probe batch (input shapes {shapes}): "
+                f"{type(err).__name__}: {err}. Pass inputs shaped as in training (N, ...), or an input_fn "
+                "that extracts them from the batch"
+            ) from err
+        finally:
+            for h in handles:
+                h.remove()
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(
+                f"model outputs on the probe batch contain NaN or inf ({int((~torch.isfinite(out)).sum())} of "
+                f"{out.numel()} values): check the inputs' scale and the model's weights"
+            )
+        # who read each leaf call's input, while the recorder still keeps every read tensor alive (unique ids)
+        leaf_index = {i: pos for pos, i in enumerate(i for i, c in enumerate(calls) if c.leaf)}
+        readers = {
+            leaf_index[i]: [None if w is None else leaf_index[w] for w in recorder.uses.get(id(c.input), [])]
+            for i, c in enumerate(calls) if c.leaf and isinstance(c.input, Tensor)
+        }
+        del recorder
+        return ProbeTrace(fm, inputs, theta, calls, readers, layer_inputs, deltas, out, probe_version, numel[0])
+
+    def leaf_calls(self) -> list[TracedCall]:
+        """The calls of leaf modules, in call order (positions as in ``input_readers``)."""
+        if self._leaves is None:
+            self._leaves = [c for c in self.calls if c.leaf]
+        return self._leaves
+
+    def patterns(self) -> dict[str, Tensor]:
+        """Activation pattern of every ReLU-like call: key (module name, ``name#k`` for the k-th call of a module
+        called repeatedly) → (N, units) bool."""
+        relus = [c for c in self.leaf_calls() if c.pattern is not None]
+        return dict(zip(call_keys(relus), (c.pattern for c in relus), strict=True))
+
+    def measured_output(self, head: nn.Module | None = None) -> Tensor:
+        """The output, or with a softmax ``head`` (the last call) the logit differences z[..., :-1] − z[..., -1:]
+        of its input z: the same row space of J in exact arithmetic, without the saturation of probabilities
+        (see :meth:`FunctionalModel.measured_output`)."""
+        if head is None:
+            return self.output
+        z = next(c.input for c in reversed(self.calls) if c.module is head)
+        return z[..., :-1] - z[..., -1:]
+
+    def require_trainable(self) -> None:
+        """Raise the error of a model without trainable parameters (measures that differentiate in θ)."""
+        if not self.trainable:
+            raise ValueError(
+                f"{type(self.fm.module).__name__} has no trainable parameters (every requires_grad is False): "
+                "unfreeze some parameters or pass their names with params=[...]"
+            )
+
+    def check(self, model: nn.Module, dtype: torch.dtype) -> None:
+        """Raise ValueError when this trace was not recorded for ``model`` in ``dtype``."""
+        if self.fm.module is not model or self.fm.dtype != dtype:
+            raise ValueError(
+                f"the trace was recorded for {type(self.fm.module).__name__} in {self.fm.dtype}, not for "
+                f"{type(model).__name__} in {dtype}: record it with ProbeTrace.of(model, x, dtype=...)"
+            )
+
+    def release(self) -> None:
+        """Free the graph, activations and copies (the trace is unusable afterwards)."""
+        self.calls.clear()
+        self.layer_inputs.clear()
+        self.deltas.clear()
+        self.input_readers.clear()
+        self._leaves = None
+        self.fm.params = {}
+        self.output = self.theta = torch.empty(0)
+
+
+def _measured_affine(fm: FunctionalModel) -> set[str]:
+    """Names of the Linear/Conv modules with a measured weight or bias (their signals feed the Gram factors)."""
+    names = set()
+    for name, m in fm.module.named_modules():
+        if isinstance(m, FACTORED_AFFINE):
+            prefix = f"{name}." if name else ""
+            if any(prefix + p in fm.params for p in ("weight", "bias")):
+                names.add(name)
+    return names
