@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
-from lightning_geomdim.core.probe_trace import ProbeTrace
+from lightning_geomdim.core.functional_model import OutputFn
+from lightning_geomdim.core.probe_trace import ProbeTrace, traced
 
 
 @dataclass(frozen=True)
@@ -67,19 +67,12 @@ def activation_patterns(
         the flattened size of the ReLU's input per sample (conv: channels × positions). Empty when the
         model has no ReLU module.
     """
-    if trace is not None:
-        trace.check(model, dtype)
+    # patterns do not depend on which parameters are trainable: measure frozen models too
+    names = [n for n, _ in model.named_parameters()]
+    if trace is None and not names:
+        raise ValueError(f"{type(model).__name__} has no parameters: there is no network to measure")
+    with traced(model, x, trace, params=names, dtype=dtype, output_fn=output_fn) as trace:
         return trace.patterns()
-    with measurement_mode(model):
-        # patterns do not depend on which parameters are trainable: measure frozen models too
-        names = [n for n, _ in model.named_parameters()]
-        if not names:
-            raise ValueError(f"{type(model).__name__} has no parameters: there is no network to measure")
-        trace = ProbeTrace.of(model, x, params=names, dtype=dtype, output_fn=output_fn)
-        try:
-            return trace.patterns()
-        finally:
-            trace.release()
 
 
 def _require_relus(patterns: dict[str, Tensor], model: nn.Module) -> None:

@@ -25,10 +25,10 @@ from torch.utils._pytree import tree_map
 
 from lightning_geomdim.core.activation_patterns import unit_activity
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
+from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.layer_kinds import AFFINE, PASS_THROUGH, RELU_LIKE
 from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
-from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
+from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall, traced
 from lightning_geomdim.core.rank import stable_rank
 from lightning_geomdim.core.tracing import call_keys
 
@@ -143,23 +143,16 @@ def neuron_alignment(
             f"{type(model).__name__} has no nn.ReLU / nn.LeakyReLU module, so neuron alignment is not defined "
             "(functional relu calls are not seen: use nn.ReLU modules to have them measured)"
         )
-    with measurement_mode(model):
+    if trace is None and x is None:
+        return _statistics(model, _feeding(model, None, max_memory_bytes), None, threshold, dtype)
+    names = [n for n, _ in model.named_parameters()]
+    if trace is None:  # the data flow and the memory check from one sample, before the pass of the whole batch
+        with traced(model, _first_sample(x), None, params=names, dtype=dtype, output_fn=output_fn) as first:
+            feeding = _feeding(model, first, max_memory_bytes)
+    with traced(model, x, trace, params=names, dtype=dtype, output_fn=output_fn) as recorded:
         if trace is not None:
-            trace.check(model, dtype)
-            feeding = _feeding(model, trace, max_memory_bytes)
-            return _statistics(model, feeding, trace, threshold, dtype)
-        if x is None:
-            return _statistics(model, _feeding(model, None, max_memory_bytes), None, threshold, dtype)
-        names = [n for n, _ in model.named_parameters()]
-        # the data flow and the memory check from one sample, before the forward pass of the whole batch
-        first = ProbeTrace.of(model, _first_sample(x), params=names, dtype=dtype, output_fn=output_fn)
-        feeding = _feeding(model, first, max_memory_bytes)
-        first.release()
-        trace = ProbeTrace.of(model, x, params=names, dtype=dtype, output_fn=output_fn)
-        try:
-            return _statistics(model, feeding, trace, threshold, dtype)
-        finally:
-            trace.release()
+            feeding = _feeding(model, recorded, max_memory_bytes)
+        return _statistics(model, feeding, recorded, threshold, dtype)
 
 
 def _first_sample(x: Any) -> Any:

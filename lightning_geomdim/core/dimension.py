@@ -21,11 +21,11 @@ from torch import nn
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.exact import exact_rank
 from lightning_geomdim.core.exact_program import ExactProgram, exact_program
-from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
+from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.gram import gram_spectrum
 from lightning_geomdim.core.jacobian import jacobian_spectrum
 from lightning_geomdim.core.memory import memory_budget
-from lightning_geomdim.core.probe_trace import ProbeTrace
+from lightning_geomdim.core.probe_trace import ProbeTrace, traced
 from lightning_geomdim.core.rank import NumericalSpectrum, Spectrum, numerical_spectrum
 from lightning_geomdim.core.structure import gram_unsupported_reason
 from lightning_geomdim.core.symmetries import find_symmetries
@@ -229,12 +229,7 @@ def batch_functional_dimension(
         >>> res.rank <= res.upper_bound
         True
     """
-    with measurement_mode(model):
-        own = trace is None
-        if trace is None:
-            trace = ProbeTrace.of(model, x, params=params, dtype=dtype, output_fn=output_fn)
-        trace.check(model, dtype)
-        trace.require_trainable()
+    with traced(model, x, trace, params=params, dtype=dtype, output_fn=output_fn, trainable=True) as trace:
         try:
             fm, out = trace.fm, trace.output
             num_outputs, num_params = out.numel(), fm.num_params
@@ -258,8 +253,6 @@ def batch_functional_dimension(
                 numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
         finally:
             trace.fm.logit_head = None
-            if own:
-                trace.release()
     return DimensionResult(
         rank=exact.rank if exact is not None else numerical.numerical_rank,  # type: ignore[union-attr]
         engine="exact" if exact is not None else numerical.engine,  # type: ignore[union-attr]

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
+from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.hessian import (
     DEFAULT_CHUNK_SIZE,
     HessianOperator,
@@ -37,7 +37,7 @@ from lightning_geomdim.core.hessian import (
 )
 from lightning_geomdim.core.lanczos import default_tolerance, lanczos, lanczos_vectors, one_thread
 from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
-from lightning_geomdim.core.probe_trace import ProbeTrace
+from lightning_geomdim.core.probe_trace import ProbeTrace, traced
 from lightning_geomdim.core.trace_estimation import hutch_plus_plus, hutchinson
 
 Method = Literal["auto", "dense", "lanczos"]
@@ -226,24 +226,15 @@ def flatness(
     generator = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
     budget = memory_budget(next((p.device for p in model.parameters()), torch.device("cpu")), max_memory_bytes)
 
-    with measurement_mode(model):
-        own = trace is None
-        if trace is None:
-            trace = ProbeTrace.of(model, x, params=params, dtype=dtype, output_fn=output_fn)
-        trace.check(model, dtype)
-        trace.require_trainable()
-        try:
-            return _flatness(
-                model, trace, loss_fn, y, top_k=top_k, trace_samples=trace_samples, generator=generator, dtype=dtype,
-                method=method, trace_method=trace_method, lanczos_iterations=lanczos_iterations,
-                lanczos_tol=lanczos_tol, lanczos_basis=lanczos_basis, params=params, output_fn=output_fn,
-                chunk_size=chunk_size, flat_dimension=flat_dimension, dimension=dimension,
-                dimension_options=dimension_options, return_eigenvectors=return_eigenvectors,
-                max_memory_bytes=max_memory_bytes, budget=budget,
-            )
-        finally:
-            if own:
-                trace.release()
+    with traced(model, x, trace, params=params, dtype=dtype, output_fn=output_fn, trainable=True) as trace:
+        return _flatness(
+            model, trace, loss_fn, y, top_k=top_k, trace_samples=trace_samples, generator=generator, dtype=dtype,
+            method=method, trace_method=trace_method, lanczos_iterations=lanczos_iterations,
+            lanczos_tol=lanczos_tol, lanczos_basis=lanczos_basis, params=params, output_fn=output_fn,
+            chunk_size=chunk_size, flat_dimension=flat_dimension, dimension=dimension,
+            dimension_options=dimension_options, return_eigenvectors=return_eigenvectors,
+            max_memory_bytes=max_memory_bytes, budget=budget,
+        )
 
 
 def _flatness(

@@ -231,32 +231,6 @@ class FunctionalModel:
         z = captured[-1]
         return z[..., :-1] - z[..., -1:]
 
-    def probe_outputs(self, inputs: ProbeInputs) -> Tensor:
-        """Evaluate once without autograd, wrapping the model's own errors with the probe's shapes.
-
-        Raises:
-            ProbeError: the forward fails (wrong input shape or type), with the original as ``__cause__``.
-            NonFiniteError: the outputs contain NaN or inf.
-        """
-        try:
-            with torch.no_grad():
-                out = self(self.params, inputs)
-        except ProbeError:
-            raise
-        except Exception as err:  # the model's own error; re-raise with the probe's description
-            shapes = [tuple(t.shape) for t in (*inputs.args, *inputs.kwargs.values()) if isinstance(t, Tensor)]
-            raise ProbeError(
-                f"{type(self.module).__name__} forward failed on the probe batch (input shapes {shapes}): "
-                f"{type(err).__name__}: {err}. Pass inputs shaped as in training (N, ...), or an input_fn "
-                "that extracts them from the batch"
-            ) from err
-        if not torch.isfinite(out).all():
-            raise NonFiniteError(
-                f"model outputs on the probe batch contain NaN or inf ({int((~torch.isfinite(out)).sum())} of "
-                f"{out.numel()} values): check the inputs' scale and the model's weights"
-            )
-        return out
-
     def flat_params(self) -> Tensor:
         """All selected parameters concatenated, shape (P,), ``dtype``."""
         return torch.cat([p.reshape(-1) for p in self.params.values()])

@@ -23,7 +23,8 @@ measured layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.re
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
-from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs
+from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
 from lightning_geomdim.core.layer_kinds import FACTORED_AFFINE, RELU_LIKE
 from lightning_geomdim.core.tracing import UseRecorder, call_keys
 
@@ -247,6 +248,30 @@ class ProbeTrace:
         self._leaves = None
         self.fm.params = {}
         self.output = self.theta = torch.empty(0)
+
+
+@contextlib.contextmanager
+def traced(
+    model: nn.Module, x: Any, trace: ProbeTrace | None, *, params: Sequence[str] | None = None,
+    dtype: torch.dtype = torch.float64, output_fn: OutputFn | None = None, trainable: bool = False,
+) -> Iterator[ProbeTrace]:
+    """The measures' entry: ``model`` in :func:`measurement_mode` and its trace on ``x`` — ``trace`` when given
+    (checked to be of ``model`` in ``dtype``), else one recorded with :meth:`ProbeTrace.of` and released on exit.
+
+    ``trainable``: the measure differentiates in θ, so a model without trainable parameters is refused.
+    """
+    with measurement_mode(model):
+        own = trace is None
+        if trace is None:
+            trace = ProbeTrace.of(model, x, params=params, dtype=dtype, output_fn=output_fn)
+        try:
+            trace.check(model, dtype)
+            if trainable:
+                trace.require_trainable()
+            yield trace
+        finally:
+            if own:
+                trace.release()
 
 
 def _measured_affine(fm: FunctionalModel) -> set[str]:
