@@ -342,7 +342,7 @@ def test_fsdp_and_deepspeed_strategies_are_refused() -> None:
     from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy
     from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-    from lightning_geomdim.callback.monitor import check_strategy
+    from lightning_geomdim.callback.distributed import check_strategy
 
     deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)
     assert isinstance(deepspeed, DDPStrategy)

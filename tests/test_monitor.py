@@ -10,6 +10,7 @@ import os
 import random
 import re
 import warnings
+from collections import namedtuple
 from pathlib import Path
 from typing import Any
 
@@ -377,7 +378,7 @@ def test_a_failing_measure_warns_logs_nan_and_training_continues(tmp_path: Path)
     assert [s for s, _ in bfd] == [0, 2, 4] and all(math.isnan(float(v)) for _, v in bfd)
     assert all(math.isnan(float(r["geometry/flatness/max_eigenvalue"])) for r in rows
                if r.get("geometry/flatness/max_eigenvalue"))
-    assert monitor._failures == {}  # no exception (and the tensors its traceback holds) outlives its measurement
+    assert monitor._errors.failures == {}  # no exception (and the tensors its traceback holds) outlives its measurement
 
 
 def test_on_error_raise_is_fatal(tmp_path: Path) -> None:
@@ -744,6 +745,66 @@ def test_hugging_face_dict_batches_go_in_as_keyword_inputs(tmp_path: Path) -> No
     scalars = events(tr).Tags()["scalars"]
     assert "geometry/train/numerical_rank" in scalars and "geometry/flatness/max_eigenvalue" in scalars
     assert not [w for w in caught if "failed" in str(w.message)]
+
+
+Pair = namedtuple("Pair", "a b")
+Batch = namedtuple("Batch", "x y")
+Sample = namedtuple("Sample", "label image")  # the target first: read by field name
+
+
+class NamedTupleData(Dataset):
+    """Samples as namedtuples: ``Batch(x=Pair(a, b), y)`` (the model input is itself a namedtuple, passed as
+    positional inputs ``model(a, b)``), or ``Sample(label, image)``."""
+
+    def __init__(self, n: int, kind: str) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x, self.y, self.kind = torch.randn(n, IN, generator=g), torch.randint(0, CLASSES, (n,), generator=g), kind
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> Any:
+        if self.kind == "Batch":
+            return Batch(Pair(self.x[i, :2], self.x[i, 2:]), self.y[i])
+        return Sample(self.y[i], self.x[i])
+
+
+class NamedTupleClassifier(Classifier):
+    def forward(self, a: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(a if b is None else torch.cat([a, b], dim=-1))
+
+    def _loss(self, batch: Any) -> torch.Tensor:
+        x, y = (batch.x, batch.y) if isinstance(batch, Batch) else ((batch.image,), batch.label)
+        return nn.functional.cross_entropy(self(*x), y)
+
+
+@pytest.mark.parametrize("kind", ["Batch", "Sample"])
+def test_namedtuple_batches_and_namedtuple_inputs(tmp_path: Path, kind: str) -> None:
+    """A dataset of namedtuples, collated by the default collate_fn into namedtuples of batches, in a real run:
+    ``Batch(x=Pair(a, b), y)`` keeps its structure (the model input ``Pair`` goes in as ``model(a, b)``);
+    ``Sample(label, image)`` is read by field name, whatever the order of the fields."""
+    L.seed_everything(0)
+    monitor = GeometryMonitor(max_overhead=None, probes=["train", {"name": "mine", "source": "train", "size": 4}],
+                              probe_size=8)
+    tr = trainer(tmp_path, monitor, max_epochs=1, limit_train_batches=2)
+    model = NamedTupleClassifier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(model, DataLoader(NamedTupleData(16, kind), batch_size=4))
+    assert not [w for w in caught if "failed" in str(w.message) or "left out" in str(w.message)]
+    probe = monitor.probes["train"]
+    assert probe.y.dtype == torch.int64 and probe.y.shape == (8,)
+    if kind == "Batch":
+        assert type(probe.x) is Pair and probe.x.a.shape == (8, 2)
+    else:
+        assert isinstance(probe.x, torch.Tensor) and probe.x.shape == (8, IN)
+    acc = events(tr)
+    for key in ("train/numerical_rank", "mine/numerical_rank", "train/linear_regions", "flatness/max_eigenvalue",
+                "alignment/num_clusters"):
+        assert steps(acc, f"geometry/{key}") == [0, 2], key
+    res = batch_functional_dimension(model, probe.x, spectrum=True)  # the final weights on the stored probe
+    assert acc.Scalars("geometry/train/numerical_rank")[-1].value == res.spectrum.numerical_rank
+    assert acc.Scalars("geometry/train/upper_bound")[-1].value == res.upper_bound
 
 
 class TwoOptimizers(Classifier):

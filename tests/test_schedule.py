@@ -8,7 +8,7 @@ import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_geomdim.callback.schedule import (
-    MeasurementClock,
+    MeasurementSchedule,
     OverheadBudget,
     Schedule,
     is_log_spaced,
@@ -76,29 +76,29 @@ def test_from_config_overrides_the_base() -> None:
         Schedule.from_config(3, base)  # type: ignore[arg-type]
 
 
-def test_clock_dedupes_steps_and_keeps_per_measure_schedules() -> None:
-    clock = MeasurementClock({
+def test_schedule_dedupes_steps_and_keeps_per_measure_schedules() -> None:
+    schedule = MeasurementSchedule({
         "dimension": Schedule(every_n_steps=2, every_n_epochs=1),
         "flatness": Schedule(every_n_steps=None, every_n_epochs=2, at_start=False),
     })
-    assert clock.due("start", step=0, epoch=0) == ["dimension"]
-    clock.mark(["dimension"], 0)
-    assert clock.due("step", step=2, epoch=0) == ["dimension"]
-    clock.mark(["dimension"], 2)
+    assert schedule.due("start", step=0, epoch=0) == ["dimension"]
+    schedule.mark(["dimension"], 0)
+    assert schedule.due("step", step=2, epoch=0) == ["dimension"]
+    schedule.mark(["dimension"], 2)
     # the epoch ends at step 2: dimension already measured there, flatness not due in epoch 0
-    assert clock.due("epoch", step=2, epoch=0) == []
+    assert schedule.due("epoch", step=2, epoch=0) == []
     # gradient accumulation: several batches end at the same global step
-    assert clock.due("step", step=2, epoch=0) == []
-    assert clock.due("epoch", step=5, epoch=1) == ["dimension", "flatness"]
-    clock.mark(["dimension", "flatness"], 5)
+    assert schedule.due("step", step=2, epoch=0) == []
+    assert schedule.due("epoch", step=5, epoch=1) == ["dimension", "flatness"]
+    schedule.mark(["dimension", "flatness"], 5)
 
-    restored = MeasurementClock({"dimension": Schedule(), "flatness": Schedule()})
-    restored.load_state_dict(clock.state_dict())
+    restored = MeasurementSchedule({"dimension": Schedule(), "flatness": Schedule()})
+    restored.load_state_dict(schedule.state_dict())
     assert restored.last_step == {"dimension": 5, "flatness": 5}
     assert restored.due("epoch", step=5, epoch=1) == []
 
 
-class Clock:
+class FakeTimer:
     """A time source that only moves when the test moves it: the budget's arithmetic, exactly."""
 
     def __init__(self) -> None:
@@ -108,14 +108,14 @@ class Clock:
         return self.now
 
 
-def measure(budget: OverheadBudget, clock: Clock, name: str | None, seconds: float) -> None:
+def measure(budget: OverheadBudget, clock: FakeTimer, name: str | None, seconds: float) -> None:
     with budget.measuring(name):
         clock.now += seconds
 
 
 def test_overhead_budget_shares_the_budget_among_the_measures() -> None:
-    clock = Clock()
-    budget = OverheadBudget(0.1, measures=("dimension", "flatness"), clock=clock)
+    clock = FakeTimer()
+    budget = OverheadBudget(0.1, measures=("dimension", "flatness"), timer=clock)
     budget.start()
     assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]  # first points: costs unknown
     measure(budget, clock, "dimension", 2.0)
@@ -133,7 +133,7 @@ def test_overhead_budget_shares_the_budget_among_the_measures() -> None:
     state = budget.state_dict()
     assert state == {"measuring_s": 5.5, "other_s": 50.0, "spent_s": {"dimension": 2.0, "flatness": 2.5},
                      "cost_s": {"dimension": 2.0, "flatness": 1.5}}
-    resumed = OverheadBudget(0.2, measures=("dimension", "flatness"), clock=Clock())
+    resumed = OverheadBudget(0.2, measures=("dimension", "flatness"), timer=FakeTimer())
     resumed.load_state_dict(state)
     resumed.start()                                   # the account goes on: (0.2 · 50 − 1) / 2 = 4.5 ≥ 2 + 2
     assert resumed.select(["dimension"]) == ["dimension"] and resumed.other_s == 50.0
@@ -142,8 +142,8 @@ def test_overhead_budget_shares_the_budget_among_the_measures() -> None:
 def test_overhead_budget_cheap_measures_do_not_starve_expensive_ones() -> None:
     """Epochs of 13 ms, all three measures due every epoch, costs 60 ms / 390 ms / 10 ms: each measure gets
     points in inverse proportion to its cost, and the whole stays within the budget plus the first points."""
-    clock, costs = Clock(), {"dimension": 0.06, "flatness": 0.39, "alignment": 0.01}
-    budget = OverheadBudget(0.05, measures=tuple(costs), clock=clock)
+    clock, costs = FakeTimer(), {"dimension": 0.06, "flatness": 0.39, "alignment": 0.01}
+    budget = OverheadBudget(0.05, measures=tuple(costs), timer=clock)
     budget.start()
     points = dict.fromkeys(costs, 0)
     for _ in range(100_000):
@@ -164,3 +164,19 @@ def test_overhead_budget_none_takes_everything_and_bad_values_are_refused() -> N
     for bad in (0, -0.1, math.inf, math.nan, True, "0.1"):
         with pytest.raises(MisconfigurationException, match="max_overhead"):
             OverheadBudget(bad)  # type: ignore[arg-type]
+
+
+def test_a_measure_taken_probe_by_probe_costs_the_sum_of_its_blocks() -> None:
+    """The monitor times the dimension once per probe: its cost is the sum of its blocks since the last select."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.1, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    budget.select(["dimension", "flatness"])
+    measure(budget, clock, "dimension", 2.0)   # probe "train"
+    measure(budget, clock, "flatness", 1.0)    # on "train" too
+    measure(budget, clock, "dimension", 3.0)   # probe "random"
+    assert budget.cost_s == {"dimension": 5.0, "flatness": 1.0} and budget.spent_s == budget.cost_s
+    clock.now += 100.0
+    budget.select(["dimension"])               # a new measurement: costs start afresh
+    measure(budget, clock, "dimension", 4.0)
+    assert budget.cost_s == {"dimension": 4.0, "flatness": 1.0} and budget.spent_s["dimension"] == 9.0

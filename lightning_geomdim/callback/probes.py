@@ -17,7 +17,8 @@ Sources:
 * ``"tensor"``: user tensors ``x`` (and optionally ``y``), Python API only (not expressible in YAML).
 
 The indices (or the seed) of each probe are the state saved in checkpoints, so a resumed run measures
-exactly the same inputs.
+exactly the same inputs. :mod:`.probe_set` builds the monitor's probes from a Trainer with these functions.
+Part of the Lightning layer: Lightning gives ``MisconfigurationException`` and ``apply_to_collection``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
@@ -43,13 +45,21 @@ RESERVED_NAMES: tuple[str, ...] = ("flatness", "alignment")
 _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
+def _named(batch: Any, keys: Sequence[str]) -> Any:
+    """A namedtuple with a field among ``keys`` as a dict of its fields (read by name); else ``batch``."""
+    if isinstance(batch, tuple) and hasattr(batch, "_asdict") and any(k in batch._fields for k in keys):
+        return batch._asdict()
+    return batch
+
+
 def default_input_fn(batch: Any) -> Any:
     """The model input of a batch: the batch itself if a Tensor, the first item of a tuple/list, the first of
-    the dict keys ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, or else (Hugging Face style
-    batches such as ``{"input_ids", "attention_mask", "labels"}`` or ``{"pixel_values", "labels"}``) the dict
-    without its target keys, passed to the model as keyword inputs (``model(**inputs)``)."""
+    the dict keys (or namedtuple fields) ``"x"``, ``"input"``, ``"inputs"``, ``"image"``, ``"images"``, or else
+    (Hugging Face style batches such as ``{"input_ids", "attention_mask", "labels"}`` or ``{"pixel_values",
+    "labels"}``) the dict without its target keys, passed to the model as keyword inputs (``model(**inputs)``)."""
     if isinstance(batch, Tensor):
         return batch
+    batch = _named(batch, INPUT_KEYS)
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
     if isinstance(batch, Mapping):
@@ -72,8 +82,9 @@ def default_input_fn(batch: Any) -> Any:
 
 
 def default_target_fn(batch: Any) -> Any:
-    """The target of a batch: the second item of a tuple/list, the first of the dict keys ``"y"``,
-    ``"target"``, ``"targets"``, ``"label"``, ``"labels"``; ``None`` when there is none."""
+    """The target of a batch: the second item of a tuple/list, the first of the dict keys (or namedtuple
+    fields) ``"y"``, ``"target"``, ``"targets"``, ``"label"``, ``"labels"``; ``None`` when there is none."""
+    batch = _named(batch, TARGET_KEYS)
     if isinstance(batch, (tuple, list)) and len(batch) >= 2:
         return batch[1]
     if isinstance(batch, Mapping):
@@ -204,6 +215,7 @@ class Probe:
         x: model input, Tensor (N, ...) or a tuple/dict of them, as returned by ``input_fn``.
         y: targets (N, ...) or ``None`` (random probes, unlabeled data).
         state: what reproduces the probe: ``indices`` (dataset probes) or ``seed``/``shape`` (random).
+        logit_differences, spectrum: how the dimension is measured on it, as in :class:`ProbeSpec`.
     """
 
     name: str
@@ -211,6 +223,8 @@ class Probe:
     x: Any
     y: Tensor | None
     state: dict[str, Any]
+    logit_differences: bool = True
+    spectrum: bool | None = None
 
     @property
     def num_samples(self) -> int:
@@ -231,16 +245,15 @@ def _lead(x: Any) -> Tensor:
 
 
 def _detach_cpu(x: Any) -> Any:
-    if isinstance(x, Tensor):
-        return x.detach().cpu()
-    if isinstance(x, Mapping):
-        return {k: _detach_cpu(v) for k, v in x.items()}
-    if isinstance(x, (tuple, list)):
-        return type(x)(_detach_cpu(v) for v in x)
-    return x
+    """``x`` (tensors nested in dicts, lists, tuples, namedtuples, dataclasses) detached, on the CPU."""
+    return apply_to_collection(x, Tensor, lambda t: t.detach().cpu())
 
 
-def first_dataloader(loaders: Any, idx: int = 0) -> DataLoader | None:
+def _options(spec: ProbeSpec) -> dict[str, Any]:
+    return {"logit_differences": spec.logit_differences, "spectrum": spec.spectrum}
+
+
+def nth_dataloader(loaders: Any, idx: int = 0) -> DataLoader | None:
     """The ``idx``-th DataLoader of a dataloader or a (nested) dict/list of them; ``None`` if there is none."""
     flat: list[Any] = []
 
@@ -295,7 +308,7 @@ def dataset_probe(
         raise MisconfigurationException(
             f"probe {spec.name!r}: target_fn returned {type(y).__name__}; return a Tensor (N, ...) or None"
         )
-    return Probe(spec.name, spec.source, x, y, {"source": spec.source, "indices": indices})
+    return Probe(spec.name, spec.source, x, y, {"source": spec.source, "indices": indices}, **_options(spec))
 
 
 def input_template(loader: DataLoader, input_fn: Callable[[Any], Any]) -> Any:
@@ -358,7 +371,7 @@ def random_probe(spec: ProbeSpec, template: Any, seed: int, saved: Mapping[str, 
     else:
         x = torch.randint(low, int(high), (size, *shape), generator=generator, dtype=dtype)
         state.update(low=low, high=int(high))
-    return Probe(spec.name, "random", x, None, state)
+    return Probe(spec.name, "random", x, None, state, **_options(spec))
 
 
 def tensor_probe(spec: ProbeSpec) -> Probe:
@@ -369,7 +382,7 @@ def tensor_probe(spec: ProbeSpec) -> Probe:
         raise MisconfigurationException(
             f"probe {spec.name!r}: y must be a Tensor with as many samples as x ({lead.shape[0]})"
         )
-    return Probe(spec.name, "tensor", x, y, {"source": "tensor", "num_samples": int(lead.shape[0])})
+    return Probe(spec.name, "tensor", x, y, {"source": "tensor", "num_samples": int(lead.shape[0])}, **_options(spec))
 
 
 def parse_probes(probes: Sequence[str | Mapping[str, Any]], default_size: int) -> list[ProbeSpec]:

@@ -4,8 +4,19 @@ Events come from three training hooks: ``"start"`` (before the first optimizer s
 optimizer step, at the new ``trainer.global_step``) and ``"epoch"`` (end of a training epoch). Every
 measurement is logged at ``trainer.global_step``, and a measure is taken at most once per global step (two
 rules firing at the same step, or several batches sharing a step under gradient accumulation, give one
-point). :meth:`MeasurementClock.due` says what the schedules ask for; :meth:`OverheadBudget.select` then keeps
+point). :meth:`MeasurementSchedule.due` says what the schedules ask for; :meth:`OverheadBudget.select` then keeps
 those the time budget allows (all of them with ``max_overhead=None``). Nothing else decides when to measure.
+
+**Cost**: on the monitor's default schedule (every epoch) about 5 % of the run's wall time is spent measuring
+(``max_overhead="auto"`` → 0.05): each measure's first point is taken, later scheduled points only while their cost
+(the duration of their previous measurement) fits in the measure's equal share of the budget, so every curve is as
+dense as its cost allows and a warning says when points are skipped. The first points are always taken, so a run
+shorter than about 20 times their cost spends more (``benchmarks/bench_callback.py`` measures the MNIST example).
+**A schedule you write is the schedule that runs**: with any of ``every_n_steps``, ``every_n_epochs``,
+``log_spaced``, ``at_epochs`` or ``schedules`` given, every scheduled point is taken, unless you also pass a
+``max_overhead`` fraction. ``max_overhead=None`` takes every scheduled point.
+
+Part of the Lightning layer: Lightning gives ``MisconfigurationException``, the error of a bad schedule.
 """
 
 from __future__ import annotations
@@ -118,7 +129,7 @@ class Schedule:
 
 
 @dataclass
-class MeasurementClock:
+class MeasurementSchedule:
     """The schedule of each measure and the last global step at which each was taken (checkpointed)."""
 
     schedules: dict[str, Schedule]
@@ -169,8 +180,9 @@ class OverheadBudget:
         measuring_s: seconds spent measuring so far, in all.
         other_s: seconds of the run outside measurements so far (up to the last :meth:`select` or measurement).
         spent_s: seconds spent so far on each measure.
-        cost_s: the duration of each measure's last measurement, in seconds.
-        clock: the time source, in seconds (``time.perf_counter``).
+        cost_s: the duration of each measure's last measurement, in seconds: the sum of its :meth:`measuring`
+            blocks since the last :meth:`select` (one block per probe, when a measure is taken probe by probe).
+        timer: the time source, in seconds (``time.perf_counter``).
     """
 
     max_overhead: float | None = 0.05
@@ -179,8 +191,9 @@ class OverheadBudget:
     other_s: float = 0.0
     spent_s: dict[str, float] = field(default_factory=dict)
     cost_s: dict[str, float] = field(default_factory=dict)
-    clock: Callable[[], float] = time.perf_counter
+    timer: Callable[[], float] = time.perf_counter
     _mark: float | None = field(default=None, repr=False)
+    _taken: set[str] = field(default_factory=set, repr=False)  # the measures timed since the last select
 
     def __post_init__(self) -> None:
         value = self.max_overhead
@@ -193,10 +206,10 @@ class OverheadBudget:
 
     def start(self) -> None:
         """Start counting the run's time (at train start; a resumed run adds to the checkpointed totals)."""
-        self._mark = self.clock()
+        self._mark = self.timer()
 
     def _advance(self) -> float:
-        now = self.clock()
+        now = self.timer()
         if self._mark is not None:
             self.other_s += now - self._mark
         self._mark = now
@@ -210,8 +223,9 @@ class OverheadBudget:
         return (self.max_overhead * self.other_s - shared) / max(1, len(self.measures))
 
     def select(self, due: Sequence[str]) -> list[str]:
-        """The measures of ``due`` (in order) that fit in their share of the budget now."""
+        """The measures of ``due`` (in order) that fit in their share of the budget now; starts a measurement."""
         self._advance()
+        self._taken = set()
         share = self.share()
         return [m for m in due if m not in self.cost_s or self.spent_s.get(m, 0.0) + self.cost_s[m] <= share]
 
@@ -222,12 +236,24 @@ class OverheadBudget:
         try:
             yield
         finally:
-            end = self.clock()
+            end = self.timer()
             self.measuring_s += end - begin
             if measure is not None:
-                self.cost_s[measure] = end - begin
+                self.cost_s[measure] = end - begin + (self.cost_s[measure] if measure in self._taken else 0.0)
+                self._taken.add(measure)
                 self.spent_s[measure] = self.spent_s.get(measure, 0.0) + end - begin
             self._mark = end
+
+    def skip_warning(self, skipped: Sequence[str], step: int) -> str:
+        """The warning that ``skipped`` were skipped at ``step`` to stay within the budget."""
+        costs = ", ".join(f"{m} took {self.cost_s.get(m, math.nan):.2f} s" for m in skipped)
+        return (
+            f"GeometryMonitor: skipped {list(skipped)} at step {step} to stay within max_overhead={self.max_overhead} "
+            f"of the training's wall time (measuring so far: {self.measuring_s:.1f} s against {self.other_s:.1f} s "
+            f"of the rest; last time {costs}). Points are taken as the budget allows from now on (no further "
+            "warning); pass max_overhead=None to take every scheduled point, a larger fraction, or a sparser "
+            "schedule / smaller probes"
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {"measuring_s": self.measuring_s, "other_s": self.other_s, "spent_s": dict(self.spent_s),

@@ -1,0 +1,230 @@
+"""One measurement step: the measures due on each probe, computed by the core and turned into logged scalars.
+
+:func:`measure_probe` runs everything due on one probe in one call: the dimension (with its linear regions) on
+every probe, flatness on the flatness probe, alignment on the alignment probe. Each measure calls its core function
+directly (:func:`~lightning_geomdim.core.dimension.batch_functional_dimension`,
+:func:`~lightning_geomdim.core.activation_patterns.linear_regions`, :func:`~lightning_geomdim.core.flatness.flatness`,
+:func:`~lightning_geomdim.core.alignment.neuron_alignment`), under the :class:`~.error_policy.ErrorPolicy` and the
+time account of the :class:`~.schedule.OverheadBudget`. Every process measures the whole probe by itself (see
+:mod:`.distributed`): the monitor makes no collective call while measuring, unless ``distributed_gram``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import Tensor, nn
+
+from lightning_geomdim.callback.error_policy import ErrorPolicy
+from lightning_geomdim.callback.probes import Probe
+from lightning_geomdim.callback.schedule import OverheadBudget
+from lightning_geomdim.core.activation_patterns import linear_regions
+from lightning_geomdim.core.alignment import neuron_alignment
+from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
+from lightning_geomdim.core.errors import GeometryError
+from lightning_geomdim.core.flatness import flatness
+from lightning_geomdim.core.functional_model import OutputFn
+from lightning_geomdim.core.losses import LossFn, resolve_loss_fn
+from lightning_geomdim.core.memory import format_bytes
+
+MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
+FLATNESS_KEYS: tuple[str, ...] = ("max_eigenvalue", "trace", "trace_std_error", "flat_dimension", "loss")
+
+
+@dataclass(frozen=True)
+class MeasureSettings:
+    """The monitor's arguments that the measures read (see :class:`~.monitor.GeometryMonitor`);
+    ``max_memory_bytes`` is the budget the processes agreed on at setup."""
+
+    output_fn: OutputFn | None
+    params: Sequence[str] | None
+    engine: str
+    spectrum: bool
+    distributed_gram: bool
+    dtype: torch.dtype
+    rtol: float | None
+    loss_fn: LossFn | str | None
+    flatness_top_k: int
+    flatness_trace_samples: int
+    flatness_flat_dimension: bool
+    alignment_threshold: float
+    seed: int
+    max_memory_bytes: int | None
+
+    def dimension_options(self) -> dict[str, Any]:
+        """The settings of the dimension, shared by the dimension measure and flatness' flat dimension."""
+        return {"engine": self.engine, "rtol": self.rtol, "seed": self.seed, "distributed": self.distributed_gram}
+
+
+@dataclass
+class Measurement:
+    """What one measurement step logs: the scalars of each measure, and the TensorBoard extras."""
+
+    scalars: dict[str, dict[str, float]] = field(default_factory=lambda: {m: {} for m in MEASURES})
+    spectra: dict[str, Tensor] = field(default_factory=dict)  # probe → singular values
+    cosines: dict[str, Tensor] = field(default_factory=dict)  # layer → (n, n) neuron cosines
+
+    def metrics(self) -> dict[str, float]:
+        """Every scalar, measure by measure (dimension and linear regions of each probe, flatness, alignment)."""
+        return {k: v for m in MEASURES for k, v in self.scalars[m].items()}
+
+
+def plan(
+    probes: dict[str, Probe], due: Sequence[str], flatness_probe: Probe | None, alignment_probe: Probe | None
+) -> list[tuple[Probe | None, list[str]]]:
+    """The measures due on each probe, in the order of the probes; alignment whose probe is absent runs last, on
+    the weights alone (``None``)."""
+    on_probe = {"flatness": flatness_probe, "alignment": alignment_probe}  # the dimension is taken on every probe
+    steps: list[tuple[Probe | None, list[str]]] = []
+    for probe in probes.values():
+        measures = [m for m in MEASURES if m in due and (m == "dimension" or on_probe[m] is probe)]
+        if measures:
+            steps.append((probe, measures))
+    if "alignment" in due and alignment_probe is None:
+        steps.append((None, ["alignment"]))
+    return steps
+
+
+def measure_probe(
+    module: nn.Module, probe: Probe | None, measures: Sequence[str], settings: MeasureSettings, policy: ErrorPolicy,
+    budget: OverheadBudget, out: Measurement,
+) -> None:
+    """Take ``measures`` on ``probe`` (``None``: alignment on the weights alone) and add their scalars to ``out``.
+
+    Each measure's time is counted as its cost, summed over the probes of the measurement (dimension and linear
+    regions as ``"dimension"``), and each fails on its own under ``policy``. Flatness reuses the dimension just
+    measured on its probe (its ``flat_dimension``), and is skipped when that dimension failed.
+    """
+    inputs = _on_device(module, probe)
+    dimension: dict[str, DimensionResult] = {}  # this probe's, once measured
+    if "dimension" in measures:
+        with budget.measuring("dimension"):
+            out.scalars["dimension"].update(policy.attempt(
+                "dimension", probe.name, lambda: _dimension(module, probe, inputs, settings, policy, dimension)))
+            if probe.name in dimension and dimension[probe.name].spectrum is not None:
+                out.spectra[probe.name] = dimension[probe.name].spectrum.singular_values
+            out.scalars["dimension"].update(policy.attempt(
+                "linear_regions", probe.name, lambda: _regions(module, probe, inputs, settings)))
+    if "flatness" in measures:
+        with budget.measuring("flatness"):
+            out.scalars["flatness"].update(policy.attempt("flatness", "flatness", lambda: _flatness(
+                module, probe, inputs, settings, policy, dimension.get(probe.name))))
+    if "alignment" in measures:
+        with budget.measuring("alignment"):
+            out.scalars["alignment"].update(policy.attempt(
+                "alignment", "alignment", lambda: _alignment(module, inputs, settings, out)))
+
+
+def _on_device(module: nn.Module, probe: Probe | None) -> Callable[[], tuple[Any, Any]]:
+    """The whole probe (x, y) on the module's device, moved at the first call (inside the first measure, which
+    fails if the move does) and shared by the probe's measures.
+
+    Every process holds the same probe and, under DDP, the same weights, so each measures the whole probe by
+    itself: no collective call (nothing to deadlock on if the processes' measurements diverge), and the samples
+    keep their order, so the values equal a single-process run's bit for bit.
+    """
+    if probe is None:
+        return lambda: (None, None)
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))
+    return functools.cache(lambda: (move_data_to_device(probe.x, device), move_data_to_device(probe.y, device)))
+
+
+def _dimension(
+    module: nn.Module, probe: Probe, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings,
+    policy: ErrorPolicy, out: dict[str, DimensionResult],
+) -> dict[str, float]:
+    res = batch_functional_dimension(
+        module, inputs()[0], output_fn=settings.output_fn, params=settings.params, dtype=settings.dtype,
+        max_memory_bytes=settings.max_memory_bytes, **settings.dimension_options(),
+        spectrum=settings.spectrum if probe.spectrum is None else probe.spectrum,
+        logit_differences=probe.logit_differences,
+    )
+    out[probe.name] = res
+    values = {
+        "upper_bound": res.upper_bound, "num_outputs": res.num_outputs, "num_rows": res.num_rows,
+        "num_params": res.num_params, "num_hidden_neurons": res.num_hidden_neurons,
+    }
+    if res.exact:  # only the exact engine's rank is the dimension; a float engine's is a numerical rank
+        values["batch_functional_dimension"] = res.rank
+    values["saturated"] = res.saturated
+    if res.saturated:
+        policy.warn_once(("saturated", probe.name), lambda: _saturation_message(probe, res))
+    if res.spectrum is not None:
+        sv = res.spectrum
+        values.update({
+            "numerical_rank": sv.numerical_rank, "numerical_rank_rtol": sv.rtol,
+            "resolution": sv.resolution, "spectral_gap": sv.spectral_gap, "stable_rank": sv.stable_rank,
+            "effective_rank": sv.effective_rank,
+        })
+    return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
+
+
+def _regions(
+    module: nn.Module, probe: Probe, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings
+) -> dict[str, float]:
+    count = linear_regions(module, inputs()[0], output_fn=settings.output_fn, dtype=settings.dtype)
+    return {f"geometry/{probe.name}/linear_regions": float(count)}
+
+
+def _saturation_message(probe: Probe, res: DimensionResult) -> str:
+    per_sample = res.num_rows / max(1, probe.num_samples)
+    needed = math.ceil(res.parameter_bound / per_sample)
+    rows = math.ceil(needed * per_sample)
+    what = "the dimension" if res.exact else "the numerical rank"
+    return (
+        f"GeometryMonitor: on probe {probe.name!r} {what} equals its row bound {res.num_rows} "
+        f"({probe.num_samples} samples × {per_sample:g} rows), below P − hidden neurons = "
+        f"{res.parameter_bound}: the probe is too small for it to show anything else (logged as "
+        f"geometry/{probe.name}/saturated = 1; the spectrum's stable / effective rank still vary). A probe of "
+        f"at least {needed} samples lets the bound stop binding; its exact dimension needs a {rows:,} × "
+        f"{rows:,} Gram matrix mod p ({format_bytes(8 * rows * rows)}) and about {rows:,}³/3 flops"
+    )
+
+
+def _flatness(
+    module: nn.Module, probe: Probe, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings,
+    policy: ErrorPolicy, dimension: DimensionResult | None,
+) -> dict[str, float]:
+    failed = policy.failures.get(("dimension", probe.name))
+    if failed is not None and settings.flatness_flat_dimension:
+        # flatness would compute the same dimension again (for flat_dimension) and fail the same way
+        raise GeometryError(
+            f"skipped, because it needs the batch functional dimension of probe {probe.name!r}, which failed "
+            f"at this step: {type(failed).__name__}: {failed}"
+        ) from failed
+    x, y = inputs()
+    res = flatness(
+        module, resolve_loss_fn(settings.loss_fn, y), x, y, top_k=settings.flatness_top_k,
+        trace_samples=settings.flatness_trace_samples, generator=torch.Generator().manual_seed(settings.seed),
+        dtype=settings.dtype, params=settings.params, output_fn=settings.output_fn,
+        dimension=dimension if settings.flatness_flat_dimension else None,
+        dimension_options=settings.dimension_options(), flat_dimension=settings.flatness_flat_dimension,
+        max_memory_bytes=settings.max_memory_bytes,
+    )
+    values = {k: float(getattr(res, k)) for k in FLATNESS_KEYS if getattr(res, k) is not None}
+    values["num_params"] = float(res.num_params)
+    if settings.flatness_top_k > 1:
+        values.update({f"eigenvalue_{i + 1}": float(v) for i, v in enumerate(res.top_eigenvalues.tolist())})
+    return {f"geometry/flatness/{k}": v for k, v in values.items()}
+
+
+def _alignment(
+    module: nn.Module, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings, out: Measurement
+) -> dict[str, float]:
+    stats = neuron_alignment(
+        module, inputs()[0], threshold=settings.alignment_threshold, output_fn=settings.output_fn,
+        dtype=settings.dtype, max_memory_bytes=settings.max_memory_bytes,
+    )
+    values: dict[str, float] = {}
+    for layer, s in stats.items():
+        for key, value in s.scalars().items():
+            values[f"geometry/alignment/{layer}/{key}"] = float(value)
+        out.cosines[layer] = s.cosines
+    values["geometry/alignment/num_clusters"] = float(sum(s.num_clusters for s in stats.values()))
+    return values
