@@ -5,15 +5,16 @@ every probe, flatness on the flatness probe, alignment on the alignment probe. E
 directly (:func:`~lightning_geomdim.core.dimension.batch_functional_dimension`,
 :func:`~lightning_geomdim.core.activation_patterns.linear_regions`, :func:`~lightning_geomdim.core.flatness.flatness`,
 :func:`~lightning_geomdim.core.alignment.neuron_alignment`), under the :class:`~.error_policy.ErrorPolicy` and the
-time account of the :class:`~.schedule.OverheadBudget`. Every process measures the whole probe by itself (see
-:mod:`.distributed`): the monitor makes no collective call while measuring, unless ``distributed_gram``.
+time account of the :class:`~.schedule.OverheadBudget`, all on the probe's one
+:class:`~lightning_geomdim.core.probe_trace.ProbeTrace` (:class:`ProbeData`). Every process measures the whole
+probe by itself (see :mod:`.distributed`): the monitor makes no collective call while measuring, unless
+``distributed_gram``.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,9 +30,10 @@ from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
 from lightning_geomdim.core.errors import GeometryError
 from lightning_geomdim.core.flatness import flatness
-from lightning_geomdim.core.functional_model import OutputFn
+from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
 from lightning_geomdim.core.losses import LossFn, resolve_loss_fn
 from lightning_geomdim.core.memory import format_bytes
+from lightning_geomdim.core.probe_trace import ProbeTrace
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
 FLATNESS_KEYS: tuple[str, ...] = ("max_eigenvalue", "trace", "trace_std_error", "flat_dimension", "loss")
@@ -101,7 +103,17 @@ def measure_probe(
     regions as ``"dimension"``), and each fails on its own under ``policy``. Flatness reuses the dimension just
     measured on its probe (its ``flat_dimension``), and is skipped when that dimension failed.
     """
-    inputs = _on_device(module, probe)
+    inputs = ProbeData(module, probe, settings)
+    try:
+        _measure(module, probe, measures, settings, policy, budget, out, inputs)
+    finally:
+        inputs.release()  # the trace's graph, activations and parameter copy
+
+
+def _measure(
+    module: nn.Module, probe: Probe | None, measures: Sequence[str], settings: MeasureSettings, policy: ErrorPolicy,
+    budget: OverheadBudget, out: Measurement, inputs: ProbeData,
+) -> None:
     dimension: dict[str, DimensionResult] = {}  # this probe's, once measured
     if "dimension" in measures:
         with budget.measuring("dimension"):
@@ -121,26 +133,51 @@ def measure_probe(
                 "alignment", "alignment", lambda: _alignment(module, inputs, settings, out)))
 
 
-def _on_device(module: nn.Module, probe: Probe | None) -> Callable[[], tuple[Any, Any]]:
-    """The whole probe (x, y) on the module's device, moved at the first call (inside the first measure, which
-    fails if the move does) and shared by the probe's measures.
+class ProbeData:
+    """One probe on the module's device and its :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`, both made
+    at first use (inside the first measure that reads them, which fails if they do) and shared by the probe's
+    measures: one forward pass over the probe and one float64 copy of the parameters per probe and step.
 
     Every process holds the same probe and, under DDP, the same weights, so each measures the whole probe by
     itself: no collective call (nothing to deadlock on if the processes' measurements diverge), and the samples
     keep their order, so the values equal a single-process run's bit for bit.
     """
-    if probe is None:
-        return lambda: (None, None)
-    device = next((p.device for p in module.parameters()), torch.device("cpu"))
-    return functools.cache(lambda: (move_data_to_device(probe.x, device), move_data_to_device(probe.y, device)))
+
+    def __init__(self, module: nn.Module, probe: Probe | None, settings: MeasureSettings) -> None:
+        self.module, self.probe, self.settings = module, probe, settings
+        self._xy: tuple[Any, Any] | None = None
+        self._trace: ProbeTrace | None = None
+
+    def xy(self) -> tuple[Any, Any]:
+        """(x, y) on the module's device; (None, None) without a probe."""
+        if self._xy is None:
+            if self.probe is None:
+                return None, None
+            device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
+            self._xy = move_data_to_device(self.probe.x, device), move_data_to_device(self.probe.y, device)
+        return self._xy
+
+    def trace(self) -> ProbeTrace | None:
+        """The traced pass over x (None without a probe)."""
+        if self._trace is None and self.probe is not None:
+            s = self.settings
+            with measurement_mode(self.module):
+                self._trace = ProbeTrace.of(self.module, self.xy()[0], params=s.params, dtype=s.dtype,
+                                            output_fn=s.output_fn)
+        return self._trace
+
+    def release(self) -> None:
+        if self._trace is not None:
+            self._trace.release()
+        self._trace = self._xy = None
 
 
 def _dimension(
-    module: nn.Module, probe: Probe, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings,
-    policy: ErrorPolicy, out: dict[str, DimensionResult],
+    module: nn.Module, probe: Probe, inputs: ProbeData, settings: MeasureSettings, policy: ErrorPolicy,
+    out: dict[str, DimensionResult],
 ) -> dict[str, float]:
     res = batch_functional_dimension(
-        module, inputs()[0], output_fn=settings.output_fn, params=settings.params, dtype=settings.dtype,
+        module, None, trace=inputs.trace(), output_fn=settings.output_fn, params=settings.params, dtype=settings.dtype,
         max_memory_bytes=settings.max_memory_bytes, **settings.dimension_options(),
         spectrum=settings.spectrum if probe.spectrum is None else probe.spectrum,
         logit_differences=probe.logit_differences,
@@ -165,10 +202,8 @@ def _dimension(
     return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
 
 
-def _regions(
-    module: nn.Module, probe: Probe, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings
-) -> dict[str, float]:
-    count = linear_regions(module, inputs()[0], output_fn=settings.output_fn, dtype=settings.dtype)
+def _regions(module: nn.Module, probe: Probe, inputs: ProbeData, settings: MeasureSettings) -> dict[str, float]:
+    count = linear_regions(module, None, output_fn=settings.output_fn, dtype=settings.dtype, trace=inputs.trace())
     return {f"geometry/{probe.name}/linear_regions": float(count)}
 
 
@@ -188,8 +223,8 @@ def _saturation_message(probe: Probe, res: DimensionResult) -> str:
 
 
 def _flatness(
-    module: nn.Module, probe: Probe, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings,
-    policy: ErrorPolicy, dimension: DimensionResult | None,
+    module: nn.Module, probe: Probe, inputs: ProbeData, settings: MeasureSettings, policy: ErrorPolicy,
+    dimension: DimensionResult | None,
 ) -> dict[str, float]:
     failed = policy.failures.get(("dimension", probe.name))
     if failed is not None and settings.flatness_flat_dimension:
@@ -198,9 +233,9 @@ def _flatness(
             f"skipped, because it needs the batch functional dimension of probe {probe.name!r}, which failed "
             f"at this step: {type(failed).__name__}: {failed}"
         ) from failed
-    x, y = inputs()
+    y = inputs.xy()[1]
     res = flatness(
-        module, resolve_loss_fn(settings.loss_fn, y), x, y, top_k=settings.flatness_top_k,
+        module, resolve_loss_fn(settings.loss_fn, y), None, y, trace=inputs.trace(), top_k=settings.flatness_top_k,
         trace_samples=settings.flatness_trace_samples, generator=torch.Generator().manual_seed(settings.seed),
         dtype=settings.dtype, params=settings.params, output_fn=settings.output_fn,
         dimension=dimension if settings.flatness_flat_dimension else None,
@@ -214,12 +249,10 @@ def _flatness(
     return {f"geometry/flatness/{k}": v for k, v in values.items()}
 
 
-def _alignment(
-    module: nn.Module, inputs: Callable[[], tuple[Any, Any]], settings: MeasureSettings, out: Measurement
-) -> dict[str, float]:
+def _alignment(module: nn.Module, inputs: ProbeData, settings: MeasureSettings, out: Measurement) -> dict[str, float]:
     stats = neuron_alignment(
-        module, inputs()[0], threshold=settings.alignment_threshold, output_fn=settings.output_fn,
-        dtype=settings.dtype, max_memory_bytes=settings.max_memory_bytes,
+        module, None, threshold=settings.alignment_threshold, output_fn=settings.output_fn,
+        dtype=settings.dtype, max_memory_bytes=settings.max_memory_bytes, trace=inputs.trace(),
     )
     values: dict[str, float] = {}
     for layer, s in stats.items():

@@ -1,0 +1,94 @@
+"""One traced pass per probe and measurement step: every measure reads one ProbeTrace, so a step costs one forward
+pass over the probe and one float64 copy of the parameters, and the values equal those of separate calls."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lightning_geomdim import (
+    activation_patterns,
+    batch_functional_dimension,
+    flatness,
+    linear_regions,
+    neuron_alignment,
+)
+from lightning_geomdim.core.functional_model import measurement_mode
+from lightning_geomdim.core.probe_trace import ProbeTrace
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # benchmarks/ is not a package
+from count_passes import CountingMLP, ParameterCopies, one_measurement_step
+
+
+def probe(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(20, 6, generator=g), torch.randint(0, 3, (20,), generator=g)
+
+
+def test_every_core_measure_reads_one_trace_with_the_values_of_separate_calls() -> None:
+    torch.manual_seed(0)
+    net, (x, y) = CountingMLP(), probe()
+    separate = (
+        batch_functional_dimension(net, x, spectrum=True), linear_regions(net, x), neuron_alignment(net, x),
+        flatness(net, F.cross_entropy, x, y),
+    )
+    net.float64_passes = 0
+    copies = ParameterCopies(net[0].weight)
+    with measurement_mode(net), copies:
+        trace = ProbeTrace.of(net, x)
+        dim = batch_functional_dimension(net, None, spectrum=True, trace=trace)
+        regions = linear_regions(net, None, trace=trace)
+        patterns = activation_patterns(net, None, trace=trace)
+        align = neuron_alignment(net, None, trace=trace)
+        flat = flatness(net, F.cross_entropy, None, y, dimension=dim, trace=trace)
+        trace.release()
+    assert net.float64_passes == 1 and copies.count == 1
+    assert (dim.rank, dim.engine, dim.upper_bound) == (separate[0].rank, "exact", separate[0].upper_bound)
+    torch.testing.assert_close(dim.spectrum.singular_values, separate[0].spectrum.singular_values)
+    assert regions == separate[1] and sorted(patterns) == ["1", "3"]
+    assert {k: v.num_clusters for k, v in align.items()} == {k: v.num_clusters for k, v in separate[2].items()}
+    torch.testing.assert_close(align["0"].cosines, separate[2]["0"].cosines)
+    assert align["0"].num_dead == separate[2]["0"].num_dead
+    assert flat.max_eigenvalue == pytest.approx(separate[3].max_eigenvalue, rel=1e-10)
+    assert flat.trace == pytest.approx(separate[3].trace, rel=1e-10)
+    assert flat.loss == pytest.approx(separate[3].loss, rel=1e-12)
+    assert flat.flat_dimension == net_params(net) - dim.rank
+
+
+def net_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def test_a_trace_of_another_model_or_dtype_is_refused() -> None:
+    net, (x, _) = CountingMLP(), probe()
+    with measurement_mode(net):
+        trace = ProbeTrace.of(net, x)
+    with pytest.raises(ValueError, match="recorded for CountingMLP in torch.float64"):
+        batch_functional_dimension(CountingMLP(), None, trace=trace)
+    with pytest.raises(ValueError, match="ProbeTrace.of"):
+        linear_regions(net, None, dtype=torch.float32, trace=trace)
+
+
+@pytest.mark.parametrize("engine", ["auto", "gram", "jacrev"])
+def test_one_measurement_step_is_one_forward_pass_and_one_parameter_copy_per_probe(
+    tmp_path: object, engine: str
+) -> None:
+    """A real Trainer, every measure due at step 0 on one probe (dimension with its spectrum, regions, flatness
+    with the flat dimension, alignment): the measured network runs once in float64 and its parameters are copied
+    to float64 once (``benchmarks/count_passes.py`` prints the same counts for any commit)."""
+    passes, copies = one_measurement_step(engine, str(tmp_path))
+    assert passes == 1 and copies == 1
+    with open(next(Path(str(tmp_path)).rglob("metrics.csv"))) as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for row in rows for k, v in row.items() if v not in ("", None)}
+    expected = {"geometry/train/numerical_rank", "geometry/train/linear_regions", "geometry/flatness/max_eigenvalue",
+                "geometry/flatness/flat_dimension", "geometry/alignment/num_clusters"}
+    if engine == "auto":
+        expected.add("geometry/train/batch_functional_dimension")
+    assert expected <= logged, expected - logged
