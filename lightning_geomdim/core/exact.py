@@ -16,7 +16,7 @@ The engine computes that rank exactly, by evaluation at a random point modulo a 
    coordinate class, giving the per-layer factors of the Gram engine as residues;
 3. the Gram matrix J Jᵀ (or Jᵀ J) is assembled from them exactly mod p by the Gram engine's own code, and its
    rank over GF(p) is computed by blocked symmetric elimination with sweeps
-   (:func:`~lightning_geomdim.core.finite_field.rank_mod_p_symmetric`).
+   (:func:`~lightning_geomdim.core.symmetric_rank_mod_p.rank_mod_p_symmetric`).
 
 Why it is right. rank(J Jᵀ) = rank J over the formally real field R(θ) (vᵀJJᵀv is a sum of squares), so a
 nonzero r × r minor of the Gram exists, a polynomial of degree ≤ 2(L − 1)·r in θ for L affine layers. Reduction
