@@ -3,6 +3,7 @@ pass over the probe and one float64 copy of the parameters, and the values equal
 
 from __future__ import annotations
 
+import copy
 import csv
 import sys
 from pathlib import Path
@@ -92,3 +93,83 @@ def test_one_measurement_step_is_one_forward_pass_and_one_parameter_copy_per_pro
     if engine == "auto":
         expected.add("geometry/train/batch_functional_dimension")
     assert expected <= logged, expected - logged
+
+
+def test_a_trace_with_other_parameters_another_output_fn_or_released_is_refused() -> None:
+    net, (x, y) = CountingMLP(), probe()
+    with measurement_mode(net):
+        trace = ProbeTrace.of(net, x)
+    with pytest.raises(ValueError, match="differentiates 6 parameter tensors, not the 1 asked for"):
+        batch_functional_dimension(net, None, params=["4.weight"], trace=trace)
+    with pytest.raises(ValueError, match="another output_fn"):
+        linear_regions(net, None, output_fn=lambda out: out[:, :1], trace=trace)
+    patterns = ProbeTrace.of(net, x, grad=False)  # patterns and alignment need no graph
+    assert not patterns.theta.requires_grad and not patterns.output.requires_grad and not patterns.deltas
+    assert activation_patterns(net, None, trace=patterns).keys() == {"1", "3"}
+    with pytest.raises(ValueError, match="without autograd"):
+        flatness(net, F.cross_entropy, None, y, trace=patterns)
+    trace.release()
+    with pytest.raises(ValueError, match="it was released"):
+        linear_regions(net, None, trace=trace)
+
+
+def test_an_in_place_loss_does_not_change_the_shared_output() -> None:
+    net, (x, y) = CountingMLP(), probe()
+
+    def halve_in_place(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out.div_(2.0), target)
+
+    reference = flatness(net, lambda out, target: F.cross_entropy(out / 2.0, target), x, y, top_k=2)
+    with measurement_mode(net):
+        trace = ProbeTrace.of(net, x)
+        before = trace.output.detach().clone()
+        res = flatness(net, halve_in_place, None, y, top_k=2, trace=trace)
+        assert torch.equal(trace.output.detach(), before)
+    torch.testing.assert_close(res.top_eigenvalues, reference.top_eigenvalues, rtol=1e-10, atol=0)
+    assert res.trace == pytest.approx(reference.trace, rel=1e-10)
+
+
+def test_recording_puts_the_model_in_eval_mode_and_leaves_its_buffers() -> None:
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Dropout(0.5), nn.Linear(8, 3)).train()
+    x = probe()[0]
+    trace = ProbeTrace.of(net, x)  # outside measurement_mode
+    assert net.training and int(net[1].num_batches_tracked) == 0  # no statistics update, mode restored
+    with torch.no_grad():
+        reference = copy.deepcopy(net).double().eval()(x.double())  # running statistics, no dropout
+    torch.testing.assert_close(trace.output.detach(), reference, rtol=1e-12, atol=0)
+
+
+def test_a_failed_measure_does_not_keep_its_tensors_alive_through_the_traceback() -> None:
+    import gc
+    import weakref
+
+    from lightning_geomdim.callback.error_policy import ErrorPolicy
+
+    refs = []
+
+    def failing() -> dict[str, float]:
+        graph = torch.ones(1000, requires_grad=True) * 2  # a stand-in for the probe's graph
+        refs.append(weakref.ref(graph))
+        raise RuntimeError("boom")
+
+    policy = ErrorPolicy("warn")
+    with pytest.warns(RuntimeWarning, match="boom"):
+        policy.attempt("dimension", "train", failing)
+    gc.collect()
+    assert ("dimension", "train") in policy.failures and refs[0]() is None
+
+
+def test_regions_and_alignment_of_a_model_that_reads_values_need_no_graph() -> None:
+    class ReadsValues(nn.Module):  # e.g. a forward that converts to numpy: impossible on a tensor with a graph
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.act(self.fc(x))
+            assert h.numpy() is not None
+            return self.out(h)
+
+    net, x = ReadsValues(), probe()[0]
+    assert linear_regions(net, x) >= 1
+    assert set(neuron_alignment(net, x)) == {"fc"}

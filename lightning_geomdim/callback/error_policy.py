@@ -12,6 +12,7 @@ measured point, and from rank 0 only.
 from __future__ import annotations
 
 import math
+import traceback
 from collections.abc import Callable, Hashable
 from typing import Literal
 
@@ -72,6 +73,8 @@ class ErrorPolicy:
                            f"GeometryMonitor: {measure} is not applicable, so it is not logged: {err}")
             return {}
         except Exception as err:
+            # the traceback's frames hold the measure's locals (the probe's graph, Grams): drop them, keep the error
+            traceback.clear_frames(err.__traceback__)
             self.failures[(measure, probe)] = err
             where = measure if measure == probe else f"{measure} on probe {probe!r}"
             if self.on_error == "raise":

@@ -30,7 +30,7 @@ from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
 from lightning_geomdim.core.errors import GeometryError
 from lightning_geomdim.core.flatness import flatness
-from lightning_geomdim.core.functional_model import OutputFn, measurement_mode
+from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.losses import LossFn, resolve_loss_fn
 from lightning_geomdim.core.memory import format_bytes
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -103,7 +103,7 @@ def measure_probe(
     regions as ``"dimension"``), and each fails on its own under ``policy``. Flatness reuses the dimension just
     measured on its probe (its ``flat_dimension``), and is skipped when that dimension failed.
     """
-    inputs = ProbeData(module, probe, settings)
+    inputs = ProbeData(module, probe, settings, measures)
     try:
         _measure(module, probe, measures, settings, policy, budget, out, inputs)
     finally:
@@ -143,8 +143,10 @@ class ProbeData:
     keep their order, so the values equal a single-process run's bit for bit.
     """
 
-    def __init__(self, module: nn.Module, probe: Probe | None, settings: MeasureSettings) -> None:
-        self.module, self.probe, self.settings = module, probe, settings
+    def __init__(
+        self, module: nn.Module, probe: Probe | None, settings: MeasureSettings, measures: Sequence[str],
+    ) -> None:
+        self.module, self.probe, self.settings, self.measures = module, probe, settings, measures
         self._xy: tuple[Any, Any] | None = None
         self._trace: ProbeTrace | None = None
 
@@ -158,12 +160,15 @@ class ProbeData:
         return self._xy
 
     def trace(self) -> ProbeTrace | None:
-        """The traced pass over x (None without a probe)."""
+        """The traced pass over x (None without a probe): with autograd when the dimension or flatness is due, and
+        the Gram engine's factors when a dimension may be computed on it."""
         if self._trace is None and self.probe is not None:
-            s = self.settings
-            with measurement_mode(self.module):
-                self._trace = ProbeTrace.of(self.module, self.xy()[0], params=s.params, dtype=s.dtype,
-                                            output_fn=s.output_fn)
+            s, due = self.settings, self.measures
+            self._trace = ProbeTrace.of(
+                self.module, self.xy()[0], params=s.params, dtype=s.dtype, output_fn=s.output_fn,
+                grad="dimension" in due or "flatness" in due,
+                factors="dimension" in due or ("flatness" in due and s.flatness_flat_dimension),
+            )
         return self._trace
 
     def release(self) -> None:

@@ -197,8 +197,10 @@ def batch_functional_dimension(
             engine's rank.
         seed: seeds the exact engine's random evaluation points (the global RNG is never used).
         draws: the exact engine's independent evaluations (≥ 2; one suffices when it reaches the bound).
-        chunk_size: number of VJPs computed at once (bounds backward memory): rows of J for jacrev, output
-            coordinates per sample for gram and exact.
+        chunk_size: number of VJPs computed at once by one batched backward (each holds about the forward pass's
+            values): rows of J for jacrev, output coordinates per sample for gram and exact. Default: as many as
+            fit ``max_memory_bytes`` next to the engine's matrices (a convolutional network's are then computed in
+            several chunks instead of exhausting the memory).
         max_memory_bytes: memory budget; default half the available memory (see
             :mod:`lightning_geomdim.core.memory`).
         distributed: with the Gram engine and an initialised ``torch.distributed`` process group, divide the
@@ -229,9 +231,10 @@ def batch_functional_dimension(
         >>> res.rank <= res.upper_bound
         True
     """
-    with traced(model, x, trace, params=params, dtype=dtype, output_fn=output_fn, trainable=True) as trace:
+    with traced(model, x, trace, params=params, dtype=dtype, output_fn=output_fn, differentiable=True,
+                factors=True) as trace:
         try:
-            fm, out = trace.fm, trace.output
+            fm, out = trace.fm, trace.output  # a failure's frames are cleared by the monitor (graph freed)
             num_outputs, num_params = out.numel(), fm.num_params
             symmetries = find_symmetries(trace)
             fm.logit_head = symmetries.softmax_head if logit_differences else None

@@ -65,7 +65,7 @@ from lightning_geomdim.core.functional_model import FunctionalModel
 from lightning_geomdim.core.gram import gram_from_factors
 from lightning_geomdim.core.gram_plan import gram_bytes
 from lightning_geomdim.core.layer_factors import unify
-from lightning_geomdim.core.memory import check_memory
+from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.symmetric_rank_mod_p import rank_mod_p_symmetric
 
@@ -199,7 +199,8 @@ def exact_rank(
         program: :func:`exact_program` of the same trace, when already built.
         seed: seeds the private generator of the random residues; the global RNG is not used.
         draws: independent evaluations (each with its own prime), at least 2; the maximum is returned.
-        chunk_size: output coordinate classes backpropagated at once (bounds the backward's memory).
+        chunk_size: output coordinate classes backpropagated at once (bounds the backward's memory); default as
+            many as fit ``budget``.
         budget: memory budget in bytes, checked before anything is allocated.
 
     Raises:
@@ -212,20 +213,20 @@ def exact_rank(
     if program is None:
         program = exact_program(trace)
     plan = program.plan
-    if budget is not None:
-        check_memory(
-            gram_bytes(plan, 8, chunk_size=chunk_size, copies=1), budget,
-            what=f"the {plan.size} × {plan.size} Gram matrix of J mod p (M = {plan.num_outputs}, P = "
-            f"{plan.num_params}) with its per-layer factors, eliminated in place (engine='exact')",
-            remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
-            "chunk_size (output coordinates backpropagated at once)",
-        )
+    chunk = rows_at_once(  # output coordinates backpropagated at once: all that fit the budget next to the Gram
+        plan.outputs_per_sample, chunk_size, fixed=gram_bytes(plan, 8, chunk_size=0, copies=1),
+        per_row=plan.activation_numel * 8, budget=budget,
+        what=f"the {plan.size} × {plan.size} Gram matrix of J mod p (M = {plan.num_outputs}, P = "
+        f"{plan.num_params}) with its per-layer factors, eliminated in place (engine='exact')",
+        remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
+        "chunk_size (output coordinates backpropagated at once)",
+    )
     generator = torch.Generator().manual_seed(int(seed))
     ranks: list[int] = []
     primes: list[int] = []
     for p in PRIMES[:draws]:
         field = PrimeField(p)
-        gram = _draw(trace.fm, program, field, generator, chunk_size)
+        gram = _draw(trace.fm, program, field, generator, chunk)
         ranks.append(rank_mod_p_symmetric(gram, field, upper_bound=upper_bound, overwrite=True))
         primes.append(p)
         del gram

@@ -226,7 +226,9 @@ def flatness(
     generator = generator if generator is not None else torch.Generator().manual_seed(DEFAULT_SEED)
     budget = memory_budget(next((p.device for p in model.parameters()), torch.device("cpu")), max_memory_bytes)
 
-    with traced(model, x, trace, params=params, dtype=dtype, output_fn=output_fn, trainable=True) as trace:
+    factors = flat_dimension and dimension is None  # the dimension computed on this trace may use the Gram
+    with traced(model, x, trace, params=params, dtype=dtype, output_fn=output_fn, differentiable=True,
+                factors=factors) as trace:
         return _flatness(
             model, trace, loss_fn, y, top_k=top_k, trace_samples=trace_samples, generator=generator, dtype=dtype,
             method=method, trace_method=trace_method, lanczos_iterations=lanczos_iterations,

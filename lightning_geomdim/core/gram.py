@@ -63,7 +63,7 @@ from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.finite_field import PrimeField
 from lightning_geomdim.core.gram_plan import GramPlan, explicit_cost, gram_bytes, kernel_cost
 from lightning_geomdim.core.layer_factors import LayerFactors, layer_factors
-from lightning_geomdim.core.memory import check_memory
+from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
 from lightning_geomdim.core.structure import gram_plan
@@ -249,16 +249,16 @@ def gram_matrix(
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
     plan = gram_plan(trace)
-    if budget is not None:
-        needed = gram_bytes(plan, torch.empty((), dtype=trace.fm.dtype).element_size(), chunk_size=chunk_size)
-        check_memory(
-            needed, budget,
-            what=f"the {plan.size} × {plan.size} Gram matrix of J (M = {plan.num_outputs}, P = "
-            f"{plan.num_params}) with its per-layer factors (engine='gram')",
-            remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
-            "chunk_size (output coordinates backpropagated at once)",
-        )
-    factors = layer_factors(trace, plan, chunk_size=chunk_size)
+    itemsize = torch.empty((), dtype=trace.fm.dtype).element_size()
+    chunk = rows_at_once(  # output coordinates backpropagated at once: all that fit the budget next to the Gram
+        plan.outputs_per_sample, chunk_size, fixed=gram_bytes(plan, itemsize, chunk_size=0),
+        per_row=plan.activation_numel * itemsize, budget=budget,
+        what=f"the {plan.size} × {plan.size} Gram matrix of J (M = {plan.num_outputs}, P = "
+        f"{plan.num_params}) with its per-layer factors (engine='gram')",
+        remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
+        "chunk_size (output coordinates backpropagated at once)",
+    )
+    factors = layer_factors(trace, plan, chunk_size=chunk)
     share = _process_share(distributed)
     gram = gram_from_factors(factors, plan, lower_only=lower_only, share=share)
     del factors

@@ -141,7 +141,7 @@ class HessianOperator:
             NonFiniteError: the loss is NaN or inf.
         """
         with torch.no_grad():
-            value = self.loss_fn(self.trace.output.detach(), self.targets)
+            value = self.loss_fn(self.trace.output.detach().clone(), self.targets)  # an in-place loss edits its input
         if not isinstance(value, Tensor) or value.numel() != 1:
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise ValueError(
@@ -162,7 +162,7 @@ class HessianOperator:
         depend on θ (H = 0)."""
         if self._graph is None:
             leaf = self.theta
-            loss = self.loss_fn(self.trace.output, self.targets)
+            loss = self.loss_fn(self.trace.output.clone(), self.targets)  # the trace's output stays as recorded
             (gradient,) = torch.autograd.grad(loss, leaf, create_graph=True, retain_graph=True, allow_unused=True)
             if gradient is None or not gradient.requires_grad:
                 gradient = None

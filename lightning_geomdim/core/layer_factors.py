@@ -32,6 +32,9 @@ def layer_factors(trace: ProbeTrace, plan: GramPlan, *, chunk_size: int | None =
     later in-place activation overwrites z. The K cotangents (e_k for every sample) are backpropagated
     ``chunk_size`` at a time (default all) with ``is_grads_batched``, keeping the trace's graph.
     """
+    if not trace.factors:
+        raise ValueError("the trace was recorded without the per-layer factors: record it with "
+                         "ProbeTrace.of(..., factors=True)")
     modules = {layer.name: layer for layer in plan.layers}
     out = trace.measured_output(trace.fm.logit_head)
     deltas = {name: trace.deltas[name] for name in modules if name in trace.deltas}

@@ -34,6 +34,7 @@ from torch import Tensor, nn
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
 from lightning_geomdim.core.layer_kinds import FACTORED_AFFINE, RELU_LIKE
+from lightning_geomdim.core.memory import is_out_of_memory
 from lightning_geomdim.core.tracing import UseRecorder, call_keys
 
 
@@ -81,6 +82,9 @@ class ProbeTrace:
         activation_numel: A, entries of the inputs and of every leaf call's tensor outputs.
         trainable: False when the model has no trainable parameter and ``theta`` holds all of them (patterns and
             alignment only; the dimension and flatness then refuse as for any model without trainable parameters).
+        grad: the pass was recorded with autograd (``theta`` requires grad): what the dimension and flatness need;
+            without it (patterns, alignment) it keeps no graph.
+        factors: ``layer_inputs`` and ``deltas`` were recorded (the Gram engine's factors; 2 A more values).
     """
 
     fm: FunctionalModel
@@ -94,15 +98,19 @@ class ProbeTrace:
     probe_version: int
     activation_numel: int
     trainable: bool = True
+    grad: bool = True
+    factors: bool = True
+    released: bool = False
     _leaves: list[TracedCall] | None = field(default=None, repr=False)
 
     @staticmethod
     def of(
         model: nn.Module, x: Any, *, params: Sequence[str] | None = None, dtype: torch.dtype = torch.float64,
-        output_fn: OutputFn | None = None,
+        output_fn: OutputFn | None = None, grad: bool = True, factors: bool = True,
     ) -> ProbeTrace:
         """Copy the parameters of ``model`` (``params``, default the trainable ones) to ``dtype`` once and
-        :meth:`record` the pass on the probe batch ``x`` (a Tensor, tuple or dict, see :class:`ProbeInputs`).
+        :meth:`record` the pass on the probe batch ``x`` (a Tensor, tuple or dict, see :class:`ProbeInputs`), in
+        :func:`measurement_mode` (eval mode; the model's state is restored afterwards).
 
         Raises:
             ValueError: unknown names in ``params``, a non-floating dtype, or no parameters at all.
@@ -113,14 +121,18 @@ class ProbeTrace:
             params = [n for n, _ in model.named_parameters()]
             if not params:
                 raise ValueError(f"{type(model).__name__} has no parameters: there is no network to measure")
-        fm = FunctionalModel.from_module(model, params=params, dtype=dtype, output_fn=output_fn)
-        trace = ProbeTrace.record(fm, ProbeInputs.from_batch(x, dtype=dtype, device=fm.device))
+        with measurement_mode(model):
+            fm = FunctionalModel.from_module(model, params=params, dtype=dtype, output_fn=output_fn)
+            inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
+            trace = ProbeTrace.record(fm, inputs, grad=grad, factors=factors and grad)
         trace.trainable = trainable
         return trace
 
     @staticmethod
-    def record(fm: FunctionalModel, inputs: ProbeInputs) -> ProbeTrace:
-        """Run ``fm`` once on ``inputs`` with autograd on, recording what the measures read (module docstring).
+    def record(fm: FunctionalModel, inputs: ProbeInputs, *, grad: bool = True, factors: bool = True) -> ProbeTrace:
+        """Run ``fm`` once on ``inputs`` recording what the measures read (module docstring): with autograd when
+        ``grad`` (the dimension, flatness), the measured layers' inputs and zero δ when ``factors`` (the Gram
+        engine; needs ``grad``).
 
         ``fm.params`` are replaced by views of one flat leaf θ (the copies they were are freed).
 
@@ -128,9 +140,9 @@ class ProbeTrace:
             ProbeError: the model's forward fails on the probe (the original error chained), or returns no tensor.
             NonFiniteError: the outputs contain NaN or inf.
         """
-        theta = torch.cat([p.detach().reshape(-1) for p in fm.params.values()]).requires_grad_(True)
+        theta = torch.cat([p.detach().reshape(-1) for p in fm.params.values()]).requires_grad_(grad)
         fm.params = fm.unflatten(theta)
-        measured = _measured_affine(fm)
+        measured = _measured_affine(fm) if factors and grad else set()
         calls: list[TracedCall] = []
         stack: list[TracedCall] = []
         running: list[int] = []  # indices in ``calls`` of the running leaf calls
@@ -174,11 +186,13 @@ class ProbeTrace:
                 if next(sub.children(), None) is None or any(True for _ in sub.parameters(recurse=False)):
                     handles.append(sub.register_forward_pre_hook(lambda m, a, _n=name: pre(_n, m, a)))
                     handles.append(sub.register_forward_hook(post))
-            with torch.enable_grad(), recorder:
+            with torch.set_grad_enabled(grad), recorder:
                 out = fm(fm.params, inputs)
         except ProbeError:
             raise
-        except Exception as err:  # the model's own error; re-raise with the probe's description
+        except Exception as err:
+            if is_out_of_memory(err):  # out of memory is not a bad probe
+                raise
             shapes = [tuple(t.shape) for t in (*inputs.args, *inputs.kwargs.values()) if isinstance(t, Tensor)]
             raise ProbeError(
                 f"{type(fm.module).__name__} forward failed on the probe batch (input shapes {shapes}): "
@@ -200,7 +214,8 @@ class ProbeTrace:
             for i, c in enumerate(calls) if c.leaf and isinstance(c.input, Tensor)
         }
         del recorder
-        return ProbeTrace(fm, inputs, theta, calls, readers, layer_inputs, deltas, out, probe_version, numel[0])
+        return ProbeTrace(fm, inputs, theta, calls, readers, layer_inputs, deltas, out, probe_version, numel[0],
+                          grad=grad, factors=factors and grad)
 
     def leaf_calls(self) -> list[TracedCall]:
         """The calls of leaf modules, in call order (positions as in ``input_readers``)."""
@@ -231,12 +246,30 @@ class ProbeTrace:
                 "unfreeze some parameters or pass their names with params=[...]"
             )
 
-    def check(self, model: nn.Module, dtype: torch.dtype) -> None:
-        """Raise ValueError when this trace was not recorded for ``model`` in ``dtype``."""
-        if self.fm.module is not model or self.fm.dtype != dtype:
+    def check(
+        self, model: nn.Module, dtype: torch.dtype, output_fn: OutputFn | None = None,
+        params: Sequence[str] | None = None, *, differentiable: bool = False,
+    ) -> None:
+        """Raise ValueError unless this trace is usable for a measure of ``model`` in ``dtype`` with ``output_fn``,
+        and, when the measure is ``differentiable`` (dimension, flatness), recorded with autograd on the
+        parameters ``params`` selects (default the trainable ones)."""
+        problem = None
+        if self.released:
+            problem = "it was released"
+        elif self.fm.module is not model or self.fm.dtype != dtype:
+            problem = f"it was recorded for {type(self.fm.module).__name__} in {self.fm.dtype}"
+        elif self.fm.output_fn is not output_fn:
+            problem = "it was recorded with another output_fn"
+        elif differentiable and not self.grad:
+            problem = "it was recorded without autograd (grad=False)"
+        elif differentiable and self.trainable:
+            names = [n for n, p in model.named_parameters() if p.requires_grad] if params is None else list(params)
+            if set(names) != set(self.fm.params):
+                problem = f"it differentiates {len(self.fm.params)} parameter tensors, not the {len(names)} asked for"
+        if problem is not None:
             raise ValueError(
-                f"the trace was recorded for {type(self.fm.module).__name__} in {self.fm.dtype}, not for "
-                f"{type(model).__name__} in {dtype}: record it with ProbeTrace.of(model, x, dtype=...)"
+                f"this ProbeTrace cannot serve {type(model).__name__} in {dtype}: {problem}. Record one with "
+                "ProbeTrace.of(model, x, params=..., dtype=..., output_fn=...) and pass the same arguments"
             )
 
     def release(self) -> None:
@@ -246,6 +279,7 @@ class ProbeTrace:
         self.deltas.clear()
         self.input_readers.clear()
         self._leaves = None
+        self.released = True
         self.fm.params = {}
         self.output = self.theta = torch.empty(0)
 
@@ -253,20 +287,24 @@ class ProbeTrace:
 @contextlib.contextmanager
 def traced(
     model: nn.Module, x: Any, trace: ProbeTrace | None, *, params: Sequence[str] | None = None,
-    dtype: torch.dtype = torch.float64, output_fn: OutputFn | None = None, trainable: bool = False,
+    dtype: torch.dtype = torch.float64, output_fn: OutputFn | None = None, differentiable: bool = False,
+    factors: bool = False,
 ) -> Iterator[ProbeTrace]:
     """The measures' entry: ``model`` in :func:`measurement_mode` and its trace on ``x`` — ``trace`` when given
-    (checked to be of ``model`` in ``dtype``), else one recorded with :meth:`ProbeTrace.of` and released on exit.
+    (checked with :meth:`ProbeTrace.check`), else one recorded with :meth:`ProbeTrace.of` and released on exit.
 
-    ``trainable``: the measure differentiates in θ, so a model without trainable parameters is refused.
+    ``differentiable``: the measure differentiates in θ (dimension, flatness): the trace must have autograd and
+    the measure's parameters, and a model without trainable parameters is refused. ``factors``: record the Gram
+    engine's factors (when recording).
     """
     with measurement_mode(model):
         own = trace is None
         if trace is None:
-            trace = ProbeTrace.of(model, x, params=params, dtype=dtype, output_fn=output_fn)
+            trace = ProbeTrace.of(model, x, params=params, dtype=dtype, output_fn=output_fn, grad=differentiable,
+                                  factors=factors)
         try:
-            trace.check(model, dtype)
-            if trainable:
+            trace.check(model, dtype, output_fn, params, differentiable=differentiable)
+            if differentiable:
                 trace.require_trainable()
             yield trace
         finally:
