@@ -1,0 +1,94 @@
+"""GeometryMonitor() on a ResNet-style CNN with BatchNorm stays within its memory budget.
+
+The dense-Jacobian engine (the only one for BatchNorm) used to backpropagate all M rows of J at once: on a 10k-
+parameter ResNet-style CNN with 64 probe images of 32 × 32 that is about 32 GB, and the training process was killed
+by the kernel. Now each engine batches as many rows as fit the budget. The run happens in a fresh process so that
+its high-water mark (``ru_maxrss``) measures this training alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+BUDGET = 300 * 1024**2
+
+SCRIPT = textwrap.dedent(
+    """
+    import json, math, resource, sys, warnings
+    import lightning as L
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning_geomdim import GeometryMonitor
+
+
+    def block(c):
+        return nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                             nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+
+
+    class ResNet(L.LightningModule):
+        def __init__(self, c=8):
+            super().__init__()
+            self.stem = nn.Sequential(nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(),
+                                      nn.MaxPool2d(2))
+            self.b1, self.b2, self.head = block(c), block(c), nn.Linear(c, 10)
+
+        def forward(self, x):
+            h = self.stem(x)
+            h = F.relu(h + self.b1(h))
+            h = F.relu(h + self.b2(h))
+            return self.head(h.mean((2, 3)))
+
+        def training_step(self, batch, batch_idx):
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+    L.seed_everything(0, verbose=False)
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
+    model = ResNet()
+    trainer = L.Trainer(max_steps=2, logger=CSVLogger(sys.argv[1]), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[GeometryMonitor()])
+    model(data.tensors[0][:32]).sum().backward()  # the training's own buffers, before the high-water mark
+    model.zero_grad(set_to_none=True)
+    baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, DataLoader(data, batch_size=32))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    import csv, pathlib
+    with open(next(pathlib.Path(sys.argv[1]).rglob("metrics.csv"))) as f:
+        logged = {k: float(v) for row in csv.DictReader(f) for k, v in row.items() if v and k != "step"}
+    from lightning_geomdim.core.probe_trace import ProbeTrace
+    activations = ProbeTrace.of(model, data.tensors[0], grad=False).activation_numel  # A of a 64-image probe
+    print(json.dumps({"baseline": baseline, "peak": peak, "logged": logged, "all_rows": 640 * activations * 8,
+                      "warnings": [str(w.message) for w in caught if "GeometryMonitor" in str(w.message)]}))
+    """
+)
+
+
+def test_resnet_style_cnn_at_defaults_stays_within_the_memory_budget(tmp_path: Path) -> None:
+    env = {**os.environ, "GEOMDIM_MAX_MEMORY_BYTES": str(BUDGET)}
+    done = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    grown = out["peak"] - out["baseline"]
+    print(f"high-water mark grew by {grown / 1024**2:.0f} MiB during fit; budget {BUDGET / 1024**2:.0f} MiB; all "
+          f"rows of J at once would hold about {out['all_rows'] / 1024**2:.0f} MiB")
+    assert grown <= BUDGET, (grown, out["warnings"])
+    assert out["all_rows"] > 3 * BUDGET  # the 640 rows of J backpropagated at once would not have fitted
+    rows = [k for k in out["logged"] if k.endswith("/numerical_rank")]
+    assert rows, out  # the dense-Jacobian engine measured the probes (BatchNorm: no exact or Gram engine)
+    assert all(out["logged"][k] > 0 for k in rows)
