@@ -92,3 +92,60 @@ def test_resnet_style_cnn_at_defaults_stays_within_the_memory_budget(tmp_path: P
     rows = [k for k in out["logged"] if k.endswith("/numerical_rank")]
     assert rows, out  # the dense-Jacobian engine measured the probes (BatchNorm: no exact or Gram engine)
     assert all(out["logged"][k] > 0 for k in rows)
+
+
+def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> None:
+    """The core's remedies name its own arguments (chunk_size, method, lanczos_basis, trace_samples); through the
+    monitor they are phrased with its arguments, those it lacks are left out, and the Gram engine is not
+    suggested for a model it cannot measure (BatchNorm)."""
+    import warnings
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_geomdim import GeometryMonitor, batch_functional_dimension
+    from lightning_geomdim.core.errors import MemoryBudgetError
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 3))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
+    monitor = GeometryMonitor(probes=["train"], measures=["dimension", "flatness"], max_memory_bytes=20_000,
+                              flatness_flat_dimension=False)  # P = 3,075: Lanczos, whose remedies name the most
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_steps=1, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor]).fit(
+            Net(), DataLoader(data, batch_size=16))
+    refusals = [str(w.message) for w in caught if "memory budget is" in str(w.message)]
+    assert len(refusals) == 2, refusals  # the dimension (dense Jacobian) and flatness
+    for text in refusals:
+        remedies = text.split("memory budget is", 1)[1]  # what follows the amounts: the ways out
+        for foreign in ("chunk_size", "lanczos_basis", "method=", "engine='gram'", " trace_samples"):
+            assert foreign not in remedies, (foreign, text)
+        assert "max_memory_bytes=" in remedies
+    assert any("flatness_trace_samples" in text for text in refusals)
+    # the core alone keeps its own arguments
+    try:
+        batch_functional_dimension(nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 3)), data.tensors[0],
+                                   engine="jacrev", max_memory_bytes=20_000)
+    except MemoryBudgetError as err:
+        assert "engine='gram' (it applies to this model)" in str(err) and "params=[...]" in str(err)
+    else:
+        raise AssertionError("the dense Jacobian was not refused")

@@ -18,10 +18,18 @@ from typing import Literal
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_geomdim.core.errors import GeometryError, NotApplicableError
+from lightning_geomdim.core.errors import GeometryError, MemoryBudgetError, NotApplicableError
 
 OnError = Literal["warn", "raise"]
 ON_ERROR: tuple[str, ...] = ("warn", "raise")
+
+
+#: The core functions' arguments that GeometryMonitor exposes, by its name for them: a memory refusal's remedies are
+#: phrased with these, and those needing another argument (``chunk_size``, ``method``, ``lanczos_basis``) left out.
+MONITOR_ARGUMENTS = {
+    "params": "params", "engine": "engine", "trace_samples": "flatness_trace_samples", "measures": "measures",
+    "max_memory_bytes": "max_memory_bytes",
+}
 
 
 def primary_key(measure: str, probe: str) -> str:
@@ -75,6 +83,8 @@ class ErrorPolicy:
         except Exception as err:
             # the traceback's frames hold the measure's locals (the probe's graph, Grams): drop them, keep the error
             traceback.clear_frames(err.__traceback__)
+            if isinstance(err, MemoryBudgetError):  # remedies in the monitor's own arguments
+                err = err.rephrased(MONITOR_ARGUMENTS)
             self.failures[(measure, probe)] = err
             where = measure if measure == probe else f"{measure} on probe {probe!r}"
             if self.on_error == "raise":

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from lightning_geomdim.core.activation_patterns import unit_activity
-from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.errors import NotApplicableError, Remedy
 from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.layer_kinds import AFFINE, PASS_THROUGH, RELU_LIKE
 from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
@@ -177,8 +177,8 @@ def _feeding(model: nn.Module, trace: ProbeTrace | None, max_memory_bytes: int |
         alignment_bytes(list(shapes.values())), memory_budget(modules[widest].weight.device, max_memory_bytes),
         what=f"neuron alignment of {len(shapes)} layer(s) (n × n float64 cosines each; widest {widest!r} with "
         f"n = {shapes[widest][0]:,} neurons: {format_bytes(8 * shapes[widest][0] ** 2)} per matrix)",
-        remedies="the pairwise cosines have no cheaper exact form: leave alignment out for this model (e.g. "
-        "GeometryMonitor(measures=('dimension', 'flatness')))",
+        remedies=(Remedy("the pairwise cosines have no cheaper exact form: leave alignment out for this model"),
+                  Remedy("e.g. GeometryMonitor({arg}=('dimension', 'flatness'))", "measures")),
     )
     return feeding
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.errors import NotApplicableError, Remedy
 from lightning_geomdim.core.exact import exact_rank
 from lightning_geomdim.core.exact_program import ExactProgram, exact_program
 from lightning_geomdim.core.functional_model import OutputFn
@@ -127,7 +127,9 @@ def compute_spectrum(
     """Run the floating-point ``engine`` ("gram" or "jacrev") and return the singular values of J."""
     if engine == "gram":
         return gram_spectrum(trace, num_rows, chunk_size=chunk_size, budget=budget, distributed=distributed)
-    return jacobian_spectrum(trace, num_rows, chunk_size=chunk_size, budget=budget)
+    # suggest the Gram engine only where it runs (not for BatchNorm, attention, recurrent layers, ...)
+    gram = () if gram_unsupported_reason(trace) else (Remedy("{arg}='gram' (it applies to this model)", "engine"),)
+    return jacobian_spectrum(trace, num_rows, chunk_size=chunk_size, budget=budget, alternatives=gram)
 
 
 def batch_functional_dimension(

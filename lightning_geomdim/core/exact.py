@@ -63,7 +63,7 @@ from lightning_geomdim.core.exact_program import (
 from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime
 from lightning_geomdim.core.functional_model import FunctionalModel
 from lightning_geomdim.core.gram import gram_from_factors
-from lightning_geomdim.core.gram_plan import gram_bytes
+from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, gram_bytes
 from lightning_geomdim.core.layer_factors import unify
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -218,8 +218,7 @@ def exact_rank(
         per_row=plan.activation_numel * 8, budget=budget,
         what=f"the {plan.size} × {plan.size} Gram matrix of J mod p (M = {plan.num_outputs}, P = "
         f"{plan.num_params}) with its per-layer factors, eliminated in place (engine='exact')",
-        remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
-        "chunk_size (output coordinates backpropagated at once)",
+        remedies=FACTOR_REMEDIES,
     )
     generator = torch.Generator().manual_seed(int(seed))
     ranks: list[int] = []

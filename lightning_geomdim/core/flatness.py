@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
+from lightning_geomdim.core.errors import Remedy
 from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.hessian import (
     DEFAULT_CHUNK_SIZE,
@@ -343,7 +344,7 @@ def _memory_estimate(
     method: str, num_params: int, activations: int, itemsize: int, *, top_k: int, lanczos_iterations: int,
     lanczos_basis: int | None, trace_samples: int, trace_method: str, chunk_size: int | None,
     return_eigenvectors: bool,
-) -> tuple[int, str, str]:
+) -> tuple[int, str, tuple[Remedy, ...]]:
     """(bytes, what, remedies) for :func:`check_memory`: the peak estimate of :func:`flatness`' docstring."""
     p = num_params
 
@@ -360,7 +361,8 @@ def _memory_estimate(
         values = 2 * p + hessian + hvps
         what = f"{head}): dense Hessian 3 × P² = {size(hessian)} + {c} HVPs at once {size(hvps)}"
         remedies = (
-            "use method='lanczos' (matrix-free), a smaller chunk_size, or a subset of parameters via params=[...]"
+            Remedy("use {arg}='lanczos' (matrix-free)", "method"), Remedy("a smaller {arg}", "chunk_size"),
+            Remedy("a subset of parameters via {arg}=[...]", "params"),
         )
         return values * itemsize, what, remedies
     iterations = max(lanczos_iterations, top_k)
@@ -382,9 +384,10 @@ def _memory_estimate(
         + (f" + {top_k} eigenvectors" if kept else "") + f" = {size(trace)}"
     )
     remedies = (
-        f"lower lanczos_basis (now {basis}: {size(p)} per vector) or trace_samples "
-        f"(now {trace_samples}), a smaller chunk_size (now {chunk_size}: each further HVP at once holds 10 P + 3 A "
-        f"values = {size(10 * p + 3 * activations)}), a subset of parameters via params=[...], or a smaller probe "
-        "batch"
+        Remedy(f"lower {{arg}} (now {basis}: {size(p)} per vector)", "lanczos_basis"),
+        Remedy(f"lower {{arg}} (now {trace_samples})", "trace_samples"),
+        Remedy(f"a smaller {{arg}} (now {chunk_size}: each further HVP at once holds 10 P + 3 A values = "
+               f"{size(10 * p + 3 * activations)})", "chunk_size"),
+        Remedy("a subset of parameters via {arg}=[...]", "params"), Remedy("a smaller probe batch"),
     )
     return values * itemsize, what, remedies

@@ -61,7 +61,7 @@ from torch import Tensor
 
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.finite_field import PrimeField
-from lightning_geomdim.core.gram_plan import GramPlan, explicit_cost, gram_bytes, kernel_cost
+from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, GramPlan, explicit_cost, gram_bytes, kernel_cost
 from lightning_geomdim.core.layer_factors import LayerFactors, layer_factors
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -255,8 +255,7 @@ def gram_matrix(
         per_row=plan.activation_numel * itemsize, budget=budget,
         what=f"the {plan.size} × {plan.size} Gram matrix of J (M = {plan.num_outputs}, P = "
         f"{plan.num_params}) with its per-layer factors (engine='gram')",
-        remedies="use a smaller probe (fewer samples), measure fewer layers via params=[...], or a smaller "
-        "chunk_size (output coordinates backpropagated at once)",
+        remedies=FACTOR_REMEDIES,
     )
     factors = layer_factors(trace, plan, chunk_size=chunk)
     share = _process_share(distributed)

@@ -9,6 +9,8 @@ from typing import Literal
 
 from torch import nn
 
+from lightning_geomdim.core.errors import Remedy
+
 Side = Literal["outputs", "params"]
 
 
@@ -97,6 +99,14 @@ class GramPlan:
         outputs = sum(min(kernel_cost(lay, m, n), explicit_cost(lay, m)) for lay in self.layers) + m**3 / 3
         params = 2 * m * p**2 + p**3 / 3
         return replace(self, forced_side="outputs" if outputs <= params else "params")
+
+
+#: How the factored engines (Gram, exact) can need less memory.
+FACTOR_REMEDIES = (
+    Remedy("use a smaller probe (fewer samples)"),
+    Remedy("measure fewer layers via {arg}=[...]", "params"),
+    Remedy("a smaller {arg} (output coordinates backpropagated at once)", "chunk_size"),
+)
 
 
 def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None, copies: int = 2) -> int:

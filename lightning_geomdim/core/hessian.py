@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from lightning_geomdim.core.errors import NonFiniteError
+from lightning_geomdim.core.errors import NonFiniteError, Remedy
 from lightning_geomdim.core.functional_model import FunctionalModel
 from lightning_geomdim.core.memory import check_memory, is_out_of_memory
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -279,7 +279,8 @@ class HessianOperator:
         itemsize = torch.empty((), dtype=self.fm.dtype).element_size()
         check_memory(
             3 * p * p * itemsize, budget, what=f"the dense {p} × {p} Hessian",
-            remedies="use method='lanczos' (matrix-free) or a subset of parameters via params=[...]",
+            remedies=(Remedy("use {arg}='lanczos' (matrix-free)", "method"),
+                      Remedy("a subset of parameters via {arg}=[...]", "params")),
         )
         eye = torch.eye(p, dtype=self.fm.dtype, device=self.fm.device)
         h = self.matmat(eye)

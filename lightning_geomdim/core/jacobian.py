@@ -15,10 +15,12 @@ would need about 32 GB).
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
+from lightning_geomdim.core.errors import Remedy
 from lightning_geomdim.core.memory import VJP_BYTES_PER_ACTIVATION, is_out_of_memory, rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
@@ -65,12 +67,17 @@ def jacobian_matrix(trace: ProbeTrace, *, chunk_size: int | None = None) -> Tens
     return jac
 
 
-def jacobian_spectrum(trace: ProbeTrace, num_outputs: int, *, chunk_size: int | None = None, budget: int) -> Spectrum:
+def jacobian_spectrum(
+    trace: ProbeTrace, num_outputs: int, *, chunk_size: int | None = None, budget: int,
+    alternatives: Sequence[Remedy] = (),
+) -> Spectrum:
     """Singular values of the dense Jacobian (exact SVD, the finest resolution: ~eps · max(M, P) · σ_max).
 
     ``chunk_size``: rows of J computed by one batched backward; default the most that fit ``budget`` next to J
     (each holds about :data:`~lightning_geomdim.core.memory.VJP_BYTES_PER_ACTIVATION` × A values of the
     forward pass).
+
+    ``alternatives``: further remedies the caller knows apply (e.g. another engine), for the refusal's message.
 
     Raises:
         MemoryBudgetError: before allocating, when J with one row at a time (or ``chunk_size`` rows) exceeds
@@ -83,8 +90,8 @@ def jacobian_spectrum(trace: ProbeTrace, num_outputs: int, *, chunk_size: int | 
         num_outputs, chunk_size, fixed=jacobian_bytes(num_outputs, num_params, fm.dtype),
         per_row=int(VJP_BYTES_PER_ACTIVATION * trace.activation_numel * itemsize), budget=budget,
         what=f"the dense {num_outputs} × {num_params} Jacobian (engine='jacrev') with its batched backward",
-        remedies="use a smaller probe (fewer samples), engine='gram' for Linear/Conv networks, or a "
-        "subset of parameters via params=[...]",
+        remedies=(Remedy("use a smaller probe (fewer samples)"), *alternatives,
+                  Remedy("a subset of parameters via {arg}=[...]", "params")),
     )
     jac = jacobian_matrix(trace, chunk_size=chunk)
     sv = torch.linalg.svdvals(jac)

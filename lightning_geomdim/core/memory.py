@@ -8,10 +8,11 @@ The budget is, in order: the ``max_memory_bytes`` argument of a measure; the env
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import torch
 
-from lightning_geomdim.core.errors import MemoryBudgetError
+from lightning_geomdim.core.errors import MemoryBudgetError, Remedy
 
 _FALLBACK_BYTES = 8 * 1024**3
 
@@ -50,13 +51,10 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def check_memory(needed: int, budget: int, *, what: str, remedies: str) -> None:
+def check_memory(needed: int, budget: int, *, what: str, remedies: Sequence[Remedy]) -> None:
     """Raise :class:`MemoryBudgetError` when ``needed`` bytes exceed ``budget``."""
     if needed > budget:
-        raise MemoryBudgetError(
-            f"{what} needs about {format_bytes(needed)} but the memory budget is {format_bytes(budget)}: {remedies}; "
-            "or raise the budget with max_memory_bytes=... / GEOMDIM_MAX_MEMORY_BYTES"
-        )
+        raise MemoryBudgetError(what, format_bytes(needed), format_bytes(budget), remedies)
 
 
 #: Bytes one vector-Jacobian product of a batched backward holds, per value of the forward pass (A) and byte of
@@ -66,7 +64,8 @@ VJP_BYTES_PER_ACTIVATION = 1.5
 
 
 def rows_at_once(
-    rows: int, chunk_size: int | None, *, fixed: int, per_row: int, budget: int | None, what: str, remedies: str,
+    rows: int, chunk_size: int | None, *, fixed: int, per_row: int, budget: int | None, what: str,
+    remedies: Sequence[Remedy],
 ) -> int:
     """How many vector-Jacobian products one batched backward computes: ``chunk_size`` when given, else the most of
     ``rows`` for which ``fixed + chunk · per_row`` bytes fit ``budget`` (all of them without a budget).
