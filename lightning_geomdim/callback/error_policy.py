@@ -18,7 +18,7 @@ from typing import Literal
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from lightning_geomdim.core.errors import GeometryError, MemoryBudgetError, NotApplicableError
+from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted, MemoryBudgetError, NotApplicableError
 
 OnError = Literal["warn", "raise"]
 ON_ERROR: tuple[str, ...] = ("warn", "raise")
@@ -75,6 +75,8 @@ class ErrorPolicy:
         known = self.known_keys.setdefault((measure, probe), set())
         try:
             values = fn()
+        except MeasurementInterrupted:  # the trainer is stopping: not a failure of the measure
+            raise
         except NotApplicableError as err:
             # a property of the model: one warning, whatever the probe
             self.warn_once(("not applicable", measure),

@@ -14,12 +14,13 @@ probe by itself (see :mod:`.distributed`): the monitor makes no collective call 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_geomdim.callback.error_policy import ErrorPolicy
@@ -28,9 +29,10 @@ from lightning_geomdim.callback.schedule import OverheadBudget
 from lightning_geomdim.core.activation_patterns import linear_regions
 from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.core.errors import GeometryError
+from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted
 from lightning_geomdim.core.flatness import flatness
 from lightning_geomdim.core.functional_model import OutputFn
+from lightning_geomdim.core.interrupt import interruptible
 from lightning_geomdim.core.losses import LossFn, resolve_loss_fn
 from lightning_geomdim.core.memory import format_bytes
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -91,6 +93,21 @@ def plan(
     if "alignment" in due and alignment_probe is None:
         steps.append((None, ["alignment"]))
     return steps
+
+
+def measure_probes(
+    module: nn.Module, steps: Sequence[tuple[Probe | None, Sequence[str]]], settings: MeasureSettings,
+    policy: ErrorPolicy, budget: OverheadBudget, out: Measurement, should_stop: Callable[[], bool],
+) -> None:
+    """:func:`measure_probe` for each (probe, measures) of ``steps``; once ``should_stop()`` (the trainer received
+    SIGTERM) the measure in progress stops at its next chunk of work and the rest is left out, so that Lightning can
+    end the run at once. What was measured before is kept in ``out``."""
+    try:
+        with interruptible(should_stop):
+            for probe, measures in steps:
+                measure_probe(module, probe, measures, settings, policy, budget, out)
+    except MeasurementInterrupted:
+        rank_zero_info("GeometryMonitor: the measurement stopped early because the trainer received SIGTERM")
 
 
 def measure_probe(

@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_geomdim.callback.distributed import agreed_memory_budget, check_strategy, from_rank_zero
 from lightning_geomdim.callback.error_policy import ErrorPolicy
 from lightning_geomdim.callback.log import log_layout, log_measurement
-from lightning_geomdim.callback.measures import Measurement, MeasureSettings, measure_probe, plan
+from lightning_geomdim.callback.measures import Measurement, MeasureSettings, measure_probes, plan
 from lightning_geomdim.callback.observer import observing
 from lightning_geomdim.callback.probe_set import alignment_probe, build_probes, can_measure_flatness, flatness_probe
 from lightning_geomdim.callback.probes import Probe, default_input_fn, default_target_fn
@@ -240,9 +240,8 @@ class GeometryMonitor(Callback):
         steps = plan(self.probes, due, flatness_probe(self.probes, self.flatness_probe),
                      alignment_probe(self.probes, self.alignment_probe))
         try:
-            with observing(pl_module):
-                for probe, measures in steps:
-                    measure_probe(module, probe, measures, settings, self._errors, self._time, out)
+            with observing(pl_module):  # stops at the next chunk of work on SIGTERM, keeping what was measured
+                measure_probes(module, steps, settings, self._errors, self._time, out, lambda: trainer.received_sigterm)
             with self._time.measuring():
                 log_measurement(trainer, out, step, extras=self.tensorboard_extras)
         finally:

@@ -60,5 +60,9 @@ class MemoryBudgetError(GeometryError, MemoryError):
         return MemoryBudgetError(self.what, self.needed, self.budget, self.remedies, names)
 
 
+class MeasurementInterrupted(GeometryError):
+    """A measurement stopped between two chunks of work because its caller asked (:mod:`.interrupt`)."""
+
+
 class NotApplicableError(GeometryError, ValueError):
     """The measure is not defined for this model (e.g. linear regions of a network without ReLUs)."""

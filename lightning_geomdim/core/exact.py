@@ -64,6 +64,7 @@ from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_p
 from lightning_geomdim.core.functional_model import FunctionalModel
 from lightning_geomdim.core.gram import gram_from_factors
 from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, gram_bytes
+from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.layer_factors import unify
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -161,6 +162,7 @@ def _draw(
     step_k = k if chunk_size is None else max(1, min(int(chunk_size), k))
     signals: dict[int, list[Tensor]] = {i: [] for i in inputs}
     for start in range(0, k, step_k):
+        checkpoint()
         chunk = seeds[start : start + step_k]
         grads: dict[int, Tensor] = {}
         if program.measured >= 0:
@@ -224,6 +226,7 @@ def exact_rank(
     ranks: list[int] = []
     primes: list[int] = []
     for p in PRIMES[:draws]:
+        checkpoint()
         field = PrimeField(p)
         gram = _draw(trace.fm, program, field, generator, chunk)
         ranks.append(rank_mod_p_symmetric(gram, field, upper_bound=upper_bound, overwrite=True))

@@ -62,6 +62,7 @@ from torch import Tensor
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.finite_field import PrimeField
 from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, GramPlan, explicit_cost, gram_bytes, kernel_cost
+from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.layer_factors import LayerFactors, layer_factors
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -87,6 +88,7 @@ def _accumulate(
     groups = d // group
     per_block = max(1, _BLOCK_ENTRIES // max(d * group, 1))  # groups per block
     for g0 in range(0, groups, per_block):
+        checkpoint()
         g1 = min(g0 + per_block, groups)
         r0, r1 = g0 * group, g1 * group
         c1 = r1 if lower else d

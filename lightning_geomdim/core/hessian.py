@@ -56,6 +56,7 @@ from torch.func import grad, jvp, vmap
 
 from lightning_geomdim.core.errors import NonFiniteError, Remedy
 from lightning_geomdim.core.functional_model import FunctionalModel
+from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.memory import check_memory, is_out_of_memory
 from lightning_geomdim.core.probe_trace import ProbeTrace
 
@@ -210,10 +211,12 @@ class HessianOperator:
         return forward()
 
     def _single(self, v: Tensor) -> Tensor:
+        checkpoint()
         return self._reverse_or_forward(lambda: self._reverse(v), lambda: self._forward(v))
 
     def matvec(self, v: Tensor) -> Tensor:
         """H v for one vector, shape (P,) → (P,). Cost: 1 HVP."""
+        checkpoint()
         self.num_hvps += 1
         return self._single(v)
 
@@ -232,6 +235,7 @@ class HessianOperator:
         if step > 1 and self._vectorise:
             try:
                 for j in range(0, n, step):  # after a failure, the loop below resumes at j
+                    checkpoint()
                     out[:, j : j + step] = self._reverse(v[:, j : j + step].T.contiguous(), batched=True).T
                 return out
             except RuntimeError as err:  # e.g. an op of the double backward without a batching rule

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from lightning_geomdim.core.errors import Remedy
+from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.memory import VJP_BYTES_PER_ACTIVATION, is_out_of_memory, rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
@@ -46,6 +47,7 @@ def jacobian_matrix(trace: ProbeTrace, *, chunk_size: int | None = None) -> Tens
     start = 0
     try:
         for start in range(0, m, step):  # after a failure, the loop below resumes at ``start``
+            checkpoint()
             stop = min(start + step, m)
             cotangents = torch.zeros((stop - start, m), dtype=out.dtype, device=out.device)
             cotangents[:, start:stop].fill_diagonal_(1.0)
@@ -63,6 +65,7 @@ def jacobian_matrix(trace: ProbeTrace, *, chunk_size: int | None = None) -> Tens
             RuntimeWarning, stacklevel=3,
         )
     for i in range(start, m):
+        checkpoint()
         (jac[i],) = torch.autograd.grad(out[i], theta, retain_graph=True, allow_unused=True, materialize_grads=True)
     return jac
 

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.gram_plan import GramLayer, GramPlan
+from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.structure import conv_padding
 
@@ -50,6 +51,7 @@ def layer_factors(trace: ProbeTrace, plan: GramPlan, *, chunk_size: int | None =
     if out.requires_grad:
         eye = torch.eye(k, dtype=out.dtype, device=out.device)
         for start in range(0, k, step):
+            checkpoint()
             stop = min(start + step, k)
             cot = eye[start:stop].reshape(stop - start, 1, *out.shape[1:]).expand(stop - start, *out.shape)
             parts = torch.autograd.grad(out, [deltas[nm] for nm in names], grad_outputs=cot, retain_graph=True,

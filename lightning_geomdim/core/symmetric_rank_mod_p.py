@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_geomdim.core.finite_field import PrimeField
+from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.rank_mod_p import rank_mod_p
 
 #: Principal pivots of a panel are sought by sweeping sub-blocks of this many candidates with Python integers,
@@ -92,6 +93,7 @@ def rank_mod_p_symmetric(
     t, magnitude = a, field.bound
     work: Tensor | None = a if overwrite else None
     while rank < limit and t.shape[0]:
+        checkpoint()
         w = min(width, t.shape[0])
         block = t[:w, :w].tril()
         if magnitude > field.bound:

@@ -1,0 +1,92 @@
+"""A measurement stops between two chunks of work when its caller asks: SIGTERM ends a monitored run at once."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import time
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_geomdim import GeometryMonitor, batch_functional_dimension, flatness
+from lightning_geomdim.core.errors import MeasurementInterrupted
+from lightning_geomdim.core.interrupt import checkpoint, interruptible
+
+
+def data(n: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 48), nn.Tanh(), nn.Linear(48, 3))
+
+
+def test_checkpoints_raise_once_the_check_is_true_and_do_nothing_without_one() -> None:
+    checkpoint()  # no check installed
+    asked = []
+
+    def after_three() -> bool:
+        asked.append(1)
+        return len(asked) > 3
+
+    x, y = data()
+    with interruptible(after_three), pytest.raises(MeasurementInterrupted):
+        flatness(net(), F.cross_entropy, x, y, method="lanczos", trace_samples=30)
+    assert len(asked) == 4  # three Hessian-vector products ran, the fourth was refused
+    asked.clear()
+    with interruptible(after_three), pytest.raises(MeasurementInterrupted):
+        batch_functional_dimension(net(), x, engine="jacrev", chunk_size=1)  # 96 rows, one backward each
+    assert len(asked) == 4
+    assert batch_functional_dimension(net(), x, engine="jacrev", chunk_size=1).rank > 0  # the check is gone
+
+
+class SelfTerminating(L.LightningModule):
+    """Sends itself SIGTERM the first time the monitor evaluates it (the float64 probe pass)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 64), nn.Tanh(), nn.Linear(64, 3))
+        self.sent = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float64 and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+        return self.net(x)
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_sigterm_during_a_measurement_ends_the_run_at_the_next_chunk(tmp_path: Path) -> None:
+    """Lightning answers SIGTERM after the batch; the monitor's measurement in that batch end hook (P = 643, 96
+    rows of J, Lanczos + Hutch++ flatness: many chunks) must stop at its next chunk instead of finishing."""
+    model = SelfTerminating()
+    monitor = GeometryMonitor(probes=["train"], probe_size=32, every_n_steps=1, engine="jacrev",
+                              tensorboard_extras=False)
+    trainer = L.Trainer(max_steps=5, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor])
+    x, y = data()
+    start = time.perf_counter()
+    with pytest.raises(SIGTERMException):
+        trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=16))
+    elapsed = time.perf_counter() - start
+    assert model.sent and trainer.global_step == 1  # stopped at the end of the first batch, in the step-0 measurement
+    files = list(Path(tmp_path).rglob("metrics.csv"))
+    logged = {k for f in files for row in csv.DictReader(f.open()) for k, v in row.items() if v} if files else set()
+    assert not any(k.startswith("geometry/") for k in logged), logged  # nothing measured after the signal
+    print(f"run ended {elapsed:.2f} s after fit started")
