@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 
 import numpy as np
@@ -84,3 +84,22 @@ def dense_jacobian(model: nn.Module, x: torch.Tensor, *, logit_differences: bool
 def numpy_rank(jac: torch.Tensor) -> int:
     """numpy's matrix_rank rule on float64: σ > σ_max · max(M, P) · eps."""
     return int(np.linalg.matrix_rank(jac.double().numpy()))
+
+
+def spawn_and_join(fn: Callable[..., None], args: tuple, nprocs: int = 2, timeout_s: float = 240.0) -> None:
+    """Run ``fn(rank, *args)`` in ``nprocs`` spawned processes and wait for them, failing (and killing them) after
+    ``timeout_s``: a rank stuck in a collective must fail the test, not hang the suite."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not context.join(timeout=2):
+            assert time.monotonic() < deadline, f"the {nprocs} processes did not finish in {timeout_s:.0f} s"
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import gen, mlp, small_cnn
+from conftest import gen, mlp, small_cnn, spawn_and_join
 
 from lightning_geomdim import batch_functional_dimension
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
@@ -74,7 +73,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_two_processes_all_reduce_to_the_single_process_result(tmp_path: Path) -> None:
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    spawn_and_join(_worker, (2, _free_port(), str(tmp_path)))
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     for name, (make_model, make_x) in CASES.items():
         single = batch_functional_dimension(make_model(), make_x(), engine="gram")

@@ -8,7 +8,6 @@ import copy
 import csv
 import json
 import os
-import time
 import warnings
 from collections import namedtuple
 from pathlib import Path
@@ -18,9 +17,8 @@ import lightning as L
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
+from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn, spawn_and_join
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils._pytree import tree_leaves
@@ -455,17 +453,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
 
 
 def test_compute_gathers_every_process_inputs(tmp_path: Path) -> None:
-    context = mp.start_processes(
-        _ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DDP_TIMEOUT_S
-    try:
-        while not context.join(timeout=2):
-            assert time.monotonic() < deadline, f"the two ranks did not finish in {DDP_TIMEOUT_S} s"
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_and_join(_ddp_worker, (2, str(tmp_path / "init"), str(tmp_path)), timeout_s=DDP_TIMEOUT_S)
     model = TwoInputs()
     left, right = torch.randn(10, 3, generator=gen(25)), torch.randn(10, 2, generator=gen(26))
     expected = batch_functional_dimension(model, (left, right)).rank

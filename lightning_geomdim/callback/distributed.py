@@ -3,10 +3,10 @@
 Single-device strategies and DDP (``strategy="ddp"`` and its spawn/fork variants) are supported. Under DDP every
 process measures the whole probe with its own copy of the (identical) weights and the loggers write from rank 0
 only, so each value is logged once and equals a single-process run's bit for bit. The processes communicate only in
-hooks that all of them run: at setup they agree on the memory budget (:func:`agreed_memory_budget`), so they skip
-(or, with ``on_error="raise"``, all raise on) the same measures; at train start they take rank 0's probes (the same
-unless the dataset draws random augmentations); and before each scheduled measurement they take rank 0's choice of
-what fits in the time budget (:func:`from_rank_zero`). Measuring itself involves no collective (unless
+hooks that all of them run: at train start they take rank 0's probes (the same unless the dataset draws random
+augmentations); before each scheduled measurement they take rank 0's choice of what fits in the time budget
+(:func:`from_rank_zero`) and agree on the memory budget (:func:`agreed_memory_budget`), so they skip (or, with
+``on_error="raise"``, all raise on) the same measures. Measuring itself involves no collective (unless
 ``distributed_gram``), so a measure that fails on one process cannot leave the others waiting. Sharded strategies
 (FSDP, DeepSpeed, model parallel), whose processes hold only shards of the parameters, are refused at setup
 (:func:`check_strategy`).
@@ -56,7 +56,8 @@ def agreed_memory_budget(trainer: Trainer, max_memory_bytes: int | None) -> int 
     Each process measures the same thing, so with on_error="raise" they must refuse the same measures: a
     process that raised alone would leave the others waiting in their next collective (NCCL: until its
     timeout). The default, half the available memory, is split among the processes of a node that share the
-    CPU memory (accelerator="cpu"). Called once, in ``setup``, where every process takes part.
+    CPU memory (accelerator="cpu"). Called at each measurement (every process takes part: the schedule is rank
+    0's), so that it counts the memory the model, optimizer and training batches hold by then.
     """
     if trainer.world_size <= 1:
         return max_memory_bytes

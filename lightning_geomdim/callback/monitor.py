@@ -148,7 +148,7 @@ class GeometryMonitor(Callback):
         self.input_fn, self.target_fn = input_fn or default_input_fn, target_fn or default_target_fn
         self.params = list(params) if params is not None else None
         self.spectrum, self.distributed_gram = bool(spectrum), bool(distributed_gram)
-        self.max_memory_bytes = self._budget = max_memory_bytes  # _budget: agreed by the processes at setup
+        self.max_memory_bytes = max_memory_bytes
         self.flatness_probe, self.flatness_top_k = flatness_probe, flatness_top_k
         self.flatness_trace_samples = flatness_trace_samples
         self.flatness_flat_dimension = bool(flatness_flat_dimension)
@@ -189,7 +189,6 @@ class GeometryMonitor(Callback):
             check_trainer(trainer)
             check_strategy(trainer.strategy)
             measured_module(pl_module, self.module)
-            self._budget = agreed_memory_budget(trainer, self.max_memory_bytes)
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -235,7 +234,8 @@ class GeometryMonitor(Callback):
             return
         self._schedule.mark(due, step)
         module, out = measured_module(pl_module, self.module), Measurement()
-        settings = MeasureSettings(max_memory_bytes=self._budget, **{
+        # agreed at each measurement, when the model, optimizer and batches are on the device (not at setup)
+        settings = MeasureSettings(max_memory_bytes=agreed_memory_budget(trainer, self.max_memory_bytes), **{
             f.name: getattr(self, f.name) for f in fields(MeasureSettings) if f.name != "max_memory_bytes"})
         steps = plan(self.probes, due, flatness_probe(self.probes, self.flatness_probe),
                      alignment_probe(self.probes, self.alignment_probe))
