@@ -213,7 +213,8 @@ def test_blocked_lower_triangle_accumulation(num_samples: int, monkeypatch: pyte
 def test_memory_budget_refused_before_allocating_with_numbers() -> None:
     model = mlp([4, 6, 3], seed=13)
     x = torch.randn(10, 4, generator=gen(13))
-    with pytest.raises(MemoryBudgetError, match=r"30 × 30 Gram.* needs about [0-9.]+ [KMG]?i?B.*smaller probe"):
+    refusal = r"30 × 30 Gram.* needs about [0-9.]+ [KMG]?i?B.*a probe of at most 1 sample \(the largest"
+    with pytest.raises(MemoryBudgetError, match=refusal):
         batch_functional_dimension(model, x, engine="gram", max_memory_bytes=1000)
     with measurement_mode(model):
         fm = FunctionalModel.from_module(model)

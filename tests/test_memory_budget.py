@@ -15,6 +15,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 BUDGET = 300 * 1024**2
 
 SCRIPT = textwrap.dedent(
@@ -149,3 +151,51 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
         assert "engine='gram' (it applies to this model)" in str(err) and "params=[...]" in str(err)
     else:
         raise AssertionError("the dense Jacobian was not refused")
+
+
+@pytest.mark.parametrize("measure", ["exact", "gram", "jacrev", "flatness"])
+def test_a_refusal_names_the_largest_probe_that_fits(measure: str) -> None:
+    """"use a probe of at most m samples": m samples are measured within the same budget, m + 1 are refused."""
+    import re
+
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_geomdim import batch_functional_dimension, flatness
+    from lightning_geomdim.core.errors import MemoryBudgetError
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 4))
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(200, 6, generator=g), torch.randint(0, 4, (200,), generator=g)
+
+    def run(n: int, budget: int) -> None:
+        if measure == "flatness":
+            flatness(net, F.cross_entropy, x[:n], y[:n], method="lanczos", max_memory_bytes=budget)
+        else:
+            batch_functional_dimension(net, x[:n], engine=measure, max_memory_bytes=budget)
+
+    budget = {"exact": 400_000, "gram": 400_000, "jacrev": 2_000_000, "flatness": 3_300_000}[measure]
+    with pytest.raises(MemoryBudgetError, match="the largest that fits") as refused:
+        run(200, budget)
+    largest = int(re.search(r"at most ([\d,]+) samples", str(refused.value)).group(1).replace(",", ""))
+    assert 1 <= largest < 200, str(refused.value)
+    run(largest, budget)  # fits
+    with pytest.raises(MemoryBudgetError):
+        run(largest + 1, budget)
+
+
+def test_a_refusal_says_when_no_probe_size_fits() -> None:
+    """Flatness' Lanczos and Hutch++ vectors (165 · P values) do not shrink with the probe."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    from lightning_geomdim import flatness
+    from lightning_geomdim.core.errors import MemoryBudgetError
+
+    net = nn.Sequential(nn.Linear(6, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 4))
+    x, y = torch.randn(50, 6), torch.randint(0, 4, (50,))
+    with pytest.raises(MemoryBudgetError, match="even a probe of one sample does not fit; lower lanczos_basis"):
+        flatness(net, F.cross_entropy, x, y, method="lanczos", max_memory_bytes=1_300_000)

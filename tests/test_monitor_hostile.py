@@ -253,11 +253,11 @@ def test_probe_too_large_for_the_budget_is_refused_with_numbers_and_remedy(tmp_p
     assert len(failed) == 1  # the same failure at steps 0, 2, 4: warned once, NaN logged each time
     points = logged(trainer)["geometry/train/batch_functional_dimension"]
     assert [s for s, _ in points] == [0, 2, 4] and all(math.isnan(v) for _, v in points)
-    match = re.search(r"needs about (\d+\.\d\d) MiB but the memory budget is 50\.00 MiB: use a smaller probe",
-                      failed[0])
+    match = re.search(r"needs about (\d+\.\d\d) MiB but the memory budget is 50\.00 MiB: use a probe of at most "
+                      r"(\d+) samples \(the largest that fits; now 600\)", failed[0])
     assert match, failed[0]
     assert "MemoryBudgetError" in failed[0] and "max_memory_bytes" in failed[0]
-    assert float(match.group(1)) >= 0.19 * 1024
+    assert float(match.group(1)) >= 0.19 * 1024 and 0 < int(match.group(2)) < 600
     values = logged(trainer)
     assert all(math.isnan(v) for _, v in values["geometry/train/batch_functional_dimension"])
     assert [s for s, v in values["geometry/flatness/max_eigenvalue"] if math.isnan(v)] == [0, 2, 4]

@@ -221,6 +221,8 @@ def exact_rank(
         what=f"the {plan.size} × {plan.size} Gram matrix of J mod p (M = {plan.num_outputs}, P = "
         f"{plan.num_params}) with its per-layer factors, eliminated in place (engine='exact')",
         remedies=FACTOR_REMEDIES,
+        by_samples=(plan.num_samples,
+                    lambda n: gram_bytes(plan.on_samples(n).with_cheaper_side(), 8, chunk_size=1, copies=1)),
     )
     generator = torch.Generator().manual_seed(int(seed))
     ranks: list[int] = []

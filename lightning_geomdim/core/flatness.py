@@ -264,12 +264,17 @@ def _flatness(
         )
     dense = use_dense_hessian(num_params, lanczos_iterations + trace_samples)
     resolved = method if method != "auto" else ("dense" if dense else "lanczos")
-    needed, what, remedies = _memory_estimate(
-        resolved, num_params, activations, torch.empty((), dtype=dtype).element_size(), top_k=top_k,
-        lanczos_iterations=lanczos_iterations, lanczos_basis=lanczos_basis, trace_samples=trace_samples,
-        trace_method=trace_method, chunk_size=chunk_size, return_eigenvectors=return_eigenvectors,
-    )
-    check_memory(needed, budget, what=what, remedies=remedies)
+    def estimate(values: int) -> tuple[int, str, tuple[Remedy, ...]]:  # for A = ``values`` activation values
+        return _memory_estimate(
+            resolved, num_params, values, torch.empty((), dtype=dtype).element_size(), top_k=top_k,
+            lanczos_iterations=lanczos_iterations, lanczos_basis=lanczos_basis, trace_samples=trace_samples,
+            trace_method=trace_method, chunk_size=chunk_size, return_eigenvectors=return_eigenvectors,
+        )
+
+    n = trace.inputs.num_samples
+    needed, what, remedies = estimate(activations)
+    check_memory(needed, budget, what=what, remedies=remedies,
+                 by_samples=(n, lambda m: estimate(-(-activations * m // n))[0]))
     loss = op.loss_value()
     if flat_dimension and dimension is None:  # before the HVPs: a probe too large fails before the HVPs
         dimension = batch_functional_dimension(

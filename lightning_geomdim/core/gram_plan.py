@@ -87,6 +87,11 @@ class GramPlan:
         """Side length d of the Gram matrix."""
         return self.num_outputs if self.side == "outputs" else self.used_params
 
+    def on_samples(self, n: int) -> GramPlan:
+        """The same network on n samples of the same kind (activations scaled), on the smaller side."""
+        per_sample = -(-self.activation_numel // max(1, self.num_samples))
+        return replace(self, num_samples=n, activation_numel=per_sample * n, forced_side=None)
+
     def with_cheaper_side(self) -> GramPlan:
         """This plan on the side whose assembly plus ~d³/3 elimination costs fewer flops (the exact engine's rule).
 

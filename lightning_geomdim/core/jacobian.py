@@ -89,9 +89,16 @@ def jacobian_spectrum(
     fm = trace.fm
     num_params = fm.num_params
     itemsize = torch.empty((), dtype=fm.dtype).element_size()
+    n = trace.inputs.num_samples
+
+    def needed(samples: int) -> int:  # J on ``samples`` samples of the probe, one row at a time
+        rows, values = -(-num_outputs * samples // n), -(-trace.activation_numel * samples // n)
+        return jacobian_bytes(rows, num_params, fm.dtype) + int(VJP_BYTES_PER_ACTIVATION * values * itemsize)
+
     chunk = rows_at_once(
         num_outputs, chunk_size, fixed=jacobian_bytes(num_outputs, num_params, fm.dtype),
         per_row=int(VJP_BYTES_PER_ACTIVATION * trace.activation_numel * itemsize), budget=budget,
+        by_samples=(n, needed),
         what=f"the dense {num_outputs} × {num_params} Jacobian (engine='jacrev') with its batched backward",
         remedies=(Remedy("use a smaller probe (fewer samples)"), *alternatives,
                   Remedy("a subset of parameters via {arg}=[...]", "params")),

@@ -8,7 +8,7 @@ The budget is, in order: the ``max_memory_bytes`` argument of a measure; the env
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -51,10 +51,40 @@ def format_bytes(n: float) -> str:
     return f"{n:.2f} TiB"
 
 
-def check_memory(needed: int, budget: int, *, what: str, remedies: Sequence[Remedy]) -> None:
-    """Raise :class:`MemoryBudgetError` when ``needed`` bytes exceed ``budget``."""
-    if needed > budget:
-        raise MemoryBudgetError(what, format_bytes(needed), format_bytes(budget), remedies)
+#: A probe's size N and the bytes a computation needs on n samples of it (increasing in n).
+BySamples = tuple[int, Callable[[int], int]]
+
+
+def check_memory(
+    needed: int, budget: int, *, what: str, remedies: Sequence[Remedy], by_samples: BySamples | None = None,
+) -> None:
+    """Raise :class:`MemoryBudgetError` when ``needed`` bytes exceed ``budget``.
+
+    ``by_samples``: (N, bytes needed on n samples): the refusal then says the largest probe that fits, in place of
+    "a smaller probe".
+    """
+    if needed <= budget:
+        return
+    if by_samples is not None:
+        n, need = by_samples
+        largest = largest_fitting(n, need, budget)
+        samples = f"{largest:,} sample" + ("s" if largest != 1 else "")
+        fits = (Remedy(f"use a probe of at most {samples} (the largest that fits; now {n:,})")
+                if largest else Remedy("even a probe of one sample does not fit"))
+        remedies = (fits, *(r for r in remedies if "smaller probe" not in r.text))
+    raise MemoryBudgetError(what, format_bytes(needed), format_bytes(budget), remedies)
+
+
+def largest_fitting(n: int, need: Callable[[int], int], budget: int) -> int:
+    """The largest m < n with ``need(m) <= budget`` (0 when none), by bisection: ``need`` increases with m."""
+    low, high = 0, n - 1  # need(low) fits (0: by convention), the answer is in [low, high]
+    while low < high:
+        mid = (low + high + 1) // 2
+        if need(mid) <= budget:
+            low = mid
+        else:
+            high = mid - 1
+    return low
 
 
 #: Bytes one vector-Jacobian product of a batched backward holds, per value of the forward pass (A) and byte of
@@ -65,7 +95,7 @@ VJP_BYTES_PER_ACTIVATION = 1.5
 
 def rows_at_once(
     rows: int, chunk_size: int | None, *, fixed: int, per_row: int, budget: int | None, what: str,
-    remedies: Sequence[Remedy],
+    remedies: Sequence[Remedy], by_samples: BySamples | None = None,
 ) -> int:
     """How many vector-Jacobian products one batched backward computes: ``chunk_size`` when given, else the most of
     ``rows`` for which ``fixed + chunk · per_row`` bytes fit ``budget`` (all of them without a budget).
@@ -80,7 +110,7 @@ def rows_at_once(
     else:
         chunk = max(1, min(rows, (budget - fixed) // max(per_row, 1)))
     if budget is not None:
-        check_memory(fixed + chunk * per_row, budget, what=what, remedies=remedies)
+        check_memory(fixed + chunk * per_row, budget, what=what, remedies=remedies, by_samples=by_samples)
     return max(1, chunk)
 
 
