@@ -372,7 +372,7 @@ class TwoHeads(nn.Module):
         return self.logits(h), self.aux(h)
 
 
-def test_multiple_outputs_need_output_fn(tmp_path: Path) -> None:
+def test_multiple_outputs_default_to_the_first_item_or_need_output_fn(tmp_path: Path) -> None:
     torch.manual_seed(7)
     net = TwoHeads()
     monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8,
@@ -389,11 +389,27 @@ def test_multiple_outputs_need_output_fn(tmp_path: Path) -> None:
         net, nn.functional.cross_entropy, x, y, output_fn=lambda out: out[0]).max_eigenvalue
     assert values["geometry/alignment/net.body/num_neurons"][-1][1] == 6
 
-    # without output_fn: every measure warns with the remedy, logs NaN, and training goes on
+    # without output_fn: the first item of the tuple is measured, one warning says so, and the values are the same
     monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8)
     trainer, record = fit(tmp_path / "plain", Module(net, output_of=lambda out: out[0]), classification(), monitor)
+    assert len(messages(record, "the model returns a tuple: measuring its first item")) == 1
+    assert logged(trainer)["geometry/train/batch_functional_dimension"][-1][1] == res.rank
+
+    # a dict of two tensors without "logits": every measure warns with the remedy, logs NaN, and training goes on
+    class Named(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.heads = net
+
+        def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+            first, second = self.heads(x)
+            return {"first": first, "second": second}
+
+    monitor = GeometryMonitor(max_overhead=None, every_n_steps=2, probes=["train"], probe_size=8)
+    trainer, record = fit(tmp_path / "dict", Module(Named(), output_of=lambda out: out["first"]), classification(),
+                          monitor)
     failed = messages(record, "failed and is logged as NaN")
-    assert len(failed) == 4 and all("pass output_fn=" in m for m in failed)  # 4 causes, each warned once (3 steps)
+    assert len(failed) == 4 and all("pass GeometryMonitor(output_fn=...)" in m for m in failed)  # 4 causes, once each
     assert all(math.isnan(v) for points in logged(trainer).values() for _, v in points)
 
 

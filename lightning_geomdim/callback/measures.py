@@ -14,7 +14,7 @@ probe by itself (see :mod:`.distributed`): the monitor makes no collective call 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from lightning_geomdim.callback.schedule import OverheadBudget
 from lightning_geomdim.core.activation_patterns import linear_regions
 from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted
+from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted, ProbeError
 from lightning_geomdim.core.flatness import flatness
 from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.interrupt import interruptible
@@ -39,6 +39,37 @@ from lightning_geomdim.core.probe_trace import ProbeTrace
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
 FLATNESS_KEYS: tuple[str, ...] = ("max_eigenvalue", "trace", "trace_std_error", "flat_dimension", "loss")
+
+
+class DefaultOutput:
+    """The monitor's ``output_fn`` when none is given: a tensor output itself; from a dict (a Hugging Face
+    ``ModelOutput`` too) its ``"logits"``, or its only tensor; from a tuple or list its first item when that is a
+    tensor. ``picked`` says what was taken from a container (for one warning), None for a plain tensor.
+
+    Raises:
+        ProbeError: no such tensor (the message asks for an ``output_fn``).
+    """
+
+    def __init__(self) -> None:
+        self.picked: str | None = None
+
+    def __call__(self, out: Any) -> Tensor:
+        if isinstance(out, Tensor):
+            return out
+        picked: tuple[str, Any] | None = None
+        if isinstance(out, Mapping):
+            tensors = [k for k, v in out.items() if isinstance(v, Tensor)]
+            key = "logits" if isinstance(out.get("logits"), Tensor) else (tensors[0] if len(tensors) == 1 else None)
+            picked = None if key is None else (f"its {key!r} entry", out[key])
+        elif isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
+            picked = ("its first item", out[0])
+        if picked is None:
+            raise ProbeError(
+                f"model output has type {type(out).__name__} with no 'logits' entry, single tensor or leading tensor: "
+                "pass GeometryMonitor(output_fn=...) mapping it to the tensor to measure"
+            )
+        self.picked = f"the model returns a {type(out).__name__}: measuring {picked[0]}"
+        return picked[1]
 
 
 @dataclass(frozen=True)
@@ -108,6 +139,9 @@ def measure_probes(
                 measure_probe(module, probe, measures, settings, policy, budget, out)
     except MeasurementInterrupted:
         rank_zero_info("GeometryMonitor: the measurement stopped early because the trainer received SIGTERM")
+    picked = getattr(settings.output_fn, "picked", None)
+    if picked is not None:
+        policy.warn_once(("output", picked), f"GeometryMonitor: {picked} (pass output_fn=... to choose another)")
 
 
 def measure_probe(

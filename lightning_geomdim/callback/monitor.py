@@ -21,7 +21,7 @@ from typing_extensions import override
 from lightning_geomdim.callback.distributed import agreed_memory_budget, check_strategy, from_rank_zero
 from lightning_geomdim.callback.error_policy import ErrorPolicy
 from lightning_geomdim.callback.log import log_layout, log_measurement
-from lightning_geomdim.callback.measures import Measurement, MeasureSettings, measure_probes, plan
+from lightning_geomdim.callback.measures import DefaultOutput, Measurement, MeasureSettings, measure_probes, plan
 from lightning_geomdim.callback.observer import observing
 from lightning_geomdim.callback.probe_set import alignment_probe, build_probes, can_measure_flatness, flatness_probe
 from lightning_geomdim.callback.probes import Probe, default_input_fn, default_target_fn
@@ -77,7 +77,8 @@ class GeometryMonitor(Callback):
             ``inputs``/``image``/``images``, else the dict without its target keys as keyword inputs.
         target_fn: batch → targets or ``None``; default the second item of a tuple/list, or the dict key (or
             namedtuple field) ``y``/``target``/``targets``/``label``/``labels``.
-        output_fn: model output → the tensor measured (e.g. ``lambda out: out["logits"]``).
+        output_fn: model output → the tensor measured (e.g. ``lambda out: out["logits"]``); default the output, or
+            a dict's ``"logits"`` / only tensor, or a tuple's first item (one warning says which).
         loss_fn: loss of flatness, ``(output, target) -> scalar``, or ``"cross_entropy"`` / ``"mse"``; default
             cross-entropy for integer targets, else mean squared error.
         params: names of the measured parameters; default every parameter with ``requires_grad``.
@@ -144,7 +145,8 @@ class GeometryMonitor(Callback):
             flatness_trace_samples=flatness_trace_samples, alignment_threshold=alignment_threshold,
             max_memory_bytes=max_memory_bytes,
         )
-        self.module, self.output_fn, self.loss_fn, self.engine, self.rtol = module, output_fn, loss_fn, engine, rtol
+        self.module, self.loss_fn, self.engine, self.rtol = module, loss_fn, engine, rtol
+        self.output_fn = output_fn if output_fn is not None else DefaultOutput()
         self.input_fn, self.target_fn = input_fn or default_input_fn, target_fn or default_target_fn
         self.params = list(params) if params is not None else None
         self.spectrum, self.distributed_gram = bool(spectrum), bool(distributed_gram)

@@ -100,9 +100,8 @@ def find_symmetries(trace: ProbeTrace) -> NetworkSymmetries:
                 saw_relu = saw_relu or isinstance(b.module, RELU_LIKE)
                 prev = b
     last = calls[-1] if calls else None
-    softmax = (
-        fm.output_fn is None
-        and last is not None
+    softmax = (  # the measured tensor is the softmax's own output (an output_fn may only pick it out of a container)
+        last is not None
         and isinstance(last.module, (nn.Softmax, nn.LogSoftmax))
         and _same(last.output, out)
         and last.module.dim in (-1, out.dim() - 1)
