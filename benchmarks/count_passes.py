@@ -4,8 +4,8 @@ step of GeometryMonitor, every measure on (dimension with its spectrum, linear r
 A real ``Trainer`` fits a small ReLU MLP for one step with ``GeometryMonitor(probes=["train"], at_start=True)``
 and nothing else scheduled, so the only measurement is the one at step 0, on one probe. Counted:
 
-* forward passes over the probe: calls of the network's root module on a float64 input (training runs in
-  float32, the measures in float64);
+* forward passes over the probe: calls of the network's root module on a float64 input of more than one sample
+  (training runs in float32, the measures in float64), and all float64 calls (one-sample traces included);
 * float64 copies of the parameters: ``aten._to_copy`` calls producing a float64 tensor from the storage of the
   network's first weight (every copy of the parameters copies that one).
 
@@ -32,15 +32,18 @@ from lightning_geomdim import GeometryMonitor
 
 
 class CountingMLP(nn.Sequential):
-    """A ReLU MLP that counts its float64 forward passes."""
+    """A ReLU MLP that counts its float64 forward passes (the measures'; training runs in float32), and among them
+    the passes over more than one sample (a probe, not a one-sample trace)."""
 
     def __init__(self) -> None:
         super().__init__(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
         self.float64_passes = 0
+        self.probe_passes = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float64:
             self.float64_passes += 1
+            self.probe_passes += x.shape[0] > 1
         return super().forward(x)
 
 
@@ -83,9 +86,10 @@ class ParameterCopies(TorchDispatchMode):
         return out
 
 
-def one_measurement_step(engine: str, root: str) -> tuple[int, int]:
+def one_measurement_step(engine: str, root: str) -> tuple[int, int, int]:
     """Fit one step with every measure due at step 0 on one probe of 32 samples, logging to a CSVLogger under
-    ``root``; return (forward passes over the probe, float64 copies of the parameters)."""
+    ``root``; return (forward passes over the whole probe, float64 forward passes in all, float64 copies of the
+    parameters)."""
     L.seed_everything(0, verbose=False)
     model = Classifier()
     monitor = GeometryMonitor(
@@ -98,17 +102,17 @@ def one_measurement_step(engine: str, root: str) -> tuple[int, int]:
     with warnings.catch_warnings(), copies:
         warnings.simplefilter("ignore")
         trainer.fit(model)
-    return model.net.float64_passes, copies.count
+    return model.net.probe_passes, model.net.float64_passes, copies.count
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--engine", default="auto", choices=["auto", "exact", "gram", "jacrev"])
     args = parser.parse_args()
-    passes, copies = one_measurement_step(args.engine, tempfile.mkdtemp())
+    passes, all_passes, copies = one_measurement_step(args.engine, tempfile.mkdtemp())
     print(f"one measurement step (dimension with spectrum [engine={args.engine}], linear regions, flatness, "
-          f"alignment) on one probe of 32 samples: {passes} forward passes over the probe, {copies} float64 copies "
-          "of the parameters")
+          f"alignment) on one probe of 32 samples: {passes} forward passes over the probe ({all_passes} float64 "
+          f"passes in all, one-sample passes included), {copies} float64 copies of the parameters")
 
 
 if __name__ == "__main__":

@@ -128,7 +128,7 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
-    monitor = GeometryMonitor(probes=["train"], measures=["dimension", "flatness"], max_memory_bytes=20_000,
+    monitor = GeometryMonitor(probes=["train"], measures=["dimension", "flatness"], max_memory_bytes=2_000_000,
                               flatness_flat_dimension=False)  # P = 3,075: Lanczos, whose remedies name the most
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -143,6 +143,8 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
             assert foreign not in remedies, (foreign, text)
         assert "max_memory_bytes=" in remedies
     assert any("flatness_trace_samples" in text for text in refusals)
+    # refused from one sample, before the pass over the probe (which would fit: about 0.8 MB)
+    assert all("estimated from one sample" in text for text in refusals)
     # the core alone keeps its own arguments
     try:
         batch_functional_dimension(nn.Sequential(nn.Linear(6, 64), nn.ReLU(), nn.Linear(64, 3)), data.tensors[0],
@@ -199,3 +201,29 @@ def test_a_refusal_says_when_no_probe_size_fits() -> None:
     x, y = torch.randn(50, 6), torch.randint(0, 4, (50,))
     with pytest.raises(MemoryBudgetError, match="even a probe of one sample does not fit; lower lanczos_basis"):
         flatness(net, F.cross_entropy, x, y, method="lanczos", max_memory_bytes=1_300_000)
+
+
+def test_a_probe_too_large_is_refused_from_one_sample_before_the_pass_over_it(tmp_path: Path) -> None:
+    """The monitor traces the probe's first sample, scales the estimates to the probe and refuses before the
+    forward pass over the whole probe: the network never runs on it, and the message gives the size that fits."""
+    import sys
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_geomdim import GeometryMonitor
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from count_passes import Classifier
+
+    model = Classifier()
+    monitor = GeometryMonitor(probes=["train"], probe_size=32, max_memory_bytes=20_000, tensorboard_extras=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_steps=1, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[monitor]).fit(model)
+    refusals = [str(w.message) for w in caught if "estimated from one sample" in str(w.message)]
+    assert refusals and all("the traced pass on 32 samples" in m for m in refusals), refusals
+    assert "use a probe of at most" in refusals[0]
+    assert model.net.probe_passes == 0 and model.net.float64_passes >= 1  # only one-sample passes ran

@@ -83,8 +83,9 @@ def test_one_measurement_step_is_one_forward_pass_and_one_parameter_copy_per_pro
     """A real Trainer, every measure due at step 0 on one probe (dimension with its spectrum, regions, flatness
     with the flat dimension, alignment): the measured network runs once in float64 and its parameters are copied
     to float64 once (``benchmarks/count_passes.py`` prints the same counts for any commit)."""
-    passes, copies = one_measurement_step(engine, str(tmp_path))
+    passes, all_passes, copies = one_measurement_step(engine, str(tmp_path))
     assert passes == 1 and copies == 1
+    assert all_passes == 2  # and one pass over the probe's first sample: the memory estimates before the big pass
     with open(next(Path(str(tmp_path)).rglob("metrics.csv"))) as f:
         rows = list(csv.DictReader(f))
     logged = {k for row in rows for k, v in row.items() if v not in ("", None)}
@@ -173,3 +174,22 @@ def test_regions_and_alignment_of_a_model_that_reads_values_need_no_graph() -> N
     net, x = ReadsValues(), probe()[0]
     assert linear_regions(net, x) >= 1
     assert set(neuron_alignment(net, x)) == {"fc"}
+
+
+def test_a_model_that_needs_several_samples_gets_no_estimate_but_is_measured() -> None:
+    class BatchStandardised(nn.Module):  # mixes samples: one sample has no standard deviation (NaN)
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            return self.out((h - h.mean(0)) / h.std(0))
+
+    estimates = []
+    net, x = BatchStandardised(), probe()[0]
+    trace = ProbeTrace.of(net, x, before=lambda one, n: estimates.append(n))
+    assert estimates == [] and trace.output.shape == (20, 3) and torch.isfinite(trace.output).all()
+    seen = []
+    ProbeTrace.of(CountingMLP(), x, before=lambda one, n: seen.append((one.inputs.num_samples, n)))
+    assert seen == [(1, 20)]

@@ -29,12 +29,13 @@ from lightning_geomdim.callback.schedule import OverheadBudget
 from lightning_geomdim.core.activation_patterns import linear_regions
 from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted, ProbeError
+from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted, MemoryBudgetError, ProbeError, Remedy
 from lightning_geomdim.core.flatness import flatness
 from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.interrupt import interruptible
 from lightning_geomdim.core.losses import LossFn, resolve_loss_fn
-from lightning_geomdim.core.memory import format_bytes
+from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
+from lightning_geomdim.core.preflight import dimension_bytes, flatness_bytes, trace_bytes
 from lightning_geomdim.core.probe_trace import ProbeTrace
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
@@ -184,6 +185,13 @@ def _measure(
                 "alignment", "alignment", lambda: _alignment(module, inputs, settings, out)))
 
 
+#: What else helps when a measure's estimate from one sample exceeds the budget (besides a smaller probe).
+PREFLIGHT_REMEDIES = {
+    "dimension": (Remedy("a subset of parameters via {arg}=[...]", "params"),),
+    "flatness": (Remedy("lower {arg}", "trace_samples"), Remedy("a subset of parameters via {arg}=[...]", "params")),
+}
+
+
 class ProbeData:
     """One probe on the module's device and its :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`, both made
     at first use (inside the first measure that reads them, which fails if they do) and shared by the probe's
@@ -200,6 +208,7 @@ class ProbeData:
         self.module, self.probe, self.settings, self.measures = module, probe, settings, measures
         self._xy: tuple[Any, Any] | None = None
         self._trace: ProbeTrace | None = None
+        self.refused: dict[str, MemoryBudgetError] = {}  # measure → its refusal, from the one-sample estimate
 
     def xy(self) -> tuple[Any, Any]:
         """(x, y) on the module's device; (None, None) without a probe."""
@@ -218,9 +227,38 @@ class ProbeData:
             self._trace = ProbeTrace.of(
                 self.module, self.xy()[0], params=s.params, dtype=s.dtype, output_fn=s.output_fn,
                 grad="dimension" in due or "flatness" in due,
-                factors="dimension" in due or ("flatness" in due and s.flatness_flat_dimension),
+                factors="dimension" in due or ("flatness" in due and s.flatness_flat_dimension), before=self._preflight,
             )
         return self._trace
+
+    def trace_for(self, measure: str) -> ProbeTrace | None:
+        """:meth:`trace`, or the refusal of ``measure`` when its estimate from one sample exceeds the budget."""
+        trace = self.trace()
+        if measure in self.refused:
+            raise self.refused[measure]
+        return trace
+
+    def _preflight(self, one: ProbeTrace, n: int) -> None:
+        """From a one-sample trace: refuse the pass over the whole probe, or the measures, that would not fit."""
+        s, due = self.settings, self.measures
+        budget = memory_budget(one.fm.device, s.max_memory_bytes)
+        factors = "dimension" in due or ("flatness" in due and s.flatness_flat_dimension)
+        by_n = {"the traced pass": lambda m: trace_bytes(one, m, factors=factors)}
+        if "dimension" in due:
+            by_n["dimension"] = lambda m: dimension_bytes(one, m, engine=s.engine, spectrum=s.spectrum if (
+                self.probe is None or self.probe.spectrum is None) else self.probe.spectrum,
+                logit_differences=self.probe is None or self.probe.logit_differences)
+        if "flatness" in due:
+            by_n["flatness"] = lambda m: flatness_bytes(one, m, top_k=s.flatness_top_k,
+                                                        trace_samples=s.flatness_trace_samples)
+        for what, need in by_n.items():
+            try:
+                check_memory(need(n), budget, what=f"{what} on {n:,} samples (estimated from one sample)",
+                             remedies=PREFLIGHT_REMEDIES.get(what, ()), by_samples=(n, need))
+            except MemoryBudgetError as err:
+                if what == "the traced pass":
+                    raise
+                self.refused[what] = err
 
     def release(self) -> None:
         if self._trace is not None:
@@ -233,7 +271,8 @@ def _dimension(
     out: dict[str, DimensionResult],
 ) -> dict[str, float]:
     res = batch_functional_dimension(
-        module, None, trace=inputs.trace(), output_fn=settings.output_fn, params=settings.params, dtype=settings.dtype,
+        module, None, trace=inputs.trace_for("dimension"), output_fn=settings.output_fn, params=settings.params,
+        dtype=settings.dtype,
         max_memory_bytes=settings.max_memory_bytes, **settings.dimension_options(),
         spectrum=settings.spectrum if probe.spectrum is None else probe.spectrum,
         logit_differences=probe.logit_differences,
@@ -291,7 +330,8 @@ def _flatness(
         ) from failed
     y = inputs.xy()[1]
     res = flatness(
-        module, resolve_loss_fn(settings.loss_fn, y), None, y, trace=inputs.trace(), top_k=settings.flatness_top_k,
+        module, resolve_loss_fn(settings.loss_fn, y), None, y, trace=inputs.trace_for("flatness"),
+        top_k=settings.flatness_top_k,
         trace_samples=settings.flatness_trace_samples, generator=torch.Generator().manual_seed(settings.seed),
         dtype=settings.dtype, params=settings.params, output_fn=settings.output_fn,
         dimension=dimension if settings.flatness_flat_dimension else None,

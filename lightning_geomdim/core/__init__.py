@@ -10,5 +10,6 @@ dense Jacobian (:mod:`.jacobian`), and the measure that chooses between them (:m
 symmetries (:mod:`.symmetries`); activation patterns and linear regions (:mod:`.activation_patterns`); the CFFD
 (:mod:`.cffd`); flatness from Hessian-vector products (:mod:`.hessian`, :mod:`.lanczos`, :mod:`.trace_estimation`,
 :mod:`.losses`, :mod:`.flatness`); neuron alignment (:mod:`.alignment`); memory budgets (:mod:`.memory`) and
-errors (:mod:`.errors`).
+estimates from one sample (:mod:`.preflight`); stopping between chunks of work (:mod:`.interrupt`); errors
+(:mod:`.errors`).
 """

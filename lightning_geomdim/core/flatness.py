@@ -265,7 +265,7 @@ def _flatness(
     dense = use_dense_hessian(num_params, lanczos_iterations + trace_samples)
     resolved = method if method != "auto" else ("dense" if dense else "lanczos")
     def estimate(values: int) -> tuple[int, str, tuple[Remedy, ...]]:  # for A = ``values`` activation values
-        return _memory_estimate(
+        return memory_estimate(
             resolved, num_params, values, torch.empty((), dtype=dtype).element_size(), top_k=top_k,
             lanczos_iterations=lanczos_iterations, lanczos_basis=lanczos_basis, trace_samples=trace_samples,
             trace_method=trace_method, chunk_size=chunk_size, return_eigenvectors=return_eigenvectors,
@@ -345,7 +345,7 @@ def _flatness(
     )
 
 
-def _memory_estimate(
+def memory_estimate(
     method: str, num_params: int, activations: int, itemsize: int, *, top_k: int, lanczos_iterations: int,
     lanczos_basis: int | None, trace_samples: int, trace_method: str, chunk_size: int | None,
     return_eigenvectors: bool,

@@ -24,7 +24,7 @@ measured layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.re
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -107,10 +107,15 @@ class ProbeTrace:
     def of(
         model: nn.Module, x: Any, *, params: Sequence[str] | None = None, dtype: torch.dtype = torch.float64,
         output_fn: OutputFn | None = None, grad: bool = True, factors: bool = True,
+        before: Callable[[ProbeTrace, int], None] | None = None,
     ) -> ProbeTrace:
         """Copy the parameters of ``model`` (``params``, default the trainable ones) to ``dtype`` once and
         :meth:`record` the pass on the probe batch ``x`` (a Tensor, tuple or dict, see :class:`ProbeInputs`), in
         :func:`measurement_mode` (eval mode; the model's state is restored afterwards).
+
+        ``before(one, n)``: called first with a trace of the probe's first sample (no autograd, the same parameter
+        copy) and the probe's n samples, to estimate what the whole pass and the measures will need; it may raise
+        to refuse before the pass over the whole probe (:mod:`lightning_geomdim.core.preflight`).
 
         Raises:
             ValueError: unknown names in ``params``, a non-floating dtype, or no parameters at all.
@@ -124,6 +129,15 @@ class ProbeTrace:
         with measurement_mode(model):
             fm = FunctionalModel.from_module(model, params=params, dtype=dtype, output_fn=output_fn)
             inputs = ProbeInputs.from_batch(x, dtype=dtype, device=fm.device)
+            if before is not None and inputs.num_samples > 1:
+                try:  # a model that needs several samples (batch statistics) gets no estimate, not an error
+                    one = ProbeTrace.record(fm, inputs.select(slice(0, 1)), grad=False, factors=False)
+                except (ProbeError, NonFiniteError):
+                    one = None
+                if one is not None:
+                    one.trainable = trainable
+                    before(one, inputs.num_samples)
+                    del one
             trace = ProbeTrace.record(fm, inputs, grad=grad, factors=factors and grad)
         trace.trainable = trainable
         return trace
