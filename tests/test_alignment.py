@@ -143,14 +143,14 @@ def test_traced_custom_forward_shared_relu_and_broken_links() -> None:
         def forward(self, x: Tensor) -> Tensor:
             side = self.fc3(x[:, :1].expand(-1, 4))  # interleaved call: must not break fc1's link
             h = self.act(self.drop(self.fc1(x)))  # through dropout: reported
-            h = self.act(self.bn(self.fc2(h)))  # through BatchNorm: not reported
+            h = self.act(self.bn(self.fc2(h)))  # through BatchNorm (eval): reported, the BatchNorm folded in
             return self.out(h + side)
 
     torch.manual_seed(0)
     model = Custom().train()
     x = torch.randn(9, 3, generator=gen(6))
     stats = neuron_alignment(model, x)
-    assert list(stats) == ["fc1"]
+    assert list(stats) == ["fc1", "fc2"] and stats["fc1"].folded == () and stats["fc2"].folded == ("bn",)
     first = activation_patterns(model, x)["act#0"]  # the shared ReLU's first call
     assert torch.equal(stats["fc1"].dead, ~first.any(dim=0))
     assert all(m.training for m in model.modules())
@@ -165,10 +165,10 @@ def test_not_applicable_without_relu_or_without_a_feeding_layer() -> None:
     for arg in (None, x):
         with pytest.raises(NotApplicableError, match="no nn.ReLU"):
             neuron_alignment(tanh, arg)
-    bn_first = nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3), nn.ReLU(), nn.Linear(3, 1))
+    layer_norm_first = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3), nn.ReLU(), nn.Linear(3, 1))  # not foldable
     for arg in (None, x):
         with pytest.raises(NotApplicableError, match="feeds a ReLU"):
-            neuron_alignment(bn_first, arg)
+            neuron_alignment(layer_norm_first, arg)
 
 
 def test_single_neuron_and_zero_neuron() -> None:
@@ -235,3 +235,34 @@ def test_memory_budget_refused_before_the_cosines_and_the_patterns() -> None:
 def test_memory_estimate_keeps_every_layer_and_works_on_the_widest() -> None:
     shapes = [(6, 4), (40, 7)]
     assert alignment_bytes(shapes) == 8 * (36 + 1600) + 19 * 1600 + 16 * 40 * 7
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv"])
+def test_batchnorm_in_eval_is_folded_into_the_neurons_it_follows(kind: str) -> None:
+    """conv → BatchNorm → ReLU (the standard block): the neurons are those of the composed affine map,
+    w ← s w, b ← s b + β − s μ with s = γ / √(σ² + ε), from the running statistics (eval mode)."""
+    torch.manual_seed(3)
+    if kind == "linear":
+        layer, norm, x = nn.Linear(5, 6), nn.BatchNorm1d(6), torch.randn(12, 5, generator=gen(3))
+    else:
+        layer, norm, x = nn.Conv2d(2, 6, 3, padding=1), nn.BatchNorm2d(6), torch.randn(4, 2, 5, 5, generator=gen(3))
+    model = nn.Sequential(layer, norm, nn.ReLU(), nn.Flatten(), nn.LazyLinear(2) if kind == "conv" else nn.Linear(6, 2))
+    model(x)  # materialise the lazy layer
+    with torch.no_grad():  # running statistics and affine parameters far from the defaults
+        norm.running_mean.uniform_(-1, 1, generator=gen(4))
+        norm.running_var.uniform_(0.2, 3, generator=gen(5))
+        norm.weight.uniform_(-2, 2, generator=gen(6))
+        norm.bias.uniform_(-1, 1, generator=gen(7))
+        layer.weight[1] = 3 * layer.weight[0]  # the same direction before the fold ...
+        layer.bias[1] = 3 * layer.bias[0]
+    s = norm.weight.detach().double() / (norm.running_var.double() + norm.eps).sqrt()
+    w = layer.weight.detach().double().reshape(6, -1) * s[:, None]
+    b = s * layer.bias.detach().double() + norm.bias.detach().double() - s * norm.running_mean.double()
+    u = torch.cat([w, b[:, None]], dim=1)
+    u = u / u.norm(dim=1, keepdim=True)
+    for stats in (neuron_alignment(model, x)["0"], neuron_alignment(model)["0"]):  # traced, and from the Sequential
+        assert stats.folded == ("1",)
+        torch.testing.assert_close(stats.cosines, (u @ u.T).clamp(-1, 1), rtol=0, atol=1e-12)
+    # ... stays aligned after it only if the two channels' BatchNorm maps agree, which they do not here
+    assert abs(float(stats.cosines[0, 1])) < 0.999
+

@@ -6,11 +6,13 @@ Two neurons with cos(u_i, u_j) = 1 cut the input space along the same hyperplane
 (positive multiples of each other); cos = −1 is the same hyperplane with the opposite side, not aligned.
 
 Which layers: an ``nn.Linear`` / ``nn.Conv{1,2,3}d`` whose output reaches an ``nn.ReLU`` / ``nn.LeakyReLU``
-directly or through ``nn.Identity`` / dropout modules only (identity in eval mode), so that the ReLU's
-pattern is 1[u_j · (x, 1) > 0]. Anything else in between (BatchNorm, pooling, a residual addition,
-functional code) breaks the link and the layer is not reported. With ``x`` the data flow is traced on one
-sample tensor by tensor (:mod:`lightning_geomdim.core.tracing`); without ``x`` it is read from the children order
-of the model's ``nn.Sequential`` containers (exactly how a Sequential runs).
+directly or through ``nn.Identity`` / dropout modules (identity in eval mode) and batch normalisations with running
+statistics (a per-channel affine map in eval mode, folded into the neurons: conv → BatchNorm → ReLU, the standard
+block, is measured on the composed map, and ``AlignmentStats.folded`` names what was folded), so that the ReLU's
+pattern is 1[u_j · (x, 1) > 0]. Anything else in between (LayerNorm, pooling, a residual addition, functional code)
+breaks the link and the layer is not reported. With ``x`` the data flow is read from the traced pass tensor by tensor
+(:mod:`lightning_geomdim.core.probe_trace`); without ``x`` from the children order of the model's ``nn.Sequential``
+containers (exactly how a Sequential runs).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch.utils._pytree import tree_map
 from lightning_geomdim.core.activation_patterns import unit_activity
 from lightning_geomdim.core.errors import NotApplicableError, Remedy
 from lightning_geomdim.core.functional_model import OutputFn
-from lightning_geomdim.core.layer_kinds import AFFINE, PASS_THROUGH, RELU_LIKE
+from lightning_geomdim.core.layer_kinds import AFFINE, BATCH_NORM, PASS_THROUGH, RELU_LIKE
 from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
 from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall, traced
 from lightning_geomdim.core.rank import stable_rank
@@ -46,11 +48,14 @@ class AlignmentStats:
             with every neuron, itself included).
         cluster_labels: shape (n,), int64, cluster index of each neuron, 0..num_clusters − 1 in order of first
             appearance.
-        stable_rank: ‖W‖_F² / ‖W‖_2² of the weight matrix W, shape (n, fan_in) (bias excluded).
+        stable_rank: ‖W‖_F² / ‖W‖_2² of the weight matrix W, shape (n, fan_in) (bias excluded; with the batch
+            normalisations of ``folded`` folded in).
         dead: shape (n,), bool, never active on x (conv: at no position of any input); ``None`` without x.
         always_active: shape (n,), bool, active on every input (and every position); ``None`` without x.
         duplicate_patterns: shape (n,), bool, the unit's activation column on x (conv: over inputs ×
             positions) equals another unit's; ``None`` without x. Two dead units duplicate each other.
+        folded: the batch normalisations (eval mode) between the layer and its ReLU, folded into the neurons: the
+            neurons are those of the composed affine map (conv → BatchNorm → ReLU, the standard block).
     """
 
     num_neurons: int
@@ -63,6 +68,7 @@ class AlignmentStats:
     dead: Tensor | None = None
     always_active: Tensor | None = None
     duplicate_patterns: Tensor | None = None
+    folded: tuple[str, ...] = ()
 
     @property
     def num_dead(self) -> int | None:
@@ -143,16 +149,17 @@ def neuron_alignment(
             f"{type(model).__name__} has no nn.ReLU / nn.LeakyReLU module, so neuron alignment is not defined "
             "(functional relu calls are not seen: use nn.ReLU modules to have them measured)"
         )
+    folded: dict[str, list[str]] = {}  # layer → the batch normalisations folded into its neurons
     if trace is None and x is None:
-        return _statistics(model, _feeding(model, None, max_memory_bytes), None, threshold, dtype)
+        return _statistics(model, _feeding(model, None, max_memory_bytes, folded), None, threshold, dtype, folded)
     names = [n for n, _ in model.named_parameters()]
     if trace is None:  # the data flow and the memory check from one sample, before the pass of the whole batch
         with traced(model, _first_sample(x), None, params=names, dtype=dtype, output_fn=output_fn) as first:
-            feeding = _feeding(model, first, max_memory_bytes)
+            feeding = _feeding(model, first, max_memory_bytes, folded)
     with traced(model, x, trace, params=names, dtype=dtype, output_fn=output_fn) as recorded:
         if trace is not None:
-            feeding = _feeding(model, recorded, max_memory_bytes)
-        return _statistics(model, feeding, recorded, threshold, dtype)
+            feeding = _feeding(model, recorded, max_memory_bytes, folded)
+        return _statistics(model, feeding, recorded, threshold, dtype, folded)
 
 
 def _first_sample(x: Any) -> Any:
@@ -160,14 +167,18 @@ def _first_sample(x: Any) -> Any:
     return tree_map(lambda t: t[:1] if isinstance(t, Tensor) and t.dim() > 0 else t, x)
 
 
-def _feeding(model: nn.Module, trace: ProbeTrace | None, max_memory_bytes: int | None) -> dict[str, list[str]]:
-    """The layers measured (name → keys of the ReLU calls they feed), after checking the cosines' memory."""
-    feeding = {name: [] for name in _sequential_feeding(model)} if trace is None else _traced_feeding(trace)
+def _feeding(
+    model: nn.Module, trace: ProbeTrace | None, max_memory_bytes: int | None, folded: dict[str, list[str]],
+) -> dict[str, list[str]]:
+    """The layers measured (name → keys of the ReLU calls they feed), after checking the cosines' memory;
+    ``folded`` receives the batch normalisations folded into each."""
+    feeding = ({name: [] for name in _sequential_feeding(model, folded)} if trace is None
+               else _traced_feeding(trace, folded))
     if not feeding:
         how = "in the traced forward" if trace is not None else "in the children order of its nn.Sequential containers"
         raise NotApplicableError(
             f"no nn.Linear / nn.Conv layer of {type(model).__name__} feeds a ReLU directly (only through "
-            f"Identity/Dropout) {how}, so neuron alignment is not defined for it"
+            f"Identity/Dropout/BatchNorm) {how}, so neuron alignment is not defined for it"
             + ("" if trace is not None else ": pass a probe batch x=... to trace the data flow of a custom forward")
         )
     modules = dict(model.named_modules())
@@ -185,12 +196,13 @@ def _feeding(model: nn.Module, trace: ProbeTrace | None, max_memory_bytes: int |
 
 def _statistics(
     model: nn.Module, feeding: dict[str, list[str]], trace: ProbeTrace | None, threshold: float, dtype: torch.dtype,
+    folded: dict[str, list[str]],
 ) -> dict[str, AlignmentStats]:
     modules = dict(model.named_modules())
     patterns: dict[str, Tensor] = {} if trace is None else trace.patterns()
     tensors = {} if trace is None else {**trace.fm.frozen, **trace.fm.params}
     return {
-        name: _layer_stats(modules[name], name, tensors, [patterns[k] for k in keys], threshold, dtype)
+        name: _layer_stats(modules, name, tensors, [patterns[k] for k in keys], threshold, dtype, folded.get(name, []))
         for name, keys in feeding.items()
     }
 
@@ -212,68 +224,93 @@ def _neuron_shape(module: nn.Module) -> tuple[int, int]:
     return int(weight.shape[0]), weight[0].numel() + (getattr(module, "bias", None) is not None)
 
 
-def _sequential_feeding(model: nn.Module) -> list[str]:
-    """Affine children of nn.Sequential containers followed by a ReLU (through pass-through modules only)."""
+def _sequential_feeding(model: nn.Module, folded: dict[str, list[str]]) -> list[str]:
+    """Affine children of nn.Sequential containers followed by a ReLU (through pass-through modules and batch
+    normalisations, whose names go to ``folded``)."""
     found = []
     for prefix, seq in model.named_modules():
         if not isinstance(seq, nn.Sequential):
             continue
         children = list(seq.named_children())
-        for i, (name, child) in enumerate(children):
+        qualified = [f"{prefix}.{name}" if prefix else name for name, _ in children]
+        for i, (_, child) in enumerate(children):
             if not isinstance(child, AFFINE):
                 continue
-            for _, nxt in children[i + 1 :]:
+            norms = []
+            for j, (_, nxt) in enumerate(children[i + 1 :], start=i + 1):
                 if isinstance(nxt, RELU_LIKE):
-                    found.append(f"{prefix}.{name}" if prefix else name)
+                    found.append(qualified[i])
+                    folded.setdefault(qualified[i], norms)
                     break
-                if not isinstance(nxt, PASS_THROUGH):
+                if isinstance(nxt, BATCH_NORM) and nxt.running_var is not None:
+                    norms.append(qualified[j])
+                elif not isinstance(nxt, PASS_THROUGH):
                     break
     return list(dict.fromkeys(found))
 
 
-def _traced_feeding(trace: ProbeTrace) -> dict[str, list[str]]:
-    """Affine module name → keys (as in :func:`activation_patterns`) of the ReLU calls it feeds, in the trace."""
+def _traced_feeding(trace: ProbeTrace, folded: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Affine module name → keys (as in :func:`activation_patterns`) of the ReLU calls it feeds, in the trace;
+    ``folded`` receives, per affine module, the batch normalisations between it and its ReLU."""
     calls = trace.leaf_calls()
     relu_calls = [c for c in calls if isinstance(c.module, RELU_LIKE)]
     keys = dict(zip((id(c) for c in relu_calls), call_keys(relu_calls), strict=True))
     feeding: dict[str, list[str]] = {}
     for i, call in enumerate(calls):
         if isinstance(call.module, RELU_LIKE):
-            source = _producer(calls, i, call)
-            if source is not None:
-                feeding.setdefault(source.name, []).append(keys[id(call)])
+            found = _producer(calls, i, call)
+            if found is not None:
+                feeding.setdefault(found[0].name, []).append(keys[id(call)])
+                folded.setdefault(found[0].name, [c.name for c in found[1]])
     return feeding
 
 
-def _producer(calls: list[TracedCall], index: int, relu: TracedCall) -> TracedCall | None:
-    """The affine call whose output is the ReLU's input, through pass-through calls only; else None."""
-    tensor = relu.input
+def _producer(calls: list[TracedCall], index: int, relu: TracedCall) -> tuple[TracedCall, list[TracedCall]] | None:
+    """The affine call whose output is the ReLU's input, through pass-through calls and batch normalisations with
+    running statistics (returned in data-flow order, to be folded into its neurons); else None."""
+    tensor, norms = relu.input, []
     for j in range(index - 1, -1, -1):
         c = calls[j]
         if not (isinstance(tensor, Tensor) and c.output is tensor):
             continue
         if isinstance(c.module, AFFINE):
-            return c
-        if not isinstance(c.module, PASS_THROUGH):
+            return c, norms
+        if isinstance(c.module, BATCH_NORM) and c.module.running_var is not None:
+            norms.insert(0, c)
+        elif not isinstance(c.module, PASS_THROUGH):
             return None
         tensor = c.input
     return None
 
 
-def _neurons(module: nn.Module, name: str, tensors: dict[str, Tensor], dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """(W, U): weight as (n, fan_in) and the neurons (w_j, b_j), shape (n, fan_in + 1) (or fan_in without bias).
+def _neurons(
+    modules: dict[str, nn.Module], name: str, tensors: dict[str, Tensor], dtype: torch.dtype, norms: list[str],
+) -> tuple[Tensor, Tensor]:
+    """(W, U): weight as (n, fan_in) and the neurons (w_j, b_j), shape (n, fan_in + 1) (or fan_in without bias),
+    of the affine map from the layer's input to its ReLU's input: each batch normalisation of ``norms`` (eval mode,
+    running statistics) folded in, w_j ← s_j w_j and b_j ← s_j b_j + β_j − s_j μ_j with s_j = γ_j / √(σ²_j + ε).
 
-    ``tensors``: the trace's copies of the parameters in ``dtype`` by qualified name (read instead of copying the
-    module's own when present)."""
-    prefix = f"{name}." if name else ""
-    weight = tensors.get(prefix + "weight")
-    w = (module.weight if weight is None else weight).detach().to(dtype=dtype)
+    ``tensors``: the trace's copies of the parameters and buffers in ``dtype`` by qualified name (read instead of
+    copying the module's own when present)."""
+
+    def read(owner: str, attr: str) -> Tensor | None:
+        value = tensors.get(f"{owner}.{attr}" if owner else attr, getattr(modules[owner], attr, None))
+        return None if value is None else value.detach().to(dtype=dtype)
+
+    w = read(name, "weight")
+    assert w is not None
     w = w.reshape(w.shape[0], -1)
-    bias = getattr(module, "bias", None)
-    if bias is None:
+    b = read(name, "bias")
+    for norm in norms:
+        bn = modules[norm]
+        scale = (read(norm, "running_var") + bn.eps).rsqrt()  # type: ignore[operator]
+        gamma, beta = read(norm, "weight"), read(norm, "bias")
+        scale = scale if gamma is None else gamma * scale
+        shift = -scale * read(norm, "running_mean") + (0.0 if beta is None else beta)  # type: ignore[operator]
+        w, b = scale[:, None] * w, shift if b is None else scale * b + shift
+    if b is None:
         return w, w
-    b = tensors.get(prefix + "bias")
-    return w, torch.cat([w, (bias if b is None else b).detach().to(dtype=dtype).reshape(-1, 1)], dim=1)
+    return w, torch.cat([w, b.reshape(-1, 1)], dim=1)
 
 
 def _clusters(adjacency: Tensor) -> Tensor:
@@ -289,10 +326,11 @@ def _clusters(adjacency: Tensor) -> Tensor:
 
 
 def _layer_stats(
-    module: nn.Module, name: str, tensors: dict[str, Tensor], patterns: list[Tensor], threshold: float,
-    dtype: torch.dtype,
+    modules: dict[str, nn.Module], name: str, tensors: dict[str, Tensor], patterns: list[Tensor], threshold: float,
+    dtype: torch.dtype, folded: list[str],
 ) -> AlignmentStats:
-    w, u = _neurons(module, name, tensors, dtype)
+    module = modules[name]
+    w, u = _neurons(modules, name, tensors, dtype, folded)
     n = u.shape[0]
     norms = torch.linalg.vector_norm(u, dim=1, keepdim=True)
     u = torch.where(norms > 0, u / norms.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(u))
@@ -323,6 +361,7 @@ def _layer_stats(
         cosines=cosines.cpu(),
         cluster_labels=cluster_labels.cpu(),
         stable_rank=stable_rank(torch.linalg.svdvals(w)),
+        folded=tuple(folded),
         **stats,
     )
 

@@ -58,3 +58,5 @@ PER_SAMPLE: tuple[type[nn.Module], ...] = tuple(dict.fromkeys((*ELEMENTWISE, *DR
 HOMOGENEOUS: tuple[type[nn.Module], ...] = (*RELU_LIKE, *RESHAPE[:2], *DROPOUT, *MAX_POOL, *AVG_POOL)
 #: Modules between an affine layer and its ReLU that leave the pre-activation unchanged (in eval mode).
 PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, *DROPOUT)
+#: Batch normalisation: in eval mode a per-channel affine map, which folds into the affine layer before it.
+BATCH_NORM: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
