@@ -195,7 +195,8 @@ PREFLIGHT_REMEDIES = {
 class ProbeData:
     """One probe on the module's device and its :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`, both made
     at first use (inside the first measure that reads them, which fails if they do) and shared by the probe's
-    measures: one forward pass over the probe and one float64 copy of the parameters per probe and step.
+    measures: one forward pass over the probe (after one over its first sample, from which :meth:`_preflight`
+    refuses what would not fit) and one float64 copy of the parameters per probe and step.
 
     Every process holds the same probe and, under DDP, the same weights, so each measures the whole probe by
     itself: no collective call (nothing to deadlock on if the processes' measurements diverge), and the samples
