@@ -258,7 +258,7 @@ def gram_matrix(
         what=f"the {plan.size} × {plan.size} Gram matrix of J (M = {plan.num_outputs}, P = "
         f"{plan.num_params}) with its per-layer factors (engine='gram')",
         remedies=FACTOR_REMEDIES,
-        by_samples=(plan.num_samples, lambda n: _needed(plan.on_samples(n), itemsize)),
+        by_samples=(plan.num_samples, lambda n: gram_bytes(plan.on_samples(n), itemsize, chunk_size=1)),
     )
     factors = layer_factors(trace, plan, chunk_size=chunk)
     share = _process_share(distributed)
@@ -267,11 +267,6 @@ def gram_matrix(
     if share[1] > 1:
         torch.distributed.all_reduce(gram, op=torch.distributed.ReduceOp.SUM)
     return gram, plan
-
-
-def _needed(plan: GramPlan, itemsize: int) -> int:
-    """The least memory :func:`gram_matrix` needs: the Gram, the factors and one output coordinate's backward."""
-    return gram_bytes(plan, itemsize, chunk_size=1)
 
 
 def gram_spectrum(

@@ -216,7 +216,6 @@ class HessianOperator:
 
     def matvec(self, v: Tensor) -> Tensor:
         """H v for one vector, shape (P,) → (P,). Cost: 1 HVP."""
-        checkpoint()
         self.num_hvps += 1
         return self._single(v)
 

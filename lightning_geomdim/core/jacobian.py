@@ -28,8 +28,13 @@ from lightning_geomdim.core.rank import Spectrum
 
 
 def jacobian_bytes(num_outputs: int, num_params: int, dtype: torch.dtype) -> int:
-    """Peak memory estimate of :func:`jacobian_spectrum`, in bytes."""
+    """Memory of J in :func:`jacobian_spectrum` (J, a chunk of its rows, the SVD's copy), in bytes."""
     return 3 * num_outputs * num_params * torch.empty((), dtype=dtype).element_size()
+
+
+def vjp_row_bytes(activations: int, dtype: torch.dtype) -> int:
+    """Memory one row of a batched backward holds, for a forward pass of ``activations`` values, in bytes."""
+    return int(VJP_BYTES_PER_ACTIVATION * activations * torch.empty((), dtype=dtype).element_size())
 
 
 def jacobian_matrix(trace: ProbeTrace, *, chunk_size: int | None = None) -> Tensor:
@@ -88,16 +93,15 @@ def jacobian_spectrum(
     """
     fm = trace.fm
     num_params = fm.num_params
-    itemsize = torch.empty((), dtype=fm.dtype).element_size()
     n = trace.inputs.num_samples
 
     def needed(samples: int) -> int:  # J on ``samples`` samples of the probe, one row at a time
         rows, values = -(-num_outputs * samples // n), -(-trace.activation_numel * samples // n)
-        return jacobian_bytes(rows, num_params, fm.dtype) + int(VJP_BYTES_PER_ACTIVATION * values * itemsize)
+        return jacobian_bytes(rows, num_params, fm.dtype) + vjp_row_bytes(values, fm.dtype)
 
     chunk = rows_at_once(
         num_outputs, chunk_size, fixed=jacobian_bytes(num_outputs, num_params, fm.dtype),
-        per_row=int(VJP_BYTES_PER_ACTIVATION * trace.activation_numel * itemsize), budget=budget,
+        per_row=vjp_row_bytes(trace.activation_numel, fm.dtype), budget=budget,
         by_samples=(n, needed),
         what=f"the dense {num_outputs} × {num_params} Jacobian (engine='jacrev') with its batched backward",
         remedies=(Remedy("use a smaller probe (fewer samples)"), *alternatives,

@@ -16,8 +16,7 @@ from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.flatness import DEFAULT_LANCZOS_ITERATIONS, memory_estimate
 from lightning_geomdim.core.gram_plan import gram_bytes
 from lightning_geomdim.core.hessian import use_dense_hessian
-from lightning_geomdim.core.jacobian import jacobian_bytes
-from lightning_geomdim.core.memory import VJP_BYTES_PER_ACTIVATION
+from lightning_geomdim.core.jacobian import jacobian_bytes, vjp_row_bytes
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.structure import gram_plan
 from lightning_geomdim.core.symmetries import find_symmetries
@@ -52,7 +51,7 @@ def dimension_bytes(one: ProbeTrace, n: int, *, engine: str, spectrum: bool, log
             else:
                 rows = one.measured_output(fm.logit_head).numel() * n
                 needed = max(needed, jacobian_bytes(rows, fm.num_params, fm.dtype)
-                             + int(VJP_BYTES_PER_ACTIVATION * one.activation_numel * n * itemsize))
+                             + vjp_row_bytes(one.activation_numel * n, fm.dtype))
         return needed
     except NotApplicableError:
         return 0  # the measure will refuse for another reason, with its own message
