@@ -67,7 +67,7 @@ def dense_jacobian(model: nn.Module, x: torch.Tensor, *, logit_differences: bool
     ref = copy.deepcopy(model).double().eval()
     names = [n for n, p in ref.named_parameters() if p.requires_grad]
     values = tuple(p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad)
-    x64 = x.double()
+    x64 = x.double() if x.is_floating_point() else x  # token ids stay integers
     body = ref[:-1] if logit_differences else ref
 
     def f(*ps: torch.Tensor) -> torch.Tensor:
@@ -84,6 +84,32 @@ def dense_jacobian(model: nn.Module, x: torch.Tensor, *, logit_differences: bool
 def numpy_rank(jac: torch.Tensor) -> int:
     """numpy's matrix_rank rule on float64: σ > σ_max · max(M, P) · eps."""
     return int(np.linalg.matrix_rank(jac.double().numpy()))
+
+
+def assert_matches_dense(
+    model: nn.Module, x: torch.Tensor, auto_engine: str = "exact", *, clear_gap: bool = True, **kwargs: object
+) -> torch.Tensor:
+    """gram, jacrev and auto agree with numpy's rank of the dense float64 Jacobian (of the logit differences for
+    softmax heads); σ agree to 1e-7 σ_max. Returns the dense Jacobian.
+
+    ``clear_gap=False``: J has singular values between the Gram's resolution (~√(M·eps)·σ_max) and the SVD's; the
+    Gram engine's rank is then the number of dense σ above its own tolerance, and the dense engines agree."""
+    from lightning_geomdim import batch_functional_dimension
+
+    gram = batch_functional_dimension(model, x, engine="gram", **kwargs)
+    dense = batch_functional_dimension(model, x, engine="jacrev", **kwargs)
+    auto = batch_functional_dimension(model, x, **kwargs)
+    jac = dense_jacobian(model, x, logit_differences=gram.num_rows != gram.num_outputs)
+    expected = numpy_rank(jac)
+    sv = torch.linalg.svdvals(jac)
+    assert gram.engine == "gram" and auto.engine == auto_engine and dense.engine == "jacrev"
+    if clear_gap:
+        assert gram.rank == dense.rank == auto.rank == expected
+    else:
+        assert dense.rank == expected and auto.rank == gram.rank == int((sv > gram.spectrum.tolerance).sum())
+    assert gram.spectrum.singular_values.shape == sv.shape and gram.spectrum.singular_values.dtype == torch.float64
+    torch.testing.assert_close(gram.spectrum.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
+    return jac
 
 
 def spawn_and_join(fn: Callable[..., None], args: tuple, nprocs: int = 2, timeout_s: float = 240.0) -> None:

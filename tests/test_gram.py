@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from conftest import dense_jacobian, gen, mlp, numpy_rank, small_cnn
+from conftest import assert_matches_dense, dense_jacobian, gen, mlp, numpy_rank, small_cnn
 from torch import nn
 
 from lightning_geomdim import MemoryBudgetError, NotApplicableError, batch_functional_dimension
@@ -17,24 +17,6 @@ from lightning_geomdim.core.gram import gram_matrix
 from lightning_geomdim.core.gram_plan import gram_bytes
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.structure import gram_plan, gram_unsupported_reason
-
-
-def assert_matches_dense(
-    model: nn.Module, x: torch.Tensor, auto_engine: str = "exact", **kwargs: object
-) -> torch.Tensor:
-    """gram, jacrev and auto (the exact engine) agree with numpy's rank of the dense float64 Jacobian (of the logit
-    differences for softmax heads); σ agree to 1e-7 σ_max."""
-    gram = batch_functional_dimension(model, x, engine="gram", **kwargs)
-    dense = batch_functional_dimension(model, x, engine="jacrev", **kwargs)
-    auto = batch_functional_dimension(model, x, **kwargs)
-    jac = dense_jacobian(model, x, logit_differences=gram.num_rows != gram.num_outputs)
-    expected = numpy_rank(jac)
-    sv = torch.linalg.svdvals(jac)
-    assert gram.engine == "gram" and auto.engine == auto_engine and dense.engine == "jacrev"
-    assert gram.rank == dense.rank == auto.rank == expected
-    assert gram.spectrum.singular_values.shape == sv.shape and gram.spectrum.singular_values.dtype == torch.float64
-    torch.testing.assert_close(gram.spectrum.singular_values, sv, rtol=0, atol=1e-7 * float(sv[0]))
-    return jac
 
 
 def subset_model(model: nn.Module, names: list[str]) -> nn.Module:
@@ -275,22 +257,26 @@ class TwoCalls(CenterBatch):
         return self.c(self.b(self.b(self.a(x))))
 
 
+class BiasOutside(CenterBatch):
+    """a.bias also scales the output: a use outside a's forward that only the gradient check sees."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.relu(self.a(x))) * self.a.bias.sum()
+
+
 def _fallback_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(14)
     x = torch.randn(6, 3, generator=gen(14))
-    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
-    bn(torch.randn(16, 3, generator=gen(15)))  # non-trivial running statistics
     return {
-        "batchnorm": (bn, x),
         "tied": (Tied(), x),
         "unknown_layer": (nn.Sequential(nn.Linear(3, 2), Scale()), x),
         "prelu": (nn.Sequential(nn.Linear(3, 4), nn.PReLU(), nn.Linear(4, 2)), x),
         "mixing_forward": (CenterBatch(), x),
-        "in_place_mixing": (InPlaceMix(), x),
         "softmax_over_samples": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=0)), x),
         "shared_call": (TwoCalls(), x),
-        "unknown_parameter_free": (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False),
-                                                 nn.Linear(4, 2)), x),
+        "parameter_used_outside_its_module": (BiasOutside(), x),
+        "batchnorm_without_running_stats": (
+            nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)), x),
     }
 
 
@@ -305,7 +291,27 @@ def test_auto_falls_back_to_jacrev_and_gram_refuses(case: str) -> None:
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
 
 
-def test_output_fn_that_selects_is_gram_and_one_that_computes_falls_back() -> None:
+def _no_longer_refused() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    x = torch.randn(6, 3, generator=gen(14))
+    bn = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    bn(torch.randn(16, 3, generator=gen(15)))  # non-trivial running statistics
+    return {
+        "batchnorm": (bn, x),
+        "in_place_change_with_detached_statistics": (InPlaceMix(), x),
+        "unknown_parameter_free": (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4, elementwise_affine=False),
+                                                 nn.Linear(4, 2)), x),
+    }
+
+
+@pytest.mark.parametrize("case", list(_no_longer_refused()))
+def test_code_between_layers_is_measured_by_the_gram_engine(case: str) -> None:
+    """What the exact engine cannot re-run module by module, the float Gram engine measures when one backward shows
+    that samples do not interact and the factor forms give the whole gradient (InPlaceMix's mean is detached)."""
+    model, x = _no_longer_refused()[case]
+    assert_matches_dense(model, x, auto_engine="gram")
+
+
+def test_output_fn_that_selects_is_exact_and_one_that_computes_is_gram() -> None:
     class Pair(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -319,14 +325,18 @@ def test_output_fn_that_selects_is_gram_and_one_that_computes_falls_back() -> No
     picked = batch_functional_dimension(model, x, output_fn=lambda out: out[0])
     assert picked.engine == "exact" and picked.rank == numpy_rank(dense_jacobian(model.net, x))
     doubled = batch_functional_dimension(model, x, output_fn=lambda out: 2 * out[0])
-    assert doubled.engine == "jacrev" and doubled.rank == picked.rank
+    assert doubled.engine == "gram" and doubled.rank == picked.rank  # the exact engine re-runs modules only
 
 
-def test_reason_names_the_module() -> None:
-    model, x = _fallback_models()["batchnorm"]
+@pytest.mark.parametrize(("case", "named"), [
+    ("prelu", "'1' (PReLU)"), ("mixing_forward", "samples interact"), ("parameter_used_outside_its_module", "'a.bias'"),
+    ("batchnorm_without_running_stats", "'1' (BatchNorm1d) has no running statistics"),
+])
+def test_reason_names_the_module(case: str, named: str) -> None:
+    model, x = _fallback_models()[case]
     with measurement_mode(model):
         reason = gram_unsupported_reason(ProbeTrace.of(model, x))
-    assert reason is not None and "'1' (BatchNorm1d)" in reason
+    assert reason is not None and named in reason
 
 
 def test_model_state_untouched() -> None:

@@ -1,6 +1,6 @@
 """GeometryMonitor() on a ResNet-style CNN with BatchNorm stays within its memory budget.
 
-The dense-Jacobian engine (the only one for BatchNorm) used to backpropagate all M rows of J at once: on a 10k-
+The dense-Jacobian engine (then the only one for BatchNorm) used to backpropagate all M rows of J at once: on a 10k-
 parameter ResNet-style CNN with 64 probe images of 32 × 32 that is about 32 GB, and the training process was killed
 by the kernel. Now each engine batches as many rows as fit the budget. The run happens in a fresh process so that
 its high-water mark (``ru_maxrss``) measures this training alone.
@@ -92,14 +92,14 @@ def test_resnet_style_cnn_at_defaults_stays_within_the_memory_budget(tmp_path: P
     assert grown <= BUDGET, (grown, out["warnings"])
     assert out["all_rows"] > 3 * BUDGET  # the 640 rows of J backpropagated at once would not have fitted
     rows = [k for k in out["logged"] if k.endswith("/numerical_rank")]
-    assert rows, out  # the dense-Jacobian engine measured the probes (BatchNorm: no exact or Gram engine)
+    assert rows, out  # a floating-point engine measured the probes (BatchNorm, residual sums: not the exact engine)
     assert all(out["logged"][k] > 0 for k in rows)
 
 
 def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> None:
     """The core's remedies name its own arguments (chunk_size, method, lanczos_basis, trace_samples); through the
     monitor they are phrased with its arguments, those it lacks are left out, and the Gram engine is not
-    suggested for a model it cannot measure (BatchNorm)."""
+    suggested for a model it cannot measure (PReLU)."""
     import warnings
 
     import lightning as L
@@ -115,7 +115,8 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
     class Net(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 256), nn.BatchNorm1d(256), nn.ReLU(), nn.Linear(256, 3))
+            # PReLU's slopes have no factor form: the dense Jacobian, whose remedies must not suggest the Gram engine
+            self.net = nn.Sequential(nn.Linear(6, 256), nn.PReLU(256), nn.ReLU(), nn.Linear(256, 3))
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.net(x)
@@ -129,7 +130,7 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
     monitor = GeometryMonitor(probes=["train"], measures=["dimension", "flatness"], max_memory_bytes=2_000_000,
-                              flatness_flat_dimension=False)  # P = 3,075: Lanczos, whose remedies name the most
+                              flatness_flat_dimension=False)  # P = 2,819: Lanczos, whose remedies name the most
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         L.Trainer(max_steps=1, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False,

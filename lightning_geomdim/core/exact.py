@@ -60,12 +60,12 @@ from lightning_geomdim.core.exact_program import (
     exact_program,
     residue_of_constant,
 )
+from lightning_geomdim.core.factor_forms import factors_of
 from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime
 from lightning_geomdim.core.functional_model import FunctionalModel
 from lightning_geomdim.core.gram import gram_from_factors
 from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, gram_bytes
 from lightning_geomdim.core.interrupt import checkpoint
-from lightning_geomdim.core.layer_factors import unify
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.symmetric_rank_mod_p import rank_mod_p_symmetric
@@ -185,7 +185,7 @@ def _draw(
     factors = []
     for layer in program.plan.layers:
         i = by_name[layer.name]
-        factors.append(unify(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k))
+        factors.append(factors_of(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k))
     return gram_from_factors(factors, program.plan, lower_only=True, field=field)
 
 

@@ -60,14 +60,16 @@ import torch
 from torch import Tensor
 
 from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.factor_check import factorization_problem
+from lightning_geomdim.core.factor_forms import LayerFactors, jacobian_rows, per_sample_gradients, position_sum
 from lightning_geomdim.core.finite_field import PrimeField
 from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, GramPlan, explicit_cost, gram_bytes, kernel_cost
 from lightning_geomdim.core.interrupt import checkpoint
-from lightning_geomdim.core.layer_factors import LayerFactors, layer_factors
+from lightning_geomdim.core.layer_factors import layer_factors
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
-from lightning_geomdim.core.structure import gram_plan
+from lightning_geomdim.core.structure import _gram_refusal, gram_plan
 
 #: Entries of the scratch block used to accumulate Gram rows (16 MiB in float64): large enough for efficient
 #: matrix products, small enough to stay in cache and to never allocate a second d × d matrix.
@@ -110,25 +112,6 @@ def _accumulate(
             field.reduce_(target)
 
 
-def _per_sample_gradients(sig: Tensor, u: Tensor, field: PrimeField | None) -> Tensor:
-    """A(n, k) = Σ_t g_t u_tᵀ: ``sig`` (T, N, K, O), ``u`` (N, T, D) → (N, K, O, D); exact mod p with ``field``."""
-    if field is None:
-        return torch.einsum("tnko,ntd->nkod", sig, u)
-    out = None
-    for start in range(0, sig.shape[0], field.max_inner):
-        stop = start + field.max_inner
-        part = torch.einsum("tnko,ntd->nkod", sig[start:stop], u[:, start:stop])
-        out = part if out is None else out.add_(part)
-        field.reduce_(out)
-    assert out is not None
-    return out
-
-
-def _position_sum(sig: Tensor, field: PrimeField | None) -> Tensor:
-    """s = Σ_t g_t: ``sig`` (T, M, O) → (M, O)."""
-    return sig.sum(0) if field is None else field.sum(sig, 0)
-
-
 def _add_output_gram(
     gram: Tensor, f: LayerFactors, n: int, k: int, *, lower: bool, buffer: Tensor, field: PrimeField | None = None,
 ) -> None:
@@ -136,7 +119,7 @@ def _add_output_gram(
     lay, u, sig = f.layer, f.inputs, f.signals
     m = n * k
     if not lay.weight:  # bias only: s sᵀ with s = Σ_t g_t
-        s = _position_sum(sig, field)
+        s = position_sum(sig, field)
         _accumulate(gram, s, s, group=k, lower=lower, field=field)
         return
     if kernel_cost(lay, m, n) <= explicit_cost(lay, m):
@@ -153,27 +136,12 @@ def _add_output_gram(
     sig_nk = sig.view(lay.positions, n, k, lay.units)
     step = max(1, min(lay.units, (m * m) // max(m * lay.features, 1)))
     for start in range(0, lay.units, step):
-        a = _per_sample_gradients(sig_nk[..., start : start + step], u, field).reshape(m, -1)
+        a = per_sample_gradients(lay, sig_nk, u, field, slice(start, start + step)).reshape(m, -1)
         _accumulate(gram, a, a, group=k, lower=lower, field=field)
         del a
     if lay.bias:
-        s = _position_sum(sig, field)
+        s = position_sum(sig, field)
         _accumulate(gram, s, s, group=k, lower=lower, field=field)
-
-
-def _jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int, field: PrimeField | None = None) -> Tensor:
-    """Rows (n, k) of J for n in ``samples``, columns grouped by layer (weight then bias), float64."""
-    blocks = []
-    for f in factors:
-        lay = f.layer
-        sig = f.signals[:, samples.start * k : samples.stop * k]  # (T, S·K, O)
-        s = samples.stop - samples.start
-        if lay.weight:
-            g = sig.view(lay.positions, s, k, lay.units)
-            blocks.append(_per_sample_gradients(g, f.inputs[samples], field).reshape(s * k, -1))
-        if lay.bias:
-            blocks.append(_position_sum(sig, field))
-    return torch.cat(blocks, dim=1)
 
 
 def gram_from_factors(
@@ -207,7 +175,7 @@ def gram_from_factors(
         per_chunk = max(1, d // max(k, 1))
         starts = list(range(0, n, per_chunk))
         for start in starts[index::count]:
-            rows = _jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k, field)
+            rows = jacobian_rows(factors, slice(start, min(start + per_chunk, n)), k, field)
             cols = rows.T.contiguous()
             _accumulate(gram, cols, cols, lower=lower_only, field=field)
             del rows, cols
@@ -251,6 +219,9 @@ def gram_matrix(
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
     plan = gram_plan(trace)
+    problem = factorization_problem(trace, plan)
+    if problem is not None:
+        raise NotApplicableError(_gram_refusal(problem))
     itemsize = torch.empty((), dtype=trace.fm.dtype).element_size()
     chunk = rows_at_once(  # output coordinates backpropagated at once: all that fit the budget next to the Gram
         plan.outputs_per_sample, chunk_size, fixed=gram_bytes(plan, itemsize, chunk_size=0),

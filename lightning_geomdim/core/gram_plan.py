@@ -1,46 +1,18 @@
 """What a factored dimension engine (float Gram, exact) will compute, read from one traced pass: the measured
-affine layers as :class:`GramLayer` s, the :class:`GramPlan` (which Gram, J Jᵀ or Jᵀ J, of which size) and its peak
+layers (:class:`~lightning_geomdim.core.factor_forms.GramLayer`), the :class:`GramPlan` (which Gram, J Jᵀ or Jᵀ J,
+of which size) and its peak
 memory (:func:`gram_bytes`). The formulas are in :mod:`lightning_geomdim.core.gram`."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from torch import nn
-
 from lightning_geomdim.core.errors import Remedy
+from lightning_geomdim.core.factor_forms import GramLayer
 
 Side = Literal["outputs", "params"]
-
-
-@dataclass(frozen=True)
-class GramLayer:
-    """A measured affine layer as the engine sees it.
-
-    Attributes:
-        name: module name in ``named_modules()`` ("" for the root).
-        module: the ``nn.Linear`` / ``nn.Conv2d``.
-        weight: the weight is among the measured parameters.
-        bias: the bias exists and is measured.
-        positions: T, positions the layer is applied at per sample (Linear: product of the middle input
-            dimensions, 1 for (N, in) inputs; Conv2d: output pixels Ho · Wo).
-        features: D, length of the layer input at one position (in_features; C_in · kh · kw).
-        units: O, out_features or out_channels.
-    """
-
-    name: str
-    module: nn.Module
-    weight: bool
-    bias: bool
-    positions: int
-    features: int
-    units: int
-
-    @property
-    def num_params(self) -> int:
-        """Measured scalar parameters of the layer."""
-        return self.units * (self.features * self.weight + self.bias)
 
 
 @dataclass(frozen=True)
@@ -121,16 +93,20 @@ def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = No
     the exact engine (the Gram mod p, eliminated in place).
     """
     n, m = plan.num_samples, plan.num_outputs
-    factors = sum(n * lay.positions * lay.features + m * lay.positions * lay.units for lay in plan.layers)
+    factors = sum(n * lay.positions * lay.input_width + m * lay.positions * lay.units for lay in plan.layers)
     chunk = plan.outputs_per_sample if chunk_size is None else min(chunk_size, plan.outputs_per_sample)
     backward = chunk * plan.activation_numel * itemsize
     return 8 * copies * plan.size**2 + (8 + itemsize) * factors + backward
 
 
 def kernel_cost(lay: GramLayer, m: int, n: int) -> float:
+    """Flops of a layer's J_l J_lᵀ as the kernel Σ_{t,t'} ⟨g_t, g_t'⟩ ⟨u_t, u_t'⟩ (outer forms only)."""
+    if lay.diagonal:
+        return math.inf
     t = lay.positions
     return t * t * (m * m * (lay.units + 1) + n * n * lay.features)
 
 
 def explicit_cost(lay: GramLayer, m: int) -> float:
+    """Flops of a layer's J_l J_lᵀ through its explicit rows (per-sample gradients)."""
     return m * lay.positions * lay.units * lay.features + m * m * lay.units * (lay.features + 1)

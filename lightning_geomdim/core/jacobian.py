@@ -14,7 +14,6 @@ would need about 32 GB).
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from lightning_geomdim.core.errors import Remedy
 from lightning_geomdim.core.interrupt import checkpoint
-from lightning_geomdim.core.memory import VJP_BYTES_PER_ACTIVATION, is_out_of_memory, rows_at_once
+from lightning_geomdim.core.memory import VJP_BYTES_PER_ACTIVATION, rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
 
@@ -49,29 +48,13 @@ def jacobian_matrix(trace: ProbeTrace, *, chunk_size: int | None = None) -> Tens
     if not out.requires_grad:
         return jac
     step = m if chunk_size is None else max(1, min(int(chunk_size), m))
-    start = 0
-    try:
-        for start in range(0, m, step):  # after a failure, the loop below resumes at ``start``
-            checkpoint()
-            stop = min(start + step, m)
-            cotangents = torch.zeros((stop - start, m), dtype=out.dtype, device=out.device)
-            cotangents[:, start:stop].fill_diagonal_(1.0)
-            (rows,) = torch.autograd.grad(out, theta, cotangents, retain_graph=True, is_grads_batched=True,
-                                          allow_unused=True, materialize_grads=True)
-            jac[start:stop] = rows
-            del cotangents, rows
-        return jac
-    except RuntimeError as err:  # the backward cannot be batched: plain autograd, row by row
-        if is_out_of_memory(err):  # out of memory is out of memory: M backward passes would not help
-            raise
-        warnings.warn(
-            f"could not batch the backward of {type(trace.fm.module).__name__} ({str(err).splitlines()[0][:160]}); "
-            "computing the Jacobian with one torch.autograd.grad call per output instead (slower)",
-            RuntimeWarning, stacklevel=3,
-        )
-    for i in range(start, m):
+    for start in range(0, m, step):
         checkpoint()
-        (jac[i],) = torch.autograd.grad(out[i], theta, retain_graph=True, allow_unused=True, materialize_grads=True)
+        stop = min(start + step, m)
+        cotangents = torch.zeros((stop - start, m), dtype=out.dtype, device=out.device)
+        cotangents[:, start:stop].fill_diagonal_(1.0)
+        (jac[start:stop],) = trace.vjp(out, [theta], cotangents)
+        del cotangents
     return jac
 
 

@@ -1,29 +1,17 @@
 """Per-layer factors of the Jacobian: each measured layer's inputs U (N, T, D) and backprop signals
-g = ∂f_k(x_n)/∂z_l (T, M, O), from one :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` (formulas in
-:mod:`lightning_geomdim.core.gram`)."""
+g = ∂f_k(x_n)/∂z_l (T, M, O), from one :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` (the forms in
+:mod:`lightning_geomdim.core.factor_forms`, the Gram in :mod:`lightning_geomdim.core.gram`)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.gram_plan import GramLayer, GramPlan
+from lightning_geomdim.core.factor_forms import LayerFactors, factors_of
+from lightning_geomdim.core.gram_plan import GramPlan
 from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.probe_trace import ProbeTrace
-from lightning_geomdim.core.structure import conv_padding
-
-
-@dataclass(frozen=True)
-class LayerFactors:
-    """Per-layer factors in float64: ``inputs`` U (N, T, D) and ``signals`` (T, M, O), rows n · K + k."""
-
-    layer: GramLayer
-    inputs: Tensor
-    signals: Tensor
 
 
 def layer_factors(trace: ProbeTrace, plan: GramPlan, *, chunk_size: int | None = None) -> list[LayerFactors]:
@@ -31,7 +19,7 @@ def layer_factors(trace: ProbeTrace, plan: GramPlan, *, chunk_size: int | None =
 
     The trace added a zero δ requiring grad to each measured layer's output z, so that ∂f/∂δ = ∂f/∂z even when a
     later in-place activation overwrites z. The K cotangents (e_k for every sample) are backpropagated
-    ``chunk_size`` at a time (default all) with ``is_grads_batched``, keeping the trace's graph.
+    ``chunk_size`` at a time (default all) by :meth:`ProbeTrace.vjp`, keeping the trace's graph.
     """
     if not trace.factors:
         raise ValueError("the trace was recorded without the per-layer factors: record it with "
@@ -54,11 +42,8 @@ def layer_factors(trace: ProbeTrace, plan: GramPlan, *, chunk_size: int | None =
             checkpoint()
             stop = min(start + step, k)
             cot = eye[start:stop].reshape(stop - start, 1, *out.shape[1:]).expand(stop - start, *out.shape)
-            parts = torch.autograd.grad(out, [deltas[nm] for nm in names], grad_outputs=cot, retain_graph=True,
-                                        is_grads_batched=True, allow_unused=True)
-            for i, (nm, g) in enumerate(zip(names, parts, strict=True)):
-                grads[i].append(torch.zeros((stop - start, *deltas[nm].shape), dtype=out.dtype, device=out.device)
-                                if g is None else g)
+            for i, g in enumerate(trace.vjp(out, [deltas[nm] for nm in names], cot)):
+                grads[i].append(g)
     else:  # no measured layer reaches the output
         grads = [[torch.zeros((k, *deltas[nm].shape), dtype=out.dtype, device=out.device)] for nm in names]
     del out
@@ -66,23 +51,8 @@ def layer_factors(trace: ProbeTrace, plan: GramPlan, *, chunk_size: int | None =
     factors = {}
     for nm, chunks in zip(names, grads, strict=True):
         g = torch.cat(chunks, dim=0).to(torch.float64)  # (K, N, *z)
-        factors[nm] = unify(modules[nm], trace.layer_inputs[nm].to(torch.float64), g, n, k)
+        h = trace.layer_inputs[nm]
+        h = h.to(torch.float64) if h.is_floating_point() else h  # an Embedding's token ids stay integers
+        factors[nm] = factors_of(modules[nm], h, g, n, k, trace.fm.frozen)
         chunks.clear()
     return [factors[layer.name] for layer in plan.layers]
-
-
-def unify(layer: GramLayer, h: Tensor, g: Tensor, n: int, k: int) -> LayerFactors:
-    """U (N, T, D) and signals (T, N·K, O) for a Linear or Conv2d layer."""
-    m = layer.module
-    if isinstance(m, nn.Linear):
-        u = h.reshape(n, -1, layer.features)
-        sig = g.reshape(k, n, -1, layer.units)
-    else:
-        assert isinstance(m, nn.Conv2d)
-        pad = conv_padding(m)
-        assert pad is not None
-        u = F.unfold(h, m.kernel_size, dilation=m.dilation, padding=pad, stride=m.stride).transpose(1, 2)
-        sig = g.reshape(k, n, layer.units, -1).transpose(2, 3)
-    # (K, N, T, O) -> (T, N, K, O) -> (T, M, O): row n·K + k, as in vec f(X)
-    sig = sig.permute(2, 1, 0, 3).reshape(layer.positions, n * k, layer.units)
-    return LayerFactors(layer, u.contiguous(), sig.contiguous())

@@ -14,6 +14,15 @@ from torch import nn
 
 #: Parameterised layers whose Jacobian the Gram and exact engines write from per-layer factors.
 FACTORED_AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+#: Normalisations whose affine parameters act per channel / per entry on the normalised input x̂ (y = γ ⊙ x̂ + β):
+#: the float Gram engine writes their Jacobian from x̂ and the signal (:mod:`lightning_geomdim.core.factor_forms`).
+NORMALIZATION: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.LayerNorm, nn.GroupNorm,
+)
+#: Batch normalisation: in eval mode a per-channel affine map, which folds into the affine layer before it.
+BATCH_NORM: tuple[type[nn.Module], ...] = NORMALIZATION[:3]
+#: Every parameterised layer with a factor form in the float Gram engine (embeddings: one-hot inputs).
+FACTOR_FORMS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *NORMALIZATION, nn.Embedding)
 #: Affine layers whose output units (channels) carry a positive-rescaling symmetry when a ReLU follows.
 AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -58,5 +67,3 @@ PER_SAMPLE: tuple[type[nn.Module], ...] = tuple(dict.fromkeys((*ELEMENTWISE, *DR
 HOMOGENEOUS: tuple[type[nn.Module], ...] = (*RELU_LIKE, *RESHAPE[:2], *DROPOUT, *MAX_POOL, *AVG_POOL)
 #: Modules between an affine layer and its ReLU that leave the pre-activation unchanged (in eval mode).
 PASS_THROUGH: tuple[type[nn.Module], ...] = (nn.Identity, *DROPOUT)
-#: Batch normalisation: in eval mode a per-channel affine map, which folds into the affine layer before it.
-BATCH_NORM: tuple[type[nn.Module], ...] = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -9,7 +9,8 @@ what every measure reads:
   activation pattern 1[z > 0], (N, units) bool, taken when the call returns (:mod:`.activation_patterns`);
 * ``input_readers``: for each leaf call, which leaf calls read its input tensor (None: code outside leaf modules),
   so that a rescaling symmetry can be recognised only where nothing else reads the tensor (:mod:`.symmetries`);
-* ``layer_inputs`` and ``deltas``: for each measured ``nn.Linear`` / ``nn.Conv2d`` call, a copy of its input and a
+* ``layer_inputs`` and ``deltas``: for each measured layer with a factor form (``nn.Linear``, ``nn.Conv2d``,
+  normalisations, ``nn.Embedding``: :mod:`.factor_forms`), a copy of its input and a
   zero δ added to its output, so that ∂f/∂δ = ∂f/∂z is the backprop signal of the Gram factors (:mod:`.gram`) even
   when a later in-place activation overwrites z;
 * ``output``: f_θ(X) after ``output_fn``, whose graph to θ gives the Jacobian rows (:mod:`.jacobian`) and the loss
@@ -24,6 +25,7 @@ measured layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.re
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +35,8 @@ from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.core.layer_kinds import FACTORED_AFFINE, RELU_LIKE
+from lightning_geomdim.core.interrupt import checkpoint
+from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, RELU_LIKE
 from lightning_geomdim.core.memory import is_out_of_memory
 from lightning_geomdim.core.tracing import UseRecorder, call_keys
 
@@ -85,6 +88,7 @@ class ProbeTrace:
         grad: the pass was recorded with autograd (``theta`` requires grad): what the dimension and flatness need;
             without it (patterns, alignment) it keeps no graph.
         factors: ``layer_inputs`` and ``deltas`` were recorded (the Gram engine's factors; 2 A more values).
+        memo: results computed once per trace by the measures that share it (e.g. the factor forms' check).
     """
 
     fm: FunctionalModel
@@ -101,6 +105,7 @@ class ProbeTrace:
     grad: bool = True
     factors: bool = True
     released: bool = False
+    memo: dict[Any, Any] = field(default_factory=dict, repr=False)
     _leaves: list[TracedCall] | None = field(default=None, repr=False)
 
     @staticmethod
@@ -231,6 +236,38 @@ class ProbeTrace:
         return ProbeTrace(fm, inputs, theta, calls, readers, layer_inputs, deltas, out, probe_version, numel[0],
                           grad=grad, factors=factors and grad)
 
+    def vjp(self, out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor) -> list[Tensor]:
+        """∂⟨c, out⟩/∂inputs for each cotangent c of ``cotangents`` (B, *out.shape): a list of (B, *input.shape)
+        tensors (zeros for an input ``out`` does not reach), keeping the graph.
+
+        One batched backward (``is_grads_batched``). When the model's backward cannot be batched (an op without a
+        batching rule, an old-style ``autograd.Function``), it warns once and uses one backward per cotangent from
+        then on for this trace: same values, slower. Out of memory is raised as it is.
+        """
+        grads: Sequence[Tensor | None]
+        if not self.memo.get("unbatchable"):
+            try:
+                grads = torch.autograd.grad(out, inputs, cotangents, retain_graph=True, is_grads_batched=True,
+                                            allow_unused=True)
+                return [torch.zeros((len(cotangents), *x.shape), dtype=cotangents.dtype, device=cotangents.device)
+                        if g is None else g for g, x in zip(grads, inputs, strict=True)]
+            except RuntimeError as err:
+                if is_out_of_memory(err):  # out of memory is out of memory: B backward passes would not help
+                    raise
+                self.memo["unbatchable"] = True
+                warnings.warn(
+                    f"could not batch the backward of {type(self.fm.module).__name__} "
+                    f"({str(err).splitlines()[0][:160]}); backpropagating one output coordinate at a time instead "
+                    "(one torch.autograd.grad call per output, slower)", RuntimeWarning, stacklevel=3,
+                )
+        rows = []
+        for c in cotangents:
+            checkpoint()
+            grads = torch.autograd.grad(out, inputs, c, retain_graph=True, allow_unused=True)
+            rows.append([torch.zeros_like(x, dtype=c.dtype) if g is None else g
+                         for g, x in zip(grads, inputs, strict=True)])
+        return [torch.stack(column) for column in zip(*rows, strict=True)]
+
     def leaf_calls(self) -> list[TracedCall]:
         """The calls of leaf modules, in call order (positions as in ``input_readers``)."""
         if self._leaves is None:
@@ -292,6 +329,7 @@ class ProbeTrace:
         self.layer_inputs.clear()
         self.deltas.clear()
         self.input_readers.clear()
+        self.memo.clear()
         self._leaves = None
         self.released = True
         self.fm.params = {}
@@ -327,10 +365,11 @@ def traced(
 
 
 def _measured_affine(fm: FunctionalModel) -> set[str]:
-    """Names of the Linear/Conv modules with a measured weight or bias (their signals feed the Gram factors)."""
+    """Names of the layers with a factor form and a measured weight or bias (their signals feed the Gram
+    factors, :mod:`lightning_geomdim.core.factor_forms`)."""
     names = set()
     for name, m in fm.module.named_modules():
-        if isinstance(m, FACTORED_AFFINE):
+        if isinstance(m, FACTOR_FORMS):
             prefix = f"{name}." if name else ""
             if any(prefix + p in fm.params for p in ("weight", "bias")):
                 names.add(name)

@@ -1,7 +1,14 @@
-"""The structural conditions under which the factored engines (float Gram, exact) measure a model exactly,
-checked on one :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` (the conditions are listed in
-:mod:`lightning_geomdim.core.gram`): supported parameterised modules, per-sample parameter-free modules, and data
-that flows only from module to module."""
+"""The structural conditions under which the factored engines measure a model exactly, checked on one
+:class:`~lightning_geomdim.core.probe_trace.ProbeTrace`.
+
+* The float Gram engine (:func:`factored_plan`): every measured parameter belongs to a layer with a factor form
+  (:mod:`lightning_geomdim.core.factor_forms`), called once; anything may sit between the layers, because one
+  backward checks that samples do not interact and that the forms give the whole gradient
+  (:mod:`lightning_geomdim.core.factor_check`).
+* The exact engine (:func:`check_structure`, the conditions listed in :mod:`lightning_geomdim.core.gram`): the
+  network is re-run over GF(p) module by module, so every parameterised module is an ``nn.Linear`` / ``nn.Conv2d``,
+  every other one a known per-sample module, and data flows only from module to module.
+"""
 
 from __future__ import annotations
 
@@ -10,9 +17,12 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.gram_plan import GramLayer, GramPlan
+from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of
+from lightning_geomdim.core.gram_plan import GramPlan
 from lightning_geomdim.core.layer_kinds import ALONG_DIM, DROPOUT, FACTORED_AFFINE, PER_SAMPLE, POOLING
 from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
+
+__all__ = ["TracedGraph", "check_structure", "conv_padding", "factored_plan", "gram_plan", "gram_unsupported_reason"]
 
 
 def _has_hooks(module: nn.Module) -> bool:
@@ -23,44 +33,6 @@ def _global_hooks() -> bool:
     from torch.nn.modules import module as module_mod
 
     return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
-
-
-def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """Symmetric zero padding of ``conv`` as two ints, or None when ``F.unfold`` cannot express it."""
-    if isinstance(conv.padding, str):
-        if conv.padding == "valid":
-            return (0, 0)
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
-        if any(t % 2 for t in total):
-            return None
-        return (total[0] // 2, total[1] // 2)
-    return (int(conv.padding[0]), int(conv.padding[1]))
-
-
-def _affine_problem(name: str, module: nn.Module) -> str | None:
-    """Why ``module`` (which owns parameters) is not a supported affine layer, or None."""
-    label = f"module {name or '<root>'!r} ({type(module).__name__})"
-    if not isinstance(module, FACTORED_AFFINE):
-        return (f"{label} has parameters; the Gram engine differentiates only nn.Linear and nn.Conv2d by "
-                "formula")
-    base = nn.Linear if isinstance(module, nn.Linear) else nn.Conv2d
-    if type(module).forward is not base.forward or (
-        base is nn.Conv2d and type(module)._conv_forward is not nn.Conv2d._conv_forward
-    ):
-        return f"{label} overrides forward"
-    own = {n for n, _ in module.named_parameters(recurse=False)}
-    if "weight" not in own or not own <= {"weight", "bias"} or next(module.children(), None) is not None:
-        return f"{label} has parameters {sorted(own)} or submodules (a reparametrisation?)"
-    if _has_hooks(module):
-        return f"{label} has forward hooks, which may change its input or output"
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"{label} has groups={module.groups} (only groups=1 is supported)"
-        if module.padding_mode != "zeros":
-            return f"{label} has padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
-        if conv_padding(module) is None:
-            return f"{label} has asymmetric 'same' padding"
-    return None
 
 
 def _per_sample_problem(label: str, module: nn.Module, inp: Tensor) -> str | None:
@@ -82,28 +54,104 @@ def _per_sample_problem(label: str, module: nn.Module, inp: Tensor) -> str | Non
 
 
 def gram_unsupported_reason(trace: ProbeTrace) -> str | None:
-    """Why the Gram engine would not be exact for the traced model and probe (None when it is)."""
-    try:
-        gram_plan(trace)
-    except NotApplicableError as err:
-        return str(err)
-    return None
+    """Why the float Gram engine would not be exact for the traced model and probe (None when it is): the
+    structural conditions of :func:`factored_plan` and, on a trace with autograd and factors, the check of
+    :func:`~lightning_geomdim.core.factor_check.factorization_problem` (one backward)."""
+    from lightning_geomdim.core.factor_check import factorization_problem
+
+    problem, plan = factored_plan(trace)
+    if problem is None and trace.grad and trace.factors:
+        assert plan is not None
+        problem = factorization_problem(trace, plan)
+    return None if problem is None else _gram_refusal(problem)
 
 
 def gram_plan(trace: ProbeTrace) -> GramPlan:
-    """Check the exactness conditions (:mod:`lightning_geomdim.core.gram`) on the traced pass and plan the Gram.
+    """The float Gram engine's plan: the structural conditions of :func:`factored_plan` (not the check by one
+    backward, :func:`~lightning_geomdim.core.factor_check.factorization_problem`, which needs autograd).
 
     Raises:
         NotApplicableError: a condition fails; the message names the module and the alternative engine.
     """
-    problem, plan, _ = check_structure(trace)
+    problem, plan = factored_plan(trace)
     if problem is not None:
-        raise NotApplicableError(
-            f"the Gram engine is not exact for this model: {problem}. Use engine='jacrev' (dense Jacobian, "
-            "any differentiable model) or engine='auto', which falls back to it"
-        )
+        raise NotApplicableError(_gram_refusal(problem))
     assert plan is not None
     return plan
+
+
+def _gram_refusal(problem: str) -> str:
+    return (f"the Gram engine is not exact for this model: {problem}. Use engine='jacrev' (dense Jacobian, any "
+            "differentiable model) or engine='auto', which falls back to it")
+
+
+def _sharing_problem(module: nn.Module) -> str | None:
+    if _global_hooks():
+        return "global module forward hooks are registered"
+    named = list(module.named_parameters(remove_duplicate=False))
+    if len(named) != len(dict(module.named_parameters())):
+        return "some parameters are shared (tied) between modules"
+    storages = [p.untyped_storage().data_ptr() for _, p in named if p.numel() > 0]
+    if len(storages) != len(set(storages)):
+        return "some parameters share storage (tied or views of one tensor)"
+    return None
+
+
+def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
+    """The float Gram engine's structural conditions, on the traced pass: (None, plan) when they hold, else (the
+    reason, None).
+
+    Every module owning a measured parameter has a factor form (:mod:`~lightning_geomdim.core.factor_forms`), is
+    called once, on one tensor of N samples, and returns one; no parameter is shared; the measured output has N
+    samples. What sits between the layers (residual sums, attention, GELU, functional code) is free: that samples
+    do not interact and that the forms account for the whole gradient is checked by one backward
+    (:func:`~lightning_geomdim.core.factor_check.factorization_problem`).
+    """
+    fm, n = trace.fm, trace.inputs.num_samples
+    problem = _sharing_problem(fm.module)
+    if problem is not None:
+        return problem, None
+    selected = set(fm.params)
+    measured = {}
+    for name, sub in fm.module.named_modules():
+        prefix = f"{name}." if name else ""
+        if any(prefix + p in selected for p, _ in sub.named_parameters(recurse=False)):
+            problem = form_problem(name, sub)
+            if problem is not None:
+                return problem, None
+            measured[name] = sub
+    layers: list[GramLayer] = []
+    seen: set[str] = set()
+    for call in trace.calls:
+        if call.name not in measured or call.module is not measured[call.name]:
+            continue
+        label = f"module {call.name or '<root>'!r} ({type(call.module).__name__})"
+        if call.name in seen:
+            return f"{label} is called more than once (shared weights)", None
+        seen.add(call.name)
+        inp, out = call.input, call.output
+        if call.num_args != 1 or not isinstance(inp, Tensor) or inp.dim() < 2 or inp.shape[0] != n:
+            return f"{label} is not called on one tensor of {n} samples", None
+        if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != n:
+            return f"{label} does not return one tensor of {n} samples", None
+        if isinstance(call.module, nn.Conv2d) and inp.dim() != 4:
+            return f"{label} is called on a {inp.dim()}-d input (only batched (N, C, H, W) inputs)", None
+        layer = layer_of(call.name, call.module, inp, out, selected)
+        if layer is not None:
+            layers.append(layer)
+    out = trace.output
+    if out.dim() == 0 or out.shape[0] != n:
+        return f"the measured output has shape {tuple(out.shape)}, not ({n}, ...)", None
+    return None, _plan(trace, tuple(layers), trace.activation_numel)
+
+
+def _plan(trace: ProbeTrace, layers: tuple[GramLayer, ...], activation_numel: int) -> GramPlan:
+    fm, out, n = trace.fm, trace.output, trace.inputs.num_samples
+    per_sample = out.numel() // n
+    if fm.logit_head is not None:  # softmax head: the logit differences, C − 1 of every C classes
+        per_sample -= per_sample // out.shape[-1]
+    return GramPlan(layers=layers, num_samples=n, outputs_per_sample=per_sample, num_params=fm.num_params,
+                    activation_numel=activation_numel)
 
 
 @dataclass(frozen=True)
@@ -131,17 +179,12 @@ def check_structure(trace: ProbeTrace) -> tuple[str | None, GramPlan | None, Tra
         return "the probe is not a single positional tensor", *none
     probe = inputs.args[0]
     n = inputs.num_samples
-    if _global_hooks():
-        return "global module forward hooks are registered", *none
-    named = list(module.named_parameters(remove_duplicate=False))
-    if len(named) != len(dict(module.named_parameters())):
-        return "some parameters are shared (tied) between modules", *none
-    storages = [p.untyped_storage().data_ptr() for _, p in named if p.numel() > 0]
-    if len(storages) != len(set(storages)):
-        return "some parameters share storage (tied or views of one tensor)", *none
+    problem = _sharing_problem(module)
+    if problem is not None:
+        return problem, *none
     for name, sub in module.named_modules():
         if any(True for _ in sub.parameters(recurse=False)):
-            problem = _affine_problem(name, sub)
+            problem = form_problem(name, sub, kinds=FACTORED_AFFINE)
             if problem is not None:
                 return problem, *none
 
@@ -172,7 +215,7 @@ def check_structure(trace: ProbeTrace) -> tuple[str | None, GramPlan | None, Tra
             seen_affine.add(call.name)
             if isinstance(call.module, nn.Conv2d) and inp.dim() != 4:
                 return f"{label} is called on a {inp.dim()}-d input (only batched (N, C, H, W) inputs)", *none
-            layer = _layer(call, selected)
+            layer = layer_of(call.name, call.module, inp, call.output, selected)
             if layer is not None:
                 layers.append(layer)
         else:
@@ -187,26 +230,4 @@ def check_structure(trace: ProbeTrace) -> tuple[str | None, GramPlan | None, Tra
                 "output_fn that computes rather than selects)"), *none
     if out.dim() == 0 or out.shape[0] != n:
         return f"the measured output has shape {tuple(out.shape)}, not ({n}, ...)", *none
-    per_sample = out.numel() // n
-    if fm.logit_head is not None:  # softmax head: the logit differences, C − 1 of every C classes
-        per_sample -= per_sample // out.shape[-1]
-    plan = GramPlan(
-        layers=tuple(layers), num_samples=n, outputs_per_sample=per_sample, num_params=fm.num_params,
-        activation_numel=activation_numel,
-    )
-    return None, plan, TracedGraph(tuple(calls), tuple(sources), last)
-
-
-def _layer(call: TracedCall, selected: set[str]) -> GramLayer | None:
-    m = call.module
-    prefix = f"{call.name}." if call.name else ""
-    weight = prefix + "weight" in selected
-    bias = m.bias is not None and prefix + "bias" in selected
-    if not (weight or bias):
-        return None
-    out = call.output
-    if isinstance(m, nn.Linear):
-        return GramLayer(call.name, m, weight, bias, positions=call.input[0].numel() // m.in_features,
-                         features=m.in_features, units=m.out_features)
-    return GramLayer(call.name, m, weight, bias, positions=out.shape[2] * out.shape[3],
-                     features=m.in_channels * m.kernel_size[0] * m.kernel_size[1], units=m.out_channels)
+    return None, _plan(trace, tuple(layers), activation_numel), TracedGraph(tuple(calls), tuple(sources), last)

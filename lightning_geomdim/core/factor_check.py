@@ -1,0 +1,87 @@
+"""One backward that decides whether the factor forms give J exactly, whatever code sits between the layers.
+
+The float Gram engine writes row (n, k) of J from the signals ∂f_k(x_n)/∂z_l at sample n only and from the forms
+of :mod:`lightning_geomdim.core.factor_forms`. That is exact when two things hold on the probe:
+
+1. **samples do not interact**: ∂f(x_n)/∂z_l(x_n') = 0 for n' ≠ n and every measured layer l (batch statistics,
+   attention or a mean over the batch dimension break it);
+2. **the forms give the whole gradient**: no measured parameter also acts outside its module's forward (weight
+   tying through functional code, a hook, a reparametrisation).
+
+Both are checked with random cotangents c (a private generator; the global RNG is untouched) restricted to a set S
+of samples — the even ones, then the first half, so that every pair of samples is separated once: the signals at
+samples outside S must vanish (1), and Jᵀ c assembled from the forms must equal autograd's gradient with respect
+to θ (2), to √eps of the computation dtype. One batched backward of two cotangents
+(:meth:`~lightning_geomdim.core.probe_trace.ProbeTrace.vjp`); the result is kept on the trace. A function that
+mixes two samples fails (1) for every cotangent unless it is exactly cancelled, a probability-zero event for
+random cotangents.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lightning_geomdim.core.factor_forms import factors_of, jacobian_rows, parameter_gradients
+from lightning_geomdim.core.gram_plan import GramPlan
+from lightning_geomdim.core.probe_trace import ProbeTrace
+
+#: Signals outside the cotangent's samples count as an interaction above this fraction of the largest signal.
+INTERACTION_TOLERANCE = 1e-10
+
+
+def factorization_problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
+    """Why the factor forms do not give J on this trace (module docstring), or None; computed once per trace and
+    measured output (softmax head or not)."""
+    key = ("factorization", id(trace.fm.logit_head))
+    if key not in trace.memo:
+        trace.memo[key] = _problem(trace, plan)
+    return trace.memo[key]
+
+
+def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
+    fm = trace.fm
+    out = trace.measured_output(fm.logit_head)
+    if not out.requires_grad:  # the output does not depend on θ: J = 0, nothing to factor
+        return None
+    n = plan.num_samples
+    index = torch.arange(n, device=out.device)
+    sets = torch.stack([index % 2 == 0, index < (n + 1) // 2]) if n > 1 else torch.ones(1, 1, dtype=torch.bool)
+    generator = torch.Generator(device=out.device).manual_seed(0)
+    c = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
+    cot = c * sets.reshape(*sets.shape, *([1] * (out.dim() - 1))).to(out.dtype)
+    names = [layer.name for layer in plan.layers]
+    deltas = [trace.deltas[name] for name in names]
+    theta_grads, *signals = trace.vjp(out, [trace.theta, *deltas], cot)
+    del out
+    for layer, g in zip(plan.layers, signals, strict=True):
+        for b, inside in enumerate(sets):
+            scale = g[b].abs().max()
+            if scale > 0 and g[b][~inside].abs().max() > INTERACTION_TOLERANCE * scale:
+                return (f"samples interact in the forward pass: the outputs of some samples depend on the output of "
+                        f"module {layer.name or '<root>'!r} ({type(layer.module).__name__}) at other samples (batch "
+                        "statistics, or code that mixes the batch dimension)")
+    tolerance = torch.finfo(c.dtype).eps ** 0.5
+    for b in range(len(sets)):
+        expected = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+        for layer, g in zip(plan.layers, signals, strict=True):
+            h = trace.layer_inputs[layer.name]
+            h = h.to(torch.float64) if h.is_floating_point() else h
+            factors = factors_of(layer, h, g[b : b + 1].to(torch.float64), n, 1, fm.frozen)
+            row = jacobian_rows([factors], slice(0, n), 1).sum(0)
+            expected.update(parameter_gradients(layer, row, fm.params))
+        actual = fm.unflatten(theta_grads[b])
+        errors = {name: _relative_error(expected[name], actual[name], theta_grads[b]) for name in fm.params}
+        worst = max(errors, key=lambda name: errors[name])
+        if errors[worst] > tolerance:
+            return (f"the gradient of parameter {worst!r} is not what its layer's factor form gives (relative error "
+                    f"{errors[worst]:.1e}): it also acts outside its module's forward (tied or functional use, a "
+                    "hook or a reparametrisation)")
+    return None
+
+
+def _relative_error(expected: Tensor, actual: Tensor, whole: Tensor) -> float:
+    """‖expected − actual‖ relative to the whole gradient's norm (0 when both vanish)."""
+    scale = float(whole.norm())
+    diff = float((expected.to(actual.dtype) - actual).norm())
+    return 0.0 if diff == 0 else diff / max(scale, torch.finfo(actual.dtype).tiny)

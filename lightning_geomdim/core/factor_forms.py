@@ -1,0 +1,261 @@
+"""Factor forms: how the Jacobian of one parameterised layer is written from its input and the backprop signal at
+its output, whatever sits between the layers.
+
+For a layer with output z (one value per position t and unit o) and a measured output coordinate f_k(x_n), the
+chain rule gives ∂f_k(x_n)/∂θ_l = Σ_t (∂f_k(x_n)/∂z_t) ∂z_t/∂θ_l, and ∂z_t/∂θ_l depends only on the layer's input.
+Each form stores u (N, T, D) and the signals g (T, M, O), rows n · K + k, and is one of two kinds:
+
+* **outer** (``nn.Linear``, ``nn.Conv2d``, ``nn.Embedding``): z_t = W u_t + b, so ∂f/∂W = Σ_t g_t ⊗ u_t
+  (O × D) and ∂f/∂b = Σ_t g_t. Linear: u_t the input at position t; Conv2d: the patch read by output pixel t
+  (``F.unfold``, D = C_in · kh · kw); Embedding: z_t = Eᵀ e_{token_t}, the one-hot vector of the token over the
+  D vocabulary entries the probe uses (other rows of E have zero columns), O = embedding_dim;
+* **diagonal** (``BatchNorm`` in eval mode, ``LayerNorm``, ``GroupNorm``): z_t = γ ⊙ x̂_t + β with the normalised
+  input x̂ (running statistics for BatchNorm, the sample's own for LayerNorm / GroupNorm), so ∂f/∂γ = Σ_t g_t ⊙ x̂_t
+  and ∂f/∂β = Σ_t g_t; u = x̂ (D = O).
+
+Columns of one layer are ordered weight then bias, the weight as (O, D) row-major (an Embedding's as Eᵀ restricted
+to the probe's vocabulary): :func:`per_sample_gradients` gives the rows, :func:`parameter_gradients` maps a row
+back to the parameters' shapes (the check of :mod:`lightning_geomdim.core.factor_check`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_geomdim.core.finite_field import PrimeField
+from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, FACTORED_AFFINE, NORMALIZATION
+
+
+@dataclass(frozen=True)
+class GramLayer:
+    """A measured parameterised layer as the factored engines see it.
+
+    Attributes:
+        name: module name in ``named_modules()`` ("" for the root).
+        module: the layer (one of :data:`~lightning_geomdim.core.layer_kinds.FACTOR_FORMS`).
+        weight: the weight is among the measured parameters.
+        bias: the bias exists and is measured.
+        positions: T, positions the layer is applied at per sample (Linear / LayerNorm / Embedding: product of the
+            middle dimensions, 1 for (N, features) inputs; Conv2d / BatchNorm / GroupNorm: the spatial size).
+        features: D, length of the layer input at one position (in_features; C_in · kh · kw; the probe's
+            vocabulary size for an Embedding); 1 for a diagonal layer, whose weight has one entry per unit.
+        units: O, out_features, out_channels, embedding_dim, or the entries of a normalisation's weight.
+        diagonal: a normalisation's affine map, z = γ ⊙ x̂ + β (module docstring).
+        vocabulary: Embedding: the token ids the probe uses, sorted, int64 (the columns of u).
+    """
+
+    name: str
+    module: nn.Module
+    weight: bool
+    bias: bool
+    positions: int
+    features: int
+    units: int
+    diagonal: bool = False
+    vocabulary: Tensor | None = field(default=None, compare=False)
+
+    @property
+    def num_params(self) -> int:
+        """Measured scalar parameters of the layer with nonzero columns."""
+        return self.units * (self.features * self.weight + self.bias)
+
+    @property
+    def input_width(self) -> int:
+        """Entries of u per position: D, or O for a diagonal layer."""
+        return self.units if self.diagonal else self.features
+
+
+@dataclass(frozen=True)
+class LayerFactors:
+    """Per-layer factors in float64: ``inputs`` u (N, T, D) and ``signals`` (T, M, O), rows n · K + k."""
+
+    layer: GramLayer
+    inputs: Tensor
+    signals: Tensor
+
+
+def conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """Symmetric zero padding of ``conv`` as two ints, or None when ``F.unfold`` cannot express it."""
+    if isinstance(conv.padding, str):
+        if conv.padding == "valid":
+            return (0, 0)
+        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size, strict=True)]
+        if any(t % 2 for t in total):
+            return None
+        return (total[0] // 2, total[1] // 2)
+    return (int(conv.padding[0]), int(conv.padding[1]))
+
+
+def _channels_first(module: nn.Module) -> bool:
+    """The units are dim 1 of the output (convolutions, BatchNorm, GroupNorm), not the last dims."""
+    return isinstance(module, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
+
+
+def form_problem(name: str, module: nn.Module, *, kinds: tuple[type[nn.Module], ...] = FACTOR_FORMS) -> str | None:
+    """Why ``module`` (which owns measured parameters) has no factor form among ``kinds``, or None."""
+    label = f"module {name or '<root>'!r} ({type(module).__name__})"
+    if not isinstance(module, kinds):
+        listed = ", ".join(f"nn.{k.__name__}" for k in kinds)
+        return f"{label} has parameters; the factored engines differentiate only {listed} by formula"
+    base = next(k for k in kinds if isinstance(module, k))
+    if type(module).forward is not base.forward or (
+        isinstance(module, nn.Conv2d) and type(module)._conv_forward is not nn.Conv2d._conv_forward
+    ):
+        return f"{label} overrides forward"
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    if not own <= {"weight", "bias"} or next(module.children(), None) is not None:
+        return f"{label} has parameters {sorted(own)} or submodules (a reparametrisation?)"
+    if isinstance(module, FACTORED_AFFINE) and "weight" not in own:
+        return f"{label} has no weight parameter (a reparametrisation?)"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{label} has forward hooks, which may change its input or output"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"{label} has groups={module.groups} (only groups=1 is supported)"
+        if module.padding_mode != "zeros":
+            return f"{label} has padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
+        if conv_padding(module) is None:
+            return f"{label} has asymmetric 'same' padding"
+    if isinstance(module, nn.Embedding) and module.max_norm is not None:
+        return f"{label} has max_norm={module.max_norm} (it renormalises rows in place)"
+    if isinstance(module, NORMALIZATION[:3]) and module.running_var is None:
+        return f"{label} has no running statistics: it normalises with batch statistics, which mix samples"
+    return None
+
+
+def layer_of(name: str, module: nn.Module, inp: Tensor, out: Tensor, selected: set[str]) -> GramLayer | None:
+    """The layer as the engines see it, from one call's input and output; None when no parameter is measured."""
+    prefix = f"{name}." if name else ""
+    weight = prefix + "weight" in selected
+    bias = getattr(module, "bias", None) is not None and prefix + "bias" in selected
+    if not (weight or bias):
+        return None
+    n = inp.shape[0]
+    if isinstance(module, nn.Linear):
+        return GramLayer(name, module, weight, bias, inp[0].numel() // module.in_features, module.in_features,
+                         module.out_features)
+    if isinstance(module, nn.Conv2d):
+        return GramLayer(name, module, weight, bias, out.shape[2] * out.shape[3],
+                         module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels)
+    if isinstance(module, nn.Embedding):
+        vocabulary = torch.unique(inp)
+        if module.padding_idx is not None:  # the padding row gets no gradient
+            vocabulary = vocabulary[vocabulary != module.padding_idx]
+        return GramLayer(name, module, weight, False, inp[0].numel(), int(vocabulary.numel()), module.embedding_dim,
+                         vocabulary=vocabulary)
+    units = out.shape[1] if _channels_first(module) else math.prod(module.normalized_shape)  # type: ignore[arg-type]
+    return GramLayer(name, module, weight, bias, out.numel() // (n * units), 1, units, diagonal=True)
+
+
+def _normalized(layer: GramLayer, h: Tensor, buffers: Mapping[str, Tensor]) -> Tensor:
+    """x̂, the normalisation's input before its affine map, float64, shape of ``h``."""
+    m = layer.module
+    if isinstance(m, nn.LayerNorm):
+        return F.layer_norm(h, m.normalized_shape, eps=m.eps)
+    if isinstance(m, nn.GroupNorm):
+        return F.group_norm(h, m.num_groups, eps=m.eps)
+    prefix = f"{layer.name}." if layer.name else ""
+    mean, var = buffers[prefix + "running_mean"], buffers[prefix + "running_var"]
+    shape = (1, -1, *([1] * (h.dim() - 2)))
+    return (h - mean.to(h).reshape(shape)) / torch.sqrt(var.to(h).reshape(shape) + m.eps)  # type: ignore[operator]
+
+
+def _per_position(z: Tensor, layer: GramLayer) -> Tensor:
+    """An output-shaped tensor (B, *z) as (B, T, O): units last, positions in the middle."""
+    if _channels_first(layer.module):
+        return z.reshape(z.shape[0], layer.units, -1).transpose(1, 2)
+    return z.reshape(z.shape[0], -1, layer.units)
+
+
+def factors_of(
+    layer: GramLayer, h: Tensor, g: Tensor, n: int, k: int, buffers: Mapping[str, Tensor] | None = None,
+) -> LayerFactors:
+    """u (N, T, D) and signals (T, N·K, O) from the layer's input ``h`` (float64, or token ids) and the signals
+    ``g`` (K, N, *z) at its output; ``buffers``: the model's buffers by name (a BatchNorm's running statistics)."""
+    m = layer.module
+    if isinstance(m, nn.Conv2d):
+        u = F.unfold(h, m.kernel_size, dilation=m.dilation, padding=conv_padding(m), stride=m.stride).transpose(1, 2)
+    elif isinstance(m, nn.Embedding):
+        assert layer.vocabulary is not None
+        tokens = h.reshape(n, -1)
+        slot = torch.searchsorted(layer.vocabulary, tokens).clamp_max(max(layer.features - 1, 0))
+        hit = layer.vocabulary[slot] == tokens if layer.features else torch.zeros_like(tokens, dtype=torch.bool)
+        u = torch.zeros((n, tokens.shape[1], layer.features), dtype=torch.float64, device=h.device)
+        if layer.features:
+            u.scatter_(2, slot[..., None], hit[..., None].to(torch.float64))
+    elif layer.diagonal:
+        u = _per_position(_normalized(layer, h, buffers or {}), layer)
+    else:
+        u = h.reshape(n, -1, layer.features)
+    sig = _per_position(g.reshape(k * n, *g.shape[2:]), layer).reshape(k, n, layer.positions, layer.units)
+    # (K, N, T, O) -> (T, N, K, O) -> (T, M, O): row n·K + k, as in vec f(X)
+    sig = sig.permute(2, 1, 0, 3).reshape(layer.positions, n * k, layer.units)
+    return LayerFactors(layer, u.contiguous(), sig.contiguous())
+
+
+def per_sample_gradients(
+    layer: GramLayer, sig: Tensor, u: Tensor, field: PrimeField | None = None, units: slice = slice(None),
+) -> Tensor:
+    """The weight's rows of J for the ``units`` slice: Σ_t g_t ⊗ u_t, shape (N, K, O', D), or for a diagonal layer
+    Σ_t g_t ⊙ u_t, shape (N, K, O'). ``sig`` (T, N, K, O), ``u`` (N, T, D); exact mod p with ``field``."""
+    sig = sig[..., units]
+    if layer.diagonal:
+        u, spec = u[..., units], "tnko,nto->nko"
+    else:
+        spec = "tnko,ntd->nkod"
+    if field is None:
+        return torch.einsum(spec, sig, u)
+    out = None
+    for start in range(0, sig.shape[0], field.max_inner):
+        stop = start + field.max_inner
+        part = torch.einsum(spec, sig[start:stop], u[:, start:stop])
+        out = part if out is None else out.add_(part)
+        field.reduce_(out)
+    assert out is not None
+    return out
+
+
+def position_sum(sig: Tensor, field: PrimeField | None) -> Tensor:
+    """s = Σ_t g_t: ``sig`` (T, M, O) → (M, O)."""
+    return sig.sum(0) if field is None else field.sum(sig, 0)
+
+
+def jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int, field: PrimeField | None = None) -> Tensor:
+    """Rows (n, k) of J for n in ``samples``, columns grouped by layer (weight then bias), float64."""
+    blocks = []
+    for f in factors:
+        lay = f.layer
+        sig = f.signals[:, samples.start * k : samples.stop * k]  # (T, S·K, O)
+        s = samples.stop - samples.start
+        if lay.weight:
+            g = sig.view(lay.positions, s, k, lay.units)
+            blocks.append(per_sample_gradients(lay, g, f.inputs[samples], field).reshape(s * k, -1))
+        if lay.bias:
+            blocks.append(position_sum(sig, field))
+    return torch.cat(blocks, dim=1)
+
+
+def parameter_gradients(layer: GramLayer, row: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A row of J restricted to the layer (its column order, module docstring) as gradients shaped like the
+    measured parameters (``params``: name → tensor, for the shapes); an Embedding's unused rows are zero."""
+    prefix = f"{layer.name}." if layer.name else ""
+    out = {}
+    width = layer.units * layer.features
+    if layer.weight:
+        w = params[prefix + "weight"]
+        part = row[:width]
+        if isinstance(layer.module, nn.Embedding):
+            assert layer.vocabulary is not None
+            full = torch.zeros_like(w)
+            full[layer.vocabulary] = part.reshape(layer.units, layer.features).T
+            part = full
+        out[prefix + "weight"] = part.reshape(w.shape)
+    if layer.bias:
+        out[prefix + "bias"] = row[width * layer.weight :].reshape(params[prefix + "bias"].shape)
+    return out

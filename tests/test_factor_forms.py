@@ -1,0 +1,189 @@
+"""Each factor form of the float Gram engine against the dense float64 Jacobian on a small instance: BatchNorm in
+eval mode, LayerNorm, GroupNorm, Embedding, a residual block and an attention block (functional code between the
+layers), and the check by one backward that refuses what the forms cannot give."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import assert_matches_dense, dense_jacobian, gen, numpy_rank
+from torch import nn
+
+from lightning_geomdim import NotApplicableError, batch_functional_dimension
+from lightning_geomdim.core.factor_check import factorization_problem
+from lightning_geomdim.core.factor_forms import jacobian_rows
+from lightning_geomdim.core.functional_model import measurement_mode
+from lightning_geomdim.core.layer_factors import layer_factors
+from lightning_geomdim.core.probe_trace import ProbeTrace
+from lightning_geomdim.core.structure import gram_plan
+
+
+def _randomise(model: nn.Module, seed: int) -> nn.Module:
+    """Random affine parameters and running statistics, so that no normalisation is the identity."""
+    g = gen(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm, nn.GroupNorm)):
+                if getattr(m, "weight", None) is not None:
+                    m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+                    m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+                if getattr(m, "running_mean", None) is not None:
+                    m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+                    m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model
+
+
+class ResidualBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus the skip, then ReLU (the ResNet basic block), pooled into a Linear head."""
+
+    def __init__(self, c: int = 3, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, c, 3, padding=1, bias=False)
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.relu, self.pool, self.head = nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Linear(c, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.stem(x))
+        h = self.relu(self.bn2(self.conv2(self.relu(self.bn1(self.conv1(h))))) + h)
+        return self.head(self.pool(h).flatten(1))
+
+
+class AttentionBlock(nn.Module):
+    """A pre-LayerNorm transformer block written with Linear projections (token and position embeddings, causal
+    self-attention, a GELU MLP, a final LayerNorm and a vocabulary head)."""
+
+    def __init__(self, vocab: int = 7, seq: int = 4, dim: int = 4) -> None:
+        super().__init__()
+        self.tokens, self.positions = nn.Embedding(vocab, dim), nn.Embedding(seq, dim)
+        self.ln1, self.ln2, self.ln_f = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.up, self.act, self.down = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        n, t = ids.shape
+        h = self.tokens(ids) + self.positions(torch.arange(t).expand(n, t))
+        a = self.ln1(h)
+        scores = self.q(a) @ self.k(a).transpose(1, 2) / math.sqrt(a.shape[-1])
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        h = h + self.o(scores.softmax(-1) @ self.v(a))
+        h = h + self.down(self.act(self.up(self.ln2(h))))
+        return self.head(self.ln_f(h))
+
+
+def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(30)
+    x2 = torch.randn(5, 3, generator=gen(31))
+    img = torch.randn(3, 2, 5, 5, generator=gen(32))
+    seq = torch.randn(3, 4, 3, generator=gen(33))
+    ids = torch.randint(0, 7, (4, 4), generator=gen(34))
+    ids[0, 1] = 0  # the padding token
+    return {
+        "batchnorm1d_eval": (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)), x2),
+        "batchnorm2d_eval": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                                           nn.Linear(27, 2)), img),
+        "layernorm_sequence": (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.GELU(), nn.Linear(4, 2)), seq),
+        "layernorm_2d_shape": (nn.Sequential(nn.Linear(3, 4), nn.LayerNorm((4, 4)), nn.Flatten(),
+                                             nn.Linear(16, 2)), seq),
+        "groupnorm": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
+                                    nn.Linear(36, 2)), img),
+        "embedding_with_padding": (nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)),
+                                   ids),
+        "residual_block": (ResidualBlock(), img),
+        "attention_block": (AttentionBlock(), ids),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_factor_form_matches_the_dense_jacobian(case: str) -> None:
+    model, x = _cases()[case]
+    _randomise(model, 35)
+    # rank and every singular value; the attention block has σ ~1e-7 σ_max, below the Gram's resolution
+    jac = assert_matches_dense(model, x, auto_engine="gram", clear_gap=case != "attention_block")
+    assert 0 < numpy_rank(jac) <= min(jac.shape)
+
+
+@pytest.mark.parametrize("case", ["batchnorm2d_eval", "groupnorm", "embedding_with_padding", "attention_block"])
+def test_rows_from_the_factors_are_the_rows_of_the_dense_jacobian(case: str) -> None:
+    """Not only the spectrum: the explicit rows of J built from each form equal the dense Jacobian's, entry by entry
+    (columns mapped back to the parameters' layout)."""
+    model, x = _cases()[case]
+    _randomise(model, 36)
+    with measurement_mode(model):
+        trace = ProbeTrace.of(model, x)
+        plan = gram_plan(trace)
+        assert factorization_problem(trace, plan) is None
+        factors = layer_factors(trace, plan)
+        from lightning_geomdim.core.factor_forms import parameter_gradients
+
+        rows = jacobian_rows(factors, slice(0, plan.num_samples), plan.outputs_per_sample)
+        params = trace.fm.params
+        ours = []
+        for row in rows:
+            grads = {name: torch.zeros_like(p) for name, p in params.items()}
+            start = 0
+            for f in factors:
+                width = f.layer.num_params
+                grads.update(parameter_gradients(f.layer, row[start : start + width], params))
+                start += width
+            ours.append(torch.cat([g.reshape(-1) for g in grads.values()]))
+    expected = dense_jacobian(model, x)
+    torch.testing.assert_close(torch.stack(ours), expected, rtol=1e-10, atol=1e-12)
+
+
+def test_embedding_columns_are_the_probe_vocabulary() -> None:
+    model, x = _cases()["embedding_with_padding"]
+    with measurement_mode(model):
+        plan = gram_plan(ProbeTrace.of(model, x))
+    emb = plan.layers[0]
+    assert emb.vocabulary is not None and 0 not in emb.vocabulary.tolist()
+    assert emb.vocabulary.tolist() == sorted(set(x.flatten().tolist()) - {0})
+    assert emb.num_params == 3 * emb.vocabulary.numel()
+
+
+def test_frozen_backbone_of_any_kind_with_a_trainable_head_uses_the_gram_engine() -> None:
+    """Only measured parameters need a factor form: a frozen LSTM backbone with a Linear head is the Gram engine's."""
+
+    class Frozen(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+            self.lstm.requires_grad_(False)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.lstm(x)[0][:, -1])
+
+    model, x = Frozen(), torch.randn(6, 5, 3, generator=gen(37))
+    res = batch_functional_dimension(model, x)
+    assert res.engine == "gram" and res.rank == numpy_rank(dense_jacobian(model, x)) == 10
+
+
+@pytest.mark.parametrize(
+    ("model", "x", "reason"),
+    [
+        (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2, batch_first=True)), torch.randn(3, 5, 3),
+         r"'1' \(LSTM\) has parameters"),
+        (nn.Sequential(nn.Embedding(5, 2, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)),
+         torch.randint(0, 5, (3, 3)), "max_norm"),
+    ],
+    ids=["lstm", "embedding_max_norm"],
+)
+def test_layers_without_a_form_are_refused_by_name(model: nn.Module, x: torch.Tensor, reason: str) -> None:
+    with pytest.raises(NotApplicableError, match=reason):
+        batch_functional_dimension(model, x, engine="gram", output_fn=lambda out: out[0] if isinstance(out, tuple)
+                                   else out)
+
+
+def test_the_check_does_not_touch_the_global_rng_and_runs_once_per_trace() -> None:
+    model, x = _cases()["residual_block"]
+    rng = torch.get_rng_state()
+    with measurement_mode(model):
+        trace = ProbeTrace.of(model, x)
+        plan = gram_plan(trace)
+        assert factorization_problem(trace, plan) is None
+        trace.memo[("factorization", id(None))] = "cached"
+        assert factorization_problem(trace, plan) == "cached"
+    assert torch.equal(torch.get_rng_state(), rng)
