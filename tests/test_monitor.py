@@ -4,6 +4,7 @@ observer guarantee, errors, probes, resume, LightningCLI. No mocks of Lightning 
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import math
 import os
@@ -178,13 +179,18 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
 
     # the last values are those of the final weights on the stored probe (float64 measure)
     x = monitor.probes["train"].x
-    res = batch_functional_dimension(model.net, x, spectrum=True)
+    res = batch_functional_dimension(model.net, x, spectrum=True, blocks={"net.2": "2"})
     assert res.engine == "exact"
     assert acc.Scalars("geometry/train/batch_functional_dimension")[-1].value == res.rank
     assert acc.Scalars("geometry/train/numerical_rank")[-1].value == res.spectrum.numerical_rank
     assert acc.Scalars("geometry/train/resolution")[-1].value == pytest.approx(res.spectrum.resolution)
     assert acc.Scalars("geometry/train/upper_bound")[-1].value == res.upper_bound == min(8 * CLASSES, 51 - HIDDEN)
     assert acc.Scalars("geometry/train/num_outputs")[-1].value == 8 * CLASSES
+    # per-block ranks: the head (21 parameters ≤ 24 rows) is resolved, the first layer (30) is not
+    assert steps(acc, "geometry/train/block/net.2/numerical_rank") == [0, 2]
+    assert not any("block/net.0" in t for t in tags["scalars"])
+    assert acc.Scalars("geometry/train/block/net.2/numerical_rank")[-1].value == res.blocks["net.2"].numerical_rank
+    assert acc.Scalars("geometry/train/block/net.2/bound")[-1].value == 21
 
     # custom-scalars layout: each probe's dimension beside its bounds, and the probes on one chart
     config = acc.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0]
@@ -203,7 +209,8 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     table = readme[readme.index("## Logged keys"):]
     documented = re.findall(r"^\| `(geometry/[^`]+)` \|", table, flags=re.MULTILINE)
-    patterns = {d: re.compile(re.escape(d).replace("<probe>", "[^/]+").replace("<layer>", ".+").replace("<i>", r"\d+"))
+    wildcards = {"<probe>": "[^/]+", "<layer>": ".+", "<block>": ".+", "<i>": r"\d+"}
+    patterns = {d: re.compile(functools.reduce(lambda acc, kv: acc.replace(*kv), wildcards.items(), re.escape(d)))
                 for d in documented}
     logged = [t for t in tags["scalars"] if t.startswith("geometry/")]
     assert [t for t in logged if not any(p.fullmatch(t) for p in patterns.values())] == []

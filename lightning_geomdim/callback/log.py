@@ -24,6 +24,10 @@ key                                                           value
 ``geometry/<probe>/spectral_gap``                             σ_r / σ_{r+1} at the numerical rank (inf: full)
 ``geometry/<probe>/stable_rank``                              Σσ² / σ_max²
 ``geometry/<probe>/effective_rank``                           exp(entropy of σ / Σσ)
+``geometry/<probe>/block/<block>/numerical_rank``             numerical rank of J's columns of one block of
+                                                              parameters (``blocks``; the module tree's
+                                                              blocks with at most as many parameters as rows)
+``geometry/<probe>/block/<block>/bound``                       min(rows, the block's parameters)
 ``geometry/<probe>/linear_regions``                           distinct ReLU activation patterns on X
 ``geometry/flatness/max_eigenvalue``                          λ_max of the loss Hessian
 ``geometry/flatness/eigenvalue_<i>``                          i-th largest eigenvalue (``flatness_top_k``

@@ -28,6 +28,7 @@ from lightning_geomdim.callback.probes import Probe
 from lightning_geomdim.callback.schedule import OverheadBudget
 from lightning_geomdim.core.activation_patterns import linear_regions
 from lightning_geomdim.core.alignment import neuron_alignment
+from lightning_geomdim.core.blocks import Blocks
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
 from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted, MemoryBudgetError, ProbeError, Remedy
 from lightning_geomdim.core.flatness import flatness
@@ -82,6 +83,7 @@ class MeasureSettings:
     params: Sequence[str] | None
     engine: str
     spectrum: bool
+    blocks: Blocks
     distributed_gram: bool
     dtype: torch.dtype
     rtol: float | None
@@ -276,7 +278,7 @@ def _dimension(
         dtype=settings.dtype,
         max_memory_bytes=settings.max_memory_bytes, **settings.dimension_options(),
         spectrum=settings.spectrum if probe.spectrum is None else probe.spectrum,
-        logit_differences=probe.logit_differences,
+        logit_differences=probe.logit_differences, blocks=settings.blocks,
     )
     out[probe.name] = res
     values = {
@@ -295,6 +297,8 @@ def _dimension(
             "resolution": sv.resolution, "spectral_gap": sv.spectral_gap, "stable_rank": sv.stable_rank,
             "effective_rank": sv.effective_rank,
         })
+    for name, block in res.blocks.items():
+        values.update({f"block/{name}/numerical_rank": block.numerical_rank, f"block/{name}/bound": block.bound})
     return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
 
 
@@ -312,8 +316,9 @@ def _saturation_message(probe: Probe, res: DimensionResult) -> str:
         f"GeometryMonitor: on probe {probe.name!r} {what} equals its row bound {res.num_rows} "
         f"({probe.num_samples} samples × {per_sample:g} rows), below P − hidden neurons = "
         f"{res.parameter_bound}: the probe is too small for it to show anything else (logged as "
-        f"geometry/{probe.name}/saturated = 1; the spectrum's stable / effective rank still vary). A probe of "
-        f"at least {needed} samples lets the bound stop binding; its exact dimension needs a {rows:,} × "
+        f"geometry/{probe.name}/saturated = 1; the spectrum's stable / effective rank and the per-block ranks "
+        f"geometry/{probe.name}/block/... still vary). A probe of at least {needed} samples lets the bound stop "
+        f"binding; its exact dimension needs a {rows:,} × "
         f"{rows:,} Gram matrix mod p ({format_bytes(8 * rows * rows)}) and about {rows:,}³/3 flops"
     )
 

@@ -34,6 +34,7 @@ from lightning_geomdim.callback.validation import (
     measured_module,
     schedules_and_budget,
 )
+from lightning_geomdim.core.blocks import Blocks
 from lightning_geomdim.core.flatness import DEFAULT_TRACE_SAMPLES
 
 
@@ -86,6 +87,7 @@ class GeometryMonitor(Callback):
             is exact wherever it applies, else a float engine (logged as ``numerical_rank`` only).
         spectrum: also log the float spectrum (``numerical_rank``, tolerance, ``resolution``, gap, stable and
             effective rank, histogram); ``False`` halves the cost of the dimension.
+        blocks: with the spectrum, J's numerical rank per block of parameters (:mod:`~lightning_geomdim.core.blocks`).
         distributed_gram: under DDP, share the Gram engine's accumulation among the processes (one all-reduce);
             values then equal a single process to the Gram's resolution rather than bit for bit.
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
@@ -126,7 +128,7 @@ class GeometryMonitor(Callback):
         input_fn: Callable[[Any], Any] | None = None, target_fn: Callable[[Any], Any] | None = None,
         output_fn: Callable[[Any], Tensor] | None = None,
         loss_fn: Callable[[Tensor, Tensor], Tensor] | str | None = None,
-        params: Sequence[str] | None = None, engine: str = "auto", spectrum: bool = True,
+        params: Sequence[str] | None = None, engine: str = "auto", spectrum: bool = True, blocks: Blocks = "auto",
         distributed_gram: bool = False, dtype: str | torch.dtype = "float64", rtol: float | None = None,
         max_memory_bytes: int | None = None, flatness_probe: str | None = None, flatness_top_k: int = 1,
         flatness_trace_samples: int = DEFAULT_TRACE_SAMPLES, flatness_flat_dimension: bool = True,
@@ -143,24 +145,22 @@ class GeometryMonitor(Callback):
         self.dtype = check_settings(
             engine=engine, dtype=dtype, loss_fn=loss_fn, on_error=on_error, flatness_top_k=flatness_top_k,
             flatness_trace_samples=flatness_trace_samples, alignment_threshold=alignment_threshold,
-            max_memory_bytes=max_memory_bytes,
+            max_memory_bytes=max_memory_bytes, blocks=blocks,
         )
-        self.module, self.loss_fn, self.engine, self.rtol = module, loss_fn, engine, rtol
+        self.module, self.loss_fn, self.engine, self.rtol, self.blocks = module, loss_fn, engine, rtol, blocks
         self.output_fn = output_fn if output_fn is not None else DefaultOutput()
         self.input_fn, self.target_fn = input_fn or default_input_fn, target_fn or default_target_fn
-        self.params = list(params) if params is not None else None
+        self.params, self.max_memory_bytes = (list(params) if params is not None else None), max_memory_bytes
         self.spectrum, self.distributed_gram = bool(spectrum), bool(distributed_gram)
-        self.max_memory_bytes = max_memory_bytes
-        self.flatness_probe, self.flatness_top_k = flatness_probe, flatness_top_k
-        self.flatness_trace_samples = flatness_trace_samples
+        self.flatness_probe, self.flatness_top_k, self.flatness_trace_samples = (flatness_probe, flatness_top_k,
+                                                                                flatness_trace_samples)
         self.flatness_flat_dimension = bool(flatness_flat_dimension)
         self.alignment_probe, self.alignment_threshold = alignment_probe, float(alignment_threshold)
         self.tensorboard_extras, self.seed, self.on_error = tensorboard_extras, int(seed), on_error
         self.probes: dict[str, Probe] = {}
         self._saved_probes: dict[str, dict[str, Any]] = {}
         self._errors = ErrorPolicy(on_error)
-        # Lightning reads the state key several times per training step (profiler names): built once, from the
-        # arguments (it stays the same when a measure is dropped at train start)
+        # built once (Lightning reads it several times per step); unchanged when a measure is dropped at train start
         self._state_key = self._generate_state_key(
             probes=[s.name for s in self._specs], measures=list(self.measures), module=self.module
         )

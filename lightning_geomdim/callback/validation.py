@@ -72,9 +72,15 @@ def check_probes(
 
 def check_settings(
     *, engine: str, dtype: str | torch.dtype, loss_fn: Any, on_error: str, flatness_top_k: int,
-    flatness_trace_samples: int, alignment_threshold: float, max_memory_bytes: int | None,
+    flatness_trace_samples: int, alignment_threshold: float, max_memory_bytes: int | None, blocks: Any = None,
 ) -> torch.dtype:
     """Check the settings of the measures; return the computation dtype."""
+    if not (blocks is None or blocks == "auto" or (isinstance(blocks, Mapping) and all(
+            isinstance(v, (str, Sequence)) for v in blocks.values()))):
+        raise MisconfigurationException(
+            f"blocks={blocks!r} is invalid: pass 'auto', None, or a dict of block name -> module names, e.g. "
+            "{'stem': ['conv1', 'bn1'], 'head': 'fc'}"
+        )
     if engine not in ENGINES:
         raise MisconfigurationException(f"engine={engine!r} is invalid: choose one of {ENGINES}")
     if isinstance(dtype, str):

@@ -5,7 +5,8 @@ pass over a probe, shared by every measure of a step (:mod:`.probe_trace`, with 
 the engines understand (:mod:`.layer_kinds`); GF(p) (:mod:`.finite_field`) and ranks over it (:mod:`.rank_mod_p`,
 :mod:`.symmetric_rank_mod_p`), the floating-point numerical rank (:mod:`.rank`); the dimension engines: exact
 (:mod:`.exact`, its program :mod:`.exact_program`), the float Gram from per-layer factors (:mod:`.gram`, with the
-plan :mod:`.gram_plan`, the structural conditions :mod:`.structure` and the factors :mod:`.layer_factors`), the
+plan :mod:`.gram_plan`, the structural conditions :mod:`.structure`, the layers' forms :mod:`.factor_forms`, their
+check by one backward :mod:`.factor_check` and the factors :mod:`.layer_factors`), the
 dense Jacobian (:mod:`.jacobian`), and the measure that chooses between them (:mod:`.dimension`); bounds from
 symmetries (:mod:`.symmetries`); activation patterns and linear regions (:mod:`.activation_patterns`); the CFFD
 (:mod:`.cffd`); flatness from Hessian-vector products (:mod:`.hessian`, :mod:`.lanczos`, :mod:`.trace_estimation`,

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lightning_geomdim.core.blocks import Blocks, BlockSpectrum, resolve_blocks
 from lightning_geomdim.core.errors import NotApplicableError, Remedy
 from lightning_geomdim.core.exact import exact_rank
 from lightning_geomdim.core.exact_program import ExactProgram, exact_program
 from lightning_geomdim.core.functional_model import OutputFn
-from lightning_geomdim.core.gram import gram_spectrum
-from lightning_geomdim.core.jacobian import jacobian_spectrum
+from lightning_geomdim.core.gram import gram_spectra
+from lightning_geomdim.core.jacobian import jacobian_spectra
 from lightning_geomdim.core.memory import memory_budget
 from lightning_geomdim.core.probe_trace import ProbeTrace, traced
 from lightning_geomdim.core.rank import NumericalSpectrum, Spectrum, numerical_spectrum
@@ -55,6 +56,8 @@ class DimensionResult:
         exact_ranks: the rank of each modular draw (exact engine; empty otherwise).
         failure_bound: exact engine: a bound on the probability that ``rank`` is below the true dimension
             (0 when it reached ``upper_bound``); nan for floating-point engines, whose error is not bounded.
+        blocks: block name → the numerical rank of J restricted to the block's columns (``blocks=``; computed
+            with the floating-point spectrum, :mod:`lightning_geomdim.core.blocks`).
     """
 
     rank: int
@@ -67,6 +70,7 @@ class DimensionResult:
     spectrum: NumericalSpectrum | None = None
     exact_ranks: tuple[int, ...] = ()
     failure_bound: float = math.nan
+    blocks: dict[str, BlockSpectrum] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -123,13 +127,16 @@ def select_float_engine(engine: str, trace: ProbeTrace) -> str:
 
 def compute_spectrum(
     engine: str, trace: ProbeTrace, num_rows: int, *, chunk_size: int | None, budget: int, distributed: bool = False,
-) -> Spectrum:
-    """Run the floating-point ``engine`` ("gram" or "jacrev") and return the singular values of J."""
+    blocks: dict[str, list[str]] | None = None,
+) -> tuple[Spectrum, dict[str, Spectrum]]:
+    """Run the floating-point ``engine`` ("gram" or "jacrev"): the singular values of J and of each block's columns
+    (block name → parameter names)."""
     if engine == "gram":
-        return gram_spectrum(trace, num_rows, chunk_size=chunk_size, budget=budget, distributed=distributed)
-    # suggest the Gram engine only where it runs (not for BatchNorm, attention, recurrent layers, ...)
+        return gram_spectra(trace, num_rows, chunk_size=chunk_size, budget=budget, distributed=distributed,
+                            blocks=blocks)
+    # suggest the Gram engine only where it runs (not for recurrent layers, nn.MultiheadAttention, ...)
     gram = () if gram_unsupported_reason(trace) else (Remedy("{arg}='gram' (it applies to this model)", "engine"),)
-    return jacobian_spectrum(trace, num_rows, chunk_size=chunk_size, budget=budget, alternatives=gram)
+    return jacobian_spectra(trace, num_rows, chunk_size=chunk_size, budget=budget, alternatives=gram, blocks=blocks)
 
 
 def batch_functional_dimension(
@@ -149,6 +156,7 @@ def batch_functional_dimension(
     max_memory_bytes: int | None = None,
     distributed: bool = False,
     trace: ProbeTrace | None = None,
+    blocks: Blocks = None,
 ) -> DimensionResult:
     """Batch functional dimension of ``model`` on the probe batch ``x``: rank ∂ vec f_θ(x) / ∂θ.
 
@@ -209,6 +217,11 @@ def batch_functional_dimension(
             Gram accumulation among the processes and all-reduce it (see
             :func:`lightning_geomdim.core.gram.gram_matrix`). A collective: every process must call it, with the
             same model, probe and arguments. Ignored by the other engines and without a process group.
+        blocks: also the numerical rank of J restricted to blocks of parameters (``DimensionResult.blocks``), from
+            the floating-point spectrum's factors or dense J (so with ``spectrum=True`` or a float engine):
+            "auto" for the blocks :func:`~lightning_geomdim.core.blocks.parameter_blocks` finds in the module tree
+            that have at most as many parameters as J has rows (the others' rank is their row bound), or a dict
+            block name → module names. Each costs a Gram (or SVD) of size min(rows, P_b).
         trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
             (with these ``params``, ``dtype`` and ``output_fn``), shared with the other measures of a step; ``x`` is
             then not read again. Default: record one.
@@ -249,13 +262,19 @@ def batch_functional_dimension(
                 exact = exact_rank(trace, upper_bound=upper_bound, program=program, seed=seed, draws=draws,
                                    chunk_size=chunk_size, budget=budget)
                 del program
-            numerical = None
+            numerical, parts = None, {}
             if spectrum or exact is None:
                 # the exact engine applies only where the Gram engine's structural conditions hold: no second check
                 float_engine = select_float_engine(resolved, trace) if exact is None else "gram"
-                raw = compute_spectrum(float_engine, trace, num_rows, chunk_size=chunk_size, budget=budget,
-                                       distributed=distributed)
+                chosen = resolve_blocks(blocks, model, list(fm.params), num_rows)
+                raw, raw_parts = compute_spectrum(float_engine, trace, num_rows, chunk_size=chunk_size, budget=budget,
+                                                  distributed=distributed, blocks=chosen)
                 numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
+                sizes = {name: p.numel() for name, p in fm.params.items()}
+                for name, sv in raw_parts.items():
+                    p_block = sum(sizes[n] for n in chosen[name])
+                    parts[name] = BlockSpectrum(p_block, min(num_rows, p_block), numerical_spectrum(
+                        sv, num_rows, p_block, engine=float_engine, rtol=rtol))
         finally:
             trace.fm.logit_head = None
     return DimensionResult(
@@ -264,5 +283,5 @@ def batch_functional_dimension(
         num_outputs=num_outputs, num_rows=num_rows, num_params=num_params,
         num_hidden_neurons=symmetries.num_hidden_neurons, upper_bound=upper_bound, spectrum=numerical,
         exact_ranks=exact.ranks if exact is not None else (),
-        failure_bound=exact.failure_bound if exact is not None else math.nan,
+        failure_bound=exact.failure_bound if exact is not None else math.nan, blocks=parts,
     )

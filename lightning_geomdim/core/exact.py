@@ -8,8 +8,9 @@ set {f_θ'(X) : θ' near θ} (Bona-Pellissier, Malgouyres, Bachoc, arXiv 2402.08
 
 The engine computes that rank exactly, by evaluation at a random point modulo a prime p:
 
-1. one traced float forward pass records the patterns and checks the structure (the conditions of the Gram
-   engine, :mod:`lightning_geomdim.core.gram`, plus: every parameter-free module is piecewise linear or linear);
+1. one traced float forward pass records the patterns and checks the structure (the module-by-module conditions
+   of :func:`~lightning_geomdim.core.structure.check_structure`, plus: every parameter-free module is piecewise
+   linear or linear);
 2. the network is re-run in GF(p) with the patterns fixed, at random nonzero residues for the measured
    parameters (exact zeros of θ stay zero: pruned weights), the exact images of X and of the frozen parameters
    (:meth:`~lightning_geomdim.core.finite_field.PrimeField.from_float`), and backpropagated once per output
@@ -30,7 +31,7 @@ paper's MLP at N = 600 (L = 4, bound 5,400): 7.7e-3 per draw with p ≈ 4.2e6, 6
 Softmax / log-softmax heads are measured on their logit differences (same row space; see
 :meth:`~lightning_geomdim.core.functional_model.FunctionalModel.measured_output`).
 
-Supported modules: ``nn.Linear``, ``nn.Conv2d`` (as in the Gram engine) with ReLU, LeakyReLU, ReLU6,
+Supported modules: ``nn.Linear``, ``nn.Conv2d`` with ReLU, LeakyReLU, ReLU6,
 Hardtanh, Identity, dropout (eval), max / average / adaptive pooling, Flatten / Unflatten between them and a
 final Softmax / LogSoftmax. Anything else (GELU, tanh, normalisation, residual sums) raises
 :class:`~lightning_geomdim.core.errors.NotApplicableError` with the reason; ``engine="auto"`` then falls back to a

@@ -25,19 +25,19 @@ Jᵀ J = Σ_chunks J_Sᵀ J_S instead, from the rows J_S of a chunk of samples a
 (the column order does not matter for the spectrum). Parameters outside ``fm.params`` have no columns:
 only the measured weights and biases contribute. Every product is accumulated in float64.
 
-Exactness conditions (checked on the probe by :func:`gram_plan`; ``engine="auto"`` falls back to jacrev
-when one fails, ``engine="gram"`` raises :class:`NotApplicableError`):
+Other layers (BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding) have their own forms of u and g
+(:mod:`lightning_geomdim.core.factor_forms`); the assembly below only needs the explicit rows they give.
 
-* one positional tensor input, no keyword inputs; no shared or tied parameters;
-* every module that owns parameters (frozen or not) is a plain ``nn.Linear`` or ``nn.Conv2d`` (groups = 1,
-  zero padding, no hooks), called at most once;
-* every other module that runs is a parameter-free module known to act on each sample separately
-  (ReLU-like and other elementwise activations, dropout in eval mode, pooling, flatten, softmax over a
-  non-batch dimension, identity);
-* data flows only from module to module: each module's input is the probe input or, unmodified, the
-  output of an earlier module, and the measured output is a module's output (``output_fn`` may only pick
-  it out of a tuple or dict). Any functional code between modules (``x + y``, ``torch.relu``,
-  ``x.view``, in-place edits) is thereby detected and refused, because it could mix samples.
+Exactness conditions (``engine="auto"`` falls back to jacrev when one fails, ``engine="gram"`` raises
+:class:`NotApplicableError`):
+
+* structural (:func:`~lightning_geomdim.core.structure.factored_plan`): every module owning a measured parameter
+  has a factor form, is called once on one tensor of N samples, and no parameter is shared or tied;
+* checked by one backward (:mod:`lightning_geomdim.core.factor_check`): samples do not interact, and the forms give
+  autograd's whole gradient (no measured parameter acts outside its module's forward).
+
+Anything may sit between the layers: residual sums, attention written with Linear layers, GELU, functional code.
+Frozen parameters may belong to any module (a frozen LSTM backbone under a trainable head).
 
 Peak memory (float64, d = min(M, P_used)): 16 · d² bytes (the Gram, built by blocks of rows into its lower
 triangle through a 16 MiB scratch block, and the working copy LAPACK's eigensolver makes of it), plus the
@@ -54,7 +54,8 @@ spectral gap shows singular values between those two levels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 import torch
 from torch import Tensor
@@ -200,22 +201,13 @@ def _process_share(distributed: bool) -> tuple[int, int]:
     return 0, 1
 
 
-def gram_matrix(
-    trace: ProbeTrace, *, chunk_size: int | None = None, budget: int | None = None, lower_only: bool = False,
-    distributed: bool = False,
-) -> tuple[Tensor, GramPlan]:
-    """J Jᵀ or Jᵀ J (whichever is smaller, ``plan.side``), float64, and the plan it was built from.
-
-    ``lower_only``: fill only the lower triangle (see :func:`gram_from_factors`).
-
-    ``distributed``: when a ``torch.distributed`` process group is initialised, each of the W processes
-    accumulates 1/W of the terms (its share of the layers for J Jᵀ, of the sample chunks for Jᵀ J) and one
-    ``all_reduce(SUM)`` gives every process the whole matrix. Collective: every process of the group must
-    call it with the same model and probe. The per-layer factors (one forward, K backwards) are computed by
-    every process; the accumulation, which dominates for large probes, is divided.
+def planned_factors(
+    trace: ProbeTrace, *, chunk_size: int | None = None, budget: int | None = None,
+) -> tuple[GramPlan, list[LayerFactors]]:
+    """The Gram plan and the per-layer factors, after the checks (structure, one backward) and the memory budget.
 
     Raises:
-        NotApplicableError: the engine is not exact for this model (:func:`.structure.gram_plan`).
+        NotApplicableError: the engine is not exact for this model (:mod:`.structure`, :mod:`.factor_check`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
     plan = gram_plan(trace)
@@ -231,34 +223,79 @@ def gram_matrix(
         remedies=FACTOR_REMEDIES,
         by_samples=(plan.num_samples, lambda n: gram_bytes(plan.on_samples(n), itemsize, chunk_size=1)),
     )
-    factors = layer_factors(trace, plan, chunk_size=chunk)
+    return plan, layer_factors(trace, plan, chunk_size=chunk)
+
+
+def _assembled(factors: Sequence[LayerFactors], plan: GramPlan, distributed: bool) -> Tensor:
+    """The lower triangle of ``plan``'s Gram, each process of a group computing its share (:func:`gram_matrix`)."""
     share = _process_share(distributed)
-    gram = gram_from_factors(factors, plan, lower_only=lower_only, share=share)
-    del factors
+    gram = gram_from_factors(factors, plan, lower_only=True, share=share)
     if share[1] > 1:
         torch.distributed.all_reduce(gram, op=torch.distributed.ReduceOp.SUM)
-    return gram, plan
+    return gram
 
 
-def gram_spectrum(
-    trace: ProbeTrace, num_outputs: int, *, chunk_size: int | None = None, budget: int, distributed: bool = False,
-) -> Spectrum:
-    """Singular values of J as √max(λ, 0) of its Gram's eigenvalues: shape (min(M, P),), float64, descending.
+def gram_matrix(
+    trace: ProbeTrace, *, chunk_size: int | None = None, budget: int | None = None, lower_only: bool = False,
+    distributed: bool = False,
+) -> tuple[Tensor, GramPlan]:
+    """J Jᵀ or Jᵀ J (whichever is smaller, ``plan.side``), float64, and the plan it was built from.
+
+    ``lower_only``: fill only the lower triangle (see :func:`gram_from_factors`).
+
+    ``distributed``: when a ``torch.distributed`` process group is initialised, each of the W processes
+    accumulates 1/W of the terms (its share of the layers for J Jᵀ, of the sample chunks for Jᵀ J) and one
+    ``all_reduce(SUM)`` gives every process the whole matrix. Collective: every process of the group must
+    call it with the same model and probe. The per-layer factors (one forward, K backwards) are computed by
+    every process; the accumulation, which dominates for large probes, is divided.
 
     Raises:
-        NotApplicableError: the engine is not exact for this model (:func:`.structure.gram_plan`).
+        NotApplicableError: the engine is not exact for this model (:mod:`.structure`, :mod:`.factor_check`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
-    gram, plan = gram_matrix(trace, chunk_size=chunk_size, budget=budget, lower_only=True,
-                             distributed=distributed)
+    plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
+    gram = _assembled(factors, plan, distributed)
+    return (gram if lower_only else gram + gram.tril(-1).T), plan
+
+
+def _singular_values(gram: Tensor, total: int) -> Tensor:
+    """σ = √max(λ, 0) of the Gram's eigenvalues (lower triangle read), descending, padded with zeros to ``total``
+    (columns of parameters that never ran)."""
+    eig = torch.linalg.eigvalsh(gram, UPLO="L") if gram.numel() else gram.new_zeros(0)
+    sv = eig.clamp_min(0).sqrt().flip(0)
+    return torch.cat([sv, sv.new_zeros(total - sv.numel())]) if sv.numel() < total else sv
+
+
+def gram_spectra(
+    trace: ProbeTrace, num_outputs: int, *, chunk_size: int | None = None, budget: int, distributed: bool = False,
+    blocks: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[Spectrum, dict[str, Spectrum]]:
+    """Singular values of J, and of J restricted to each block's columns (block name → parameter names;
+    :mod:`lightning_geomdim.core.blocks`), from one set of per-layer factors; each Gram is freed before the next.
+
+    Raises:
+        NotApplicableError: the engine is not exact for this model (:mod:`.structure`, :mod:`.factor_check`).
+        MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
+    """
+    plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
     if num_outputs != plan.num_outputs:
         raise NotApplicableError(
             f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"
         )
-    eig = torch.linalg.eigvalsh(gram, UPLO="L") if gram.numel() else gram.new_zeros(0)
-    del gram
-    sv = eig.clamp_min(0).sqrt().flip(0)
-    total = min(num_outputs, trace.fm.num_params)
-    if sv.numel() < total:  # parameters of modules that never ran: zero columns, zero singular values
-        sv = torch.cat([sv, sv.new_zeros(total - sv.numel())])
-    return Spectrum(sv.cpu(), trace.fm.dtype, from_gram=True)
+    sizes = {name: p.numel() for name, p in trace.fm.params.items()}
+    whole = Spectrum(_singular_values(_assembled(factors, plan, distributed), min(num_outputs, sum(sizes.values())))
+                     .cpu(), trace.fm.dtype, from_gram=True)
+    parts = {}
+    for name, names in (blocks or {}).items():
+        members = set(names)
+        mine = [f for f in factors if _layer_params(f) <= members]
+        sub = replace(plan, layers=tuple(f.layer for f in mine), forced_side=None)
+        total = min(num_outputs, sum(sizes[n] for n in names))
+        parts[name] = Spectrum(_singular_values(_assembled(mine, sub, distributed), total).cpu(), trace.fm.dtype,
+                               from_gram=True)
+    return whole, parts
+
+
+def _layer_params(f: LayerFactors) -> set[str]:
+    prefix = f"{f.layer.name}." if f.layer.name else ""
+    return {prefix + p for p, used in (("weight", f.layer.weight), ("bias", f.layer.bias)) if used}

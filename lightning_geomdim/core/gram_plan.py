@@ -87,7 +87,8 @@ FACTOR_REMEDIES = (
 
 
 def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = None, copies: int = 2) -> int:
-    """Peak memory estimate of :func:`gram_spectrum`, in bytes (formula in the module docstring).
+    """Peak memory estimate of :func:`~lightning_geomdim.core.gram.gram_spectra`, in bytes (formula in
+    :mod:`lightning_geomdim.core.gram`).
 
     ``copies``: d × d float64 matrices alive at once: 2 for the eigensolver (the Gram and LAPACK's copy), 1 for
     the exact engine (the Gram mod p, eliminated in place).

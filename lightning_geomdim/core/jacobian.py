@@ -6,7 +6,7 @@ A model whose backward cannot be batched (an op without a batching rule, an old-
 falls back, with a warning, to one backward per output coordinate: M backward passes, same result, slower.
 Memory: about 3 · M · P · itemsize bytes for J (J, the rows of a chunk, the SVD's working copy) plus, per row
 of a chunk, the backward's intermediates, about A values of the forward pass (A = ``activation_numel``; measured
-0.84–1.09 · A · itemsize per row on a ResNet-style CNN). :func:`jacobian_spectrum` batches as many rows as fit
+0.84–1.09 · A · itemsize per row on a ResNet-style CNN). :func:`jacobian_spectra` batches as many rows as fit
 the memory budget, so a convolutional network whose activations dwarf J is measured in several chunks rather
 than killed for memory (batching all M = 640 rows of a 10k-parameter ResNet-style CNN on 64 images of 32 × 32
 would need about 32 GB).
@@ -14,7 +14,7 @@ would need about 32 GB).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -27,7 +27,7 @@ from lightning_geomdim.core.rank import Spectrum
 
 
 def jacobian_bytes(num_outputs: int, num_params: int, dtype: torch.dtype) -> int:
-    """Memory of J in :func:`jacobian_spectrum` (J, a chunk of its rows, the SVD's copy), in bytes."""
+    """Memory of J in :func:`jacobian_spectra` (J, a chunk of its rows, the SVD's copy), in bytes."""
     return 3 * num_outputs * num_params * torch.empty((), dtype=dtype).element_size()
 
 
@@ -58,11 +58,12 @@ def jacobian_matrix(trace: ProbeTrace, *, chunk_size: int | None = None) -> Tens
     return jac
 
 
-def jacobian_spectrum(
+def jacobian_spectra(
     trace: ProbeTrace, num_outputs: int, *, chunk_size: int | None = None, budget: int,
-    alternatives: Sequence[Remedy] = (),
-) -> Spectrum:
-    """Singular values of the dense Jacobian (exact SVD, the finest resolution: ~eps · max(M, P) · σ_max).
+    alternatives: Sequence[Remedy] = (), blocks: Mapping[str, Sequence[str]] | None = None,
+) -> tuple[Spectrum, dict[str, Spectrum]]:
+    """Singular values of the dense Jacobian (exact SVD, the finest resolution: ~eps · max(M, P) · σ_max), and of
+    its columns of each block (block name → parameter names, :mod:`lightning_geomdim.core.blocks`).
 
     ``chunk_size``: rows of J computed by one batched backward; default the most that fit ``budget`` next to J
     (each holds about :data:`~lightning_geomdim.core.memory.VJP_BYTES_PER_ACTIVATION` × A values of the
@@ -91,6 +92,14 @@ def jacobian_spectrum(
                   Remedy("a subset of parameters via {arg}=[...]", "params")),
     )
     jac = jacobian_matrix(trace, chunk_size=chunk)
-    sv = torch.linalg.svdvals(jac)
+    whole = Spectrum(torch.linalg.svdvals(jac).to(torch.float64), fm.dtype, from_gram=False)
+    offsets, start = {}, 0
+    for name, p in fm.params.items():
+        offsets[name] = (start, start + p.numel())
+        start += p.numel()
+    parts = {}
+    for block, names in (blocks or {}).items():
+        columns = torch.cat([torch.arange(*offsets[n], device=jac.device) for n in names])
+        parts[block] = Spectrum(torch.linalg.svdvals(jac[:, columns]).to(torch.float64), fm.dtype, from_gram=False)
     del jac
-    return Spectrum(sv.to(torch.float64), fm.dtype, from_gram=False)
+    return whole, parts

@@ -5,9 +5,16 @@
   (:mod:`lightning_geomdim.core.factor_forms`), called once; anything may sit between the layers, because one
   backward checks that samples do not interact and that the forms give the whole gradient
   (:mod:`lightning_geomdim.core.factor_check`).
-* The exact engine (:func:`check_structure`, the conditions listed in :mod:`lightning_geomdim.core.gram`): the
-  network is re-run over GF(p) module by module, so every parameterised module is an ``nn.Linear`` / ``nn.Conv2d``,
-  every other one a known per-sample module, and data flows only from module to module.
+* The exact engine (:func:`check_structure`): the network is re-run over GF(p) module by module, so
+
+  - the probe is one positional tensor; no parameter is shared or tied;
+  - every module that owns parameters (frozen or not) is a plain ``nn.Linear`` or ``nn.Conv2d`` (groups = 1, zero
+    padding, no hooks), called at most once;
+  - every other module that runs is a parameter-free module known to act on each sample separately (ReLU-like and
+    other elementwise activations, dropout in eval mode, pooling, flatten, softmax over a non-batch dimension);
+  - data flows only from module to module: each module's input is the probe or, unmodified, the output of an
+    earlier module, and the measured output is a module's output (``output_fn`` may only pick it out of a tuple or
+    dict). Functional code between modules (``x + y``, ``torch.relu``, ``x.view``, in-place edits) is refused.
 """
 
 from __future__ import annotations
