@@ -1,6 +1,6 @@
 """Each factor form of the float Gram engine against the dense float64 Jacobian on a small instance: BatchNorm in
-eval mode, LayerNorm, GroupNorm, Embedding, a residual block and an attention block (functional code between the
-layers), and the check by one backward that refuses what the forms cannot give."""
+eval mode, LayerNorm, GroupNorm, grouped and depthwise convolutions, Embedding, a residual block and an attention
+block (functional code between the layers), and the check by one backward that refuses what the forms cannot give."""
 
 from __future__ import annotations
 
@@ -90,6 +90,9 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
                                              nn.Linear(16, 2)), seq),
         "groupnorm": (nn.Sequential(nn.Conv2d(2, 4, 3), nn.GroupNorm(2, 4), nn.ReLU(), nn.Flatten(),
                                     nn.Linear(36, 2)), img),
+        "grouped_and_depthwise_conv": (nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.ReLU(),
+                                                     nn.Conv2d(4, 4, 3, groups=4, padding=1), nn.Hardswish(),
+                                                     nn.Flatten(), nn.Linear(36, 2)), img),
         "embedding_with_padding": (nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)),
                                    ids),
         "residual_block": (ResidualBlock(), img),
@@ -106,7 +109,8 @@ def test_factor_form_matches_the_dense_jacobian(case: str) -> None:
     assert 0 < numpy_rank(jac) <= min(jac.shape)
 
 
-@pytest.mark.parametrize("case", ["batchnorm2d_eval", "groupnorm", "embedding_with_padding", "attention_block"])
+@pytest.mark.parametrize("case", ["batchnorm2d_eval", "groupnorm", "grouped_and_depthwise_conv",
+                                  "embedding_with_padding", "attention_block"])
 def test_rows_from_the_factors_are_the_rows_of_the_dense_jacobian(case: str) -> None:
     """Not only the spectrum: the explicit rows of J built from each form equal the dense Jacobian's, entry by entry
     (columns mapped back to the parameters' layout)."""

@@ -43,10 +43,12 @@ class GramLayer:
         bias: the bias exists and is measured.
         positions: T, positions the layer is applied at per sample (Linear / LayerNorm / Embedding: product of the
             middle dimensions, 1 for (N, features) inputs; Conv2d / BatchNorm / GroupNorm: the spatial size).
-        features: D, length of the layer input at one position (in_features; C_in · kh · kw; the probe's
-            vocabulary size for an Embedding); 1 for a diagonal layer, whose weight has one entry per unit.
+        features: length of a weight row: in_features; C_in / groups · kh · kw; the probe's vocabulary size for an
+            Embedding; 1 for a diagonal layer, whose weight has one entry per unit.
         units: O, out_features, out_channels, embedding_dim, or the entries of a normalisation's weight.
         diagonal: a normalisation's affine map, z = γ ⊙ x̂ + β (module docstring).
+        groups: a grouped convolution's groups G: unit o reads only the inputs of its group, so u (N, T, G·D)
+            and the weight's rows are block-diagonal (depthwise convolutions: G = C_in).
         vocabulary: Embedding: the token ids the probe uses, sorted, int64 (the columns of u).
     """
 
@@ -58,6 +60,7 @@ class GramLayer:
     features: int
     units: int
     diagonal: bool = False
+    groups: int = 1
     vocabulary: Tensor | None = field(default=None, compare=False)
 
     @property
@@ -67,8 +70,8 @@ class GramLayer:
 
     @property
     def input_width(self) -> int:
-        """Entries of u per position: D, or O for a diagonal layer."""
-        return self.units if self.diagonal else self.features
+        """Entries of u per position: D (G · D for a grouped convolution), or O for a diagonal layer."""
+        return self.units if self.diagonal else self.features * self.groups
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,11 @@ def _channels_first(module: nn.Module) -> bool:
     return isinstance(module, (nn.Conv2d, nn.GroupNorm, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d))
 
 
-def form_problem(name: str, module: nn.Module, *, kinds: tuple[type[nn.Module], ...] = FACTOR_FORMS) -> str | None:
-    """Why ``module`` (which owns measured parameters) has no factor form among ``kinds``, or None."""
+def form_problem(
+    name: str, module: nn.Module, *, kinds: tuple[type[nn.Module], ...] = FACTOR_FORMS, grouped: bool = True,
+) -> str | None:
+    """Why ``module`` (which owns measured parameters) has no factor form among ``kinds`` (with grouped
+    convolutions when ``grouped``), or None."""
     label = f"module {name or '<root>'!r} ({type(module).__name__})"
     if not isinstance(module, kinds):
         listed = ", ".join(f"nn.{k.__name__}" for k in kinds)
@@ -116,7 +122,7 @@ def form_problem(name: str, module: nn.Module, *, kinds: tuple[type[nn.Module], 
     if module._forward_hooks or module._forward_pre_hooks:
         return f"{label} has forward hooks, which may change its input or output"
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
+        if module.groups != 1 and not grouped:
             return f"{label} has groups={module.groups} (only groups=1 is supported)"
         if module.padding_mode != "zeros":
             return f"{label} has padding_mode={module.padding_mode!r} (only 'zeros' is supported)"
@@ -141,8 +147,9 @@ def layer_of(name: str, module: nn.Module, inp: Tensor, out: Tensor, selected: s
         return GramLayer(name, module, weight, bias, inp[0].numel() // module.in_features, module.in_features,
                          module.out_features)
     if isinstance(module, nn.Conv2d):
-        return GramLayer(name, module, weight, bias, out.shape[2] * out.shape[3],
-                         module.in_channels * module.kernel_size[0] * module.kernel_size[1], module.out_channels)
+        per_group = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+        return GramLayer(name, module, weight, bias, out.shape[2] * out.shape[3], per_group, module.out_channels,
+                         groups=module.groups)
     if isinstance(module, nn.Embedding):
         vocabulary = torch.unique(inp)
         if module.padding_idx is not None:  # the padding row gets no gradient
@@ -203,14 +210,23 @@ def per_sample_gradients(
     layer: GramLayer, sig: Tensor, u: Tensor, field: PrimeField | None = None, units: slice = slice(None),
 ) -> Tensor:
     """The weight's rows of J for the ``units`` slice: Σ_t g_t ⊗ u_t, shape (N, K, O', D), or for a diagonal layer
-    Σ_t g_t ⊙ u_t, shape (N, K, O'). ``sig`` (T, N, K, O), ``u`` (N, T, D); exact mod p with ``field``."""
+    Σ_t g_t ⊙ u_t, shape (N, K, O'). ``sig`` (T, N, K, O), ``u`` (N, T, D); exact mod p with ``field``. A grouped
+    convolution's slice must cover whole groups."""
     sig = sig[..., units]
     if layer.diagonal:
         u, spec = u[..., units], "tnko,nto->nko"
+    elif layer.groups > 1:  # unit o of group g: Σ_t g_t[o] u_t[g]
+        per = layer.units // layer.groups
+        first, last, _ = units.indices(layer.units)
+        t, n = u.shape[1], u.shape[0]
+        u = u.view(n, t, layer.groups, layer.features)[:, :, first // per : -(-last // per)]
+        sig = sig.reshape(*sig.shape[:3], -1, per)
+        spec = "tnkgo,ntgd->nkgod"
     else:
         spec = "tnko,ntd->nkod"
     if field is None:
-        return torch.einsum(spec, sig, u)
+        out = torch.einsum(spec, sig, u)
+        return out.flatten(2, 3) if layer.groups > 1 and not layer.diagonal else out
     out = None
     for start in range(0, sig.shape[0], field.max_inner):
         stop = start + field.max_inner
@@ -218,7 +234,7 @@ def per_sample_gradients(
         out = part if out is None else out.add_(part)
         field.reduce_(out)
     assert out is not None
-    return out
+    return out.flatten(2, 3) if layer.groups > 1 and not layer.diagonal else out
 
 
 def position_sum(sig: Tensor, field: PrimeField | None) -> Tensor:

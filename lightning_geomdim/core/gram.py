@@ -135,7 +135,8 @@ def _add_output_gram(
         return
     # per-sample weight gradients A(n,k) = Σ_t g_t u_tᵀ, in chunks of output units to bound memory
     sig_nk = sig.view(lay.positions, n, k, lay.units)
-    step = max(1, min(lay.units, (m * m) // max(m * lay.features, 1)))
+    per_group = lay.units // lay.groups  # a chunk covers whole groups of a grouped convolution
+    step = max(per_group, min(lay.units, (m * m) // max(m * lay.features, 1)) // per_group * per_group)
     for start in range(0, lay.units, step):
         a = per_sample_gradients(lay, sig_nk, u, field, slice(start, start + step)).reshape(m, -1)
         _accumulate(gram, a, a, group=k, lower=lower, field=field)

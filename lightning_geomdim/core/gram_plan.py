@@ -102,7 +102,7 @@ def gram_bytes(plan: GramPlan, itemsize: int = 8, *, chunk_size: int | None = No
 
 def kernel_cost(lay: GramLayer, m: int, n: int) -> float:
     """Flops of a layer's J_l J_lᵀ as the kernel Σ_{t,t'} ⟨g_t, g_t'⟩ ⟨u_t, u_t'⟩ (outer forms only)."""
-    if lay.diagonal:
+    if lay.diagonal or lay.groups > 1:
         return math.inf
     t = lay.positions
     return t * t * (m * m * (lay.units + 1) + n * n * lay.features)

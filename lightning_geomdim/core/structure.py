@@ -191,7 +191,7 @@ def check_structure(trace: ProbeTrace) -> tuple[str | None, GramPlan | None, Tra
         return problem, *none
     for name, sub in module.named_modules():
         if any(True for _ in sub.parameters(recurse=False)):
-            problem = form_problem(name, sub, kinds=FACTORED_AFFINE)
+            problem = form_problem(name, sub, kinds=FACTORED_AFFINE, grouped=False)
             if problem is not None:
                 return problem, *none
 
