@@ -183,7 +183,7 @@ def test_batchnorm_model_measured_in_eval_mode_matches_dense() -> None:
     model(torch.randn(64, 3))  # non-trivial running statistics
     x = torch.randn(12, 3, generator=gen(15))
     res = check_against_dense(model, x, "auto")  # dense_jacobian evaluates in eval mode
-    assert res.engine == "gram"  # BatchNorm in eval mode: a per-channel factor form (core/factor_forms.py)
+    assert res.engine == "exact"  # BatchNorm in eval mode: an affine map with constant statistics
     assert model.training
 
 

@@ -181,13 +181,15 @@ def test_draws_use_distinct_primes_and_the_failure_bound() -> None:
         exact_rank(ProbeTrace.record(fm, inputs), upper_bound=5, draws=1)
 
 
-class Residual(nn.Module):
+class SquaredSkip(nn.Module):
+    """A skip connection through a product, not piecewise linear (sums are: tests/test_exact_networks.py)."""
+
     def __init__(self) -> None:
         super().__init__()
         self.a, self.relu, self.b = nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.b(self.relu(self.a(x)) + x)
+        return self.b(self.relu(self.a(x)) + x * x)
 
 
 @pytest.mark.parametrize(
@@ -195,11 +197,11 @@ class Residual(nn.Module):
     [
         (nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 2)), r"'1' \(GELU\) is not piecewise linear"),
         (nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 2)), r"'1' \(Tanh\) is not piecewise linear"),
-        (nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2)), r"BatchNorm1d"),
-        (Residual(), r"computed outside modules"),
+        (nn.Sequential(nn.Linear(4, 5), nn.LayerNorm(5), nn.ReLU(), nn.Linear(5, 2)), r"'1' \(LayerNorm\)"),
+        (SquaredSkip(), r"the function 'mul'"),
         (nn.Sequential(nn.Linear(4, 5), nn.Softmax(-1), nn.Linear(5, 2)), r"Softmax\) is not piecewise linear"),
     ],
-    ids=["gelu", "tanh", "batchnorm", "residual_sum", "inner_softmax"],
+    ids=["gelu", "tanh", "layernorm", "squared_skip", "inner_softmax"],
 )
 def test_refusals_name_the_module_and_auto_falls_back_to_a_float_engine(model: nn.Module, match: str) -> None:
     x = torch.randn(6, 4, generator=gen(19))

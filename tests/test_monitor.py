@@ -345,9 +345,9 @@ def test_dropout_batchnorm_and_the_observer_guarantee(tmp_path: Path) -> None:
         tr.fit(model, **loaders(train=48))
         if with_monitor:
             rows = csv_rows(tr)
-            # BatchNorm is not supported by the exact engine: a float engine's numerical rank, not the dimension
+            # BatchNorm in eval mode is affine: the exact engine's dimension, and the float spectrum beside it
             assert sum(bool(r.get("geometry/random/numerical_rank")) for r in rows) == 7
-            assert not any(r.get("geometry/random/batch_functional_dimension") for r in rows)
+            assert sum(bool(r.get("geometry/random/batch_functional_dimension")) for r in rows) == 7
             assert sum(bool(r.get("geometry/flatness/max_eigenvalue")) for r in rows) == 7
             # measured in eval mode: BatchNorm is affine there, Dropout off: the ReLU scaling bound holds
             assert all(float(r["geometry/train/num_hidden_neurons"]) == 0 for r in rows

@@ -125,8 +125,9 @@ def test_low_precision_training_is_measured_in_float64_and_left_untouched(tmp_pa
     # and they are the float64 measure of those weights (eval mode: BatchNorm running statistics, no Dropout)
     net32 = Classifier().net
     net32.load_state_dict({k.removeprefix("net."): v for k, v in weights32.items()})
-    res = batch_functional_dimension(net32, monitor.probes["train"].x)
-    assert values["geometry/train/numerical_rank"][-1][1] == res.rank
+    res = batch_functional_dimension(net32, monitor.probes["train"].x, spectrum=True)
+    assert values["geometry/train/batch_functional_dimension"][-1][1] == res.rank and res.exact
+    assert values["geometry/train/numerical_rank"][-1][1] == res.spectrum.numerical_rank
     assert values["geometry/train/stable_rank"][-1][1] == res.spectrum.stable_rank
     assert values["geometry/train/num_hidden_neurons"][-1][1] == 0  # BatchNorm in between: no rescaling claimed
 

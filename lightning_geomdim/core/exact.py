@@ -31,9 +31,12 @@ paper's MLP at N = 600 (L = 4, bound 5,400): 7.7e-3 per draw with p ≈ 4.2e6, 6
 Softmax / log-softmax heads are measured on their logit differences (same row space; see
 :meth:`~lightning_geomdim.core.functional_model.FunctionalModel.measured_output`).
 
-Supported modules: ``nn.Linear``, ``nn.Conv2d`` with ReLU, LeakyReLU, ReLU6,
-Hardtanh, Identity, dropout (eval), max / average / adaptive pooling, Flatten / Unflatten between them and a
-final Softmax / LogSoftmax. Anything else (GELU, tanh, normalisation, residual sums) raises
+Supported: ``nn.Linear``, ``nn.Conv2d`` (groups = 1) and ``BatchNorm`` in eval mode (an affine map with constant
+running statistics, whose γ, β are layers of the factored Gram) with ReLU, LeakyReLU, ReLU6, Hardtanh, Identity,
+dropout (eval), max / average / adaptive pooling, Flatten / Unflatten, a final Softmax / LogSoftmax, and between
+modules the functional code of residual networks: sums of two tensors (``out += identity``), ``flatten`` / ``view``
+/ ``reshape`` that keep the samples apart, ``relu`` (:func:`~lightning_geomdim.core.structure.check_structure`).
+So torchvision's ResNets are measured exactly. Anything else (GELU, tanh, LayerNorm, products, attention) raises
 :class:`~lightning_geomdim.core.errors.NotApplicableError` with the reason; ``engine="auto"`` then falls back to a
 floating-point engine.
 
@@ -54,6 +57,7 @@ from torch import Tensor
 
 from lightning_geomdim.core.exact_program import (
     Affine,
+    ChannelAffine,
     Diagonal,
     ExactProgram,
     PlaneLinear,
@@ -104,6 +108,8 @@ def _field_steps(program: ExactProgram, field: PrimeField) -> list[Step | None]:
             step = Diagonal(_constants(field, step.slope), offset)
         elif isinstance(step, PlaneLinear):
             step = PlaneLinear(_constants(field, step.matrix), step.in_shape, step.out_shape, step.dims)
+        elif isinstance(step, ChannelAffine):
+            step = ChannelAffine(step.name, field.from_float(step.mean), field.from_float(step.scale), step.affine)
         steps.append(step)
     return steps
 
@@ -149,13 +155,15 @@ def _draw(
     values: list[Tensor | None] = [None] * len(steps)
     inputs: dict[int, Tensor] = {}
     x0 = field.from_float(program.probe)
+    measured_layers = {layer.name for layer in program.plan.layers}
     for i, step in enumerate(steps):
-        src = program.sources[i]
-        x = x0 if src < 0 else values[src]
-        assert x is not None or step is None
-        if isinstance(step, Affine):
-            inputs[i] = x
-        values[i] = None if step is None else step.forward(field, x, theta)
+        xs = [x0 if src < 0 else values[src] for src in program.sources[i]]
+        if step is None:
+            continue
+        x = xs[0] if len(xs) == 1 else tuple(xs)
+        if isinstance(step, (Affine, ChannelAffine)) and step.name in measured_layers:
+            inputs[i] = step.factor_input(field, x)
+        values[i] = step.forward(field, x, theta)
     measured = x0 if program.measured < 0 else values[program.measured]
     assert measured is not None
     seeds = _seeds(tuple(measured.shape[1:]), program.head, measured.device)
@@ -177,16 +185,17 @@ def _draw(
                                   if g is None else g)
             if g is None or step is None:
                 continue
-            src = program.sources[i]
-            if src >= 0:
-                g_in = step.backward(field, g, theta)
-                grads[src] = g_in if src not in grads else field.reduce_(grads[src] + g_in)
+            sources = program.sources[i]
+            g_in = step.backward(field, g, theta)
+            for src, part in zip(sources, g_in if len(sources) > 1 else (g_in,), strict=True):
+                if src >= 0:
+                    grads[src] = part if src not in grads else field.reduce_(grads[src] + part)
     del values
     by_name = {steps[i].name: i for i in inputs}  # type: ignore[union-attr]
     factors = []
     for layer in program.plan.layers:
         i = by_name[layer.name]
-        factors.append(factors_of(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k))
+        factors.append(factors_of(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k, normalized=True))
     return gram_from_factors(factors, program.plan, lower_only=True, field=field)
 
 

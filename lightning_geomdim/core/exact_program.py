@@ -1,5 +1,6 @@
-"""The exact engine's program: the network as a sequence of steps over GF(p) (affine layers, diagonal
-activations with their patterns fixed, max-pooling gathers, average-pooling plane maps, reshapes), read from one
+"""The exact engine's program: the network as a sequence of steps over GF(p) (affine layers, BatchNorm in eval mode,
+diagonal activations with their patterns fixed, max-pooling gathers, average-pooling plane maps, reshapes, sums of
+residual connections), read from one
 :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`. Float constants (slopes, clamps, pooling weights) stay
 floats here; :mod:`lightning_geomdim.core.exact` maps them to residues of each draw's field."""
 
@@ -18,9 +19,18 @@ from torch import Tensor, nn
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.finite_field import PrimeField
 from lightning_geomdim.core.gram_plan import GramPlan
-from lightning_geomdim.core.layer_kinds import AVG_POOL, DROPOUT, FACTORED_AFFINE, MAX_POOL, PIECEWISE_LINEAR, RESHAPE
+from lightning_geomdim.core.layer_kinds import (
+    AVG_POOL,
+    BATCH_NORM,
+    DROPOUT,
+    FACTORED_AFFINE,
+    MAX_POOL,
+    PIECEWISE_LINEAR,
+    RESHAPE,
+)
 from lightning_geomdim.core.probe_trace import ProbeTrace
-from lightning_geomdim.core.structure import check_structure, conv_padding
+from lightning_geomdim.core.structure import FUNCTIONS_RELU, FUNCTIONS_SUM, check_structure, conv_padding
+from lightning_geomdim.core.tracing import FunctionCall
 
 #: Largest per-plane linear map (entries) stored densely for an average pooling.
 _MAX_PLANE_MAP = 1 << 24
@@ -56,6 +66,10 @@ class Affine(Step):
     def _weight(self, theta: dict[str, Tensor]) -> tuple[Tensor, Tensor | None]:
         prefix = f"{self.name}." if self.name else ""
         return theta[prefix + "weight"], theta.get(prefix + "bias")
+
+    def factor_input(self, field: PrimeField, x: Tensor) -> Tensor:
+        """The layer input u of its factors: x itself."""
+        return x
 
     def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
         w, b = self._weight(theta)
@@ -140,16 +154,63 @@ class PlaneLinear(Step):
 
 @dataclass
 class Reshape(Step):
-    """Identity, dropout in eval mode, Flatten, Unflatten: values unchanged, shape changed."""
+    """Identity, dropout in eval mode, Flatten, Unflatten, ``flatten`` / ``view`` / ``reshape``: values unchanged."""
 
-    module: nn.Module
     in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
 
     def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
-        return self.module(x)
+        return x.reshape(self.out_shape)
 
     def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
         return g.reshape(g.shape[0], *self.in_shape)
+
+
+@dataclass
+class Sum(Step):
+    """x₁ + x₂, a residual connection: two inputs, the cotangent goes to both."""
+
+    def forward(self, field: PrimeField, x: Any, theta: dict[str, Tensor]) -> Tensor:
+        return field.reduce(x[0] + x[1])
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Any:
+        return (g, g)
+
+
+@dataclass
+class ChannelAffine(Step):
+    """BatchNorm in eval mode: y = γ ⊙ x̂ + β with x̂ = (x − μ) ⊙ s per channel (dim 1), the constants μ and
+    s = 1 / √(var + ε) (floats here, residues of each draw's field in :mod:`.exact`) and γ, β from θ (the exact
+    images of frozen ones; 1 and 0 without an affine map). A measured layer: its factor input is x̂."""
+
+    name: str
+    mean: Tensor
+    scale: Tensor
+    affine: bool
+
+    def _params(self, theta: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        prefix = f"{self.name}." if self.name else ""
+        return theta[prefix + "weight"], theta[prefix + "bias"]
+
+    @staticmethod
+    def _channels(t: Tensor, dims: int, lead: int = 1) -> Tensor:
+        return t.view(*([1] * lead), -1, *([1] * (dims - lead - 1)))
+
+    def factor_input(self, field: PrimeField, x: Tensor) -> Tensor:
+        """x̂ residues, shape of x."""
+        centred = field.reduce(x - self._channels(self.mean, x.dim()))
+        return field.mul(centred, self._channels(self.scale, x.dim()))
+
+    def forward(self, field: PrimeField, x: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        y = self.factor_input(field, x)
+        if not self.affine:
+            return y
+        w, b = self._params(theta)
+        return field.reduce_(field.mul(y, self._channels(w, x.dim())).add_(self._channels(b, x.dim())))
+
+    def backward(self, field: PrimeField, g: Tensor, theta: dict[str, Tensor]) -> Tensor:
+        coef = field.mul(self.scale, self._params(theta)[0]) if self.affine else self.scale
+        return field.mul(g, self._channels(coef, g.dim(), lead=2))
 
 
 @dataclass(frozen=True)
@@ -158,17 +219,17 @@ class ExactProgram:
 
     Attributes:
         plan: the Gram plan (measured layers, N, rows per sample, P).
-        steps: one step per module call (None for the softmax head, whose input is measured).
-        sources: for each call, the call whose output is its input (-1: the probe).
+        steps: one step per module call or functional call (None for the softmax head, whose input is measured).
+        sources: for each step, the steps whose outputs are its inputs (-1: the probe).
         measured: the call whose output is measured (-1: the probe itself).
         head: the measured tensor is a softmax head's input, measured as logit differences.
         probe: the probe input, float64.
-        depth: L, the number of affine layers (bounds the degree of J's entries in θ by L − 1).
+        depth: L, the number of layers with parameters (bounds the degree of J's entries in θ by L − 1).
     """
 
     plan: GramPlan
     steps: tuple[Step | None, ...]
-    sources: tuple[int, ...]
+    sources: tuple[tuple[int, ...], ...]
     measured: int
     head: bool
     probe: Tensor
@@ -192,12 +253,21 @@ def exact_program(trace: ProbeTrace) -> ExactProgram:
     depth = 0
     measured = graph.output
     for index, call in enumerate(graph.calls):
+        if isinstance(call, FunctionCall):
+            steps.append(_function_step(call))
+            continue
         module = call.module
         z = call.input
         label = f"module {call.name or '<root>'!r} ({type(module).__name__})"
         if isinstance(module, FACTORED_AFFINE):
             steps.append(Affine(call.name, module, tuple(z.shape), tuple(call.output.shape)))
             depth += 1
+        elif isinstance(module, BATCH_NORM):
+            prefix = f"{call.name}." if call.name else ""
+            var = fm.frozen[prefix + "running_var"].to(torch.float64)
+            steps.append(ChannelAffine(call.name, fm.frozen[prefix + "running_mean"].to(torch.float64),
+                                       1.0 / torch.sqrt(var + module.eps), module.affine))
+            depth += int(module.affine)
         elif isinstance(module, PIECEWISE_LINEAR):
             steps.append(_activation(module, z))
         elif type(module) in MAX_POOL:
@@ -206,10 +276,10 @@ def exact_program(trace: ProbeTrace) -> ExactProgram:
         elif type(module) in AVG_POOL:
             steps.append(_average_pool(module, z, AVG_POOL[type(module)], label))
         elif type(module) in (*RESHAPE, *DROPOUT):
-            steps.append(Reshape(module, tuple(z.shape)))
+            steps.append(Reshape(tuple(z.shape), tuple(call.output.shape)))
         elif module is fm.logit_head and index == graph.output:
             steps.append(None)
-            measured = graph.sources[index]
+            (measured,) = graph.sources[index]
         else:
             raise NotApplicableError(
                 f"the exact engine does not apply: {label} is not piecewise linear, so the dimension is not "
@@ -220,6 +290,17 @@ def exact_program(trace: ProbeTrace) -> ExactProgram:
     return ExactProgram(
         plan.with_cheaper_side(), tuple(steps), graph.sources, measured, measured != graph.output, probe, depth,
     )
+
+
+def _function_step(f: FunctionCall) -> Step:
+    """The step of a functional call :func:`~.structure.check_structure` accepted: a sum, a reshape or a ReLU."""
+    if f.name in FUNCTIONS_SUM:
+        return Sum()
+    (x,) = f.tensors()
+    if f.name in FUNCTIONS_RELU:
+        assert f.pattern is not None
+        return Diagonal(f.pattern.to(torch.float64), None)
+    return Reshape(tuple(x.shape), tuple(f.output.shape))
 
 
 def _activation(module: nn.Module, z: Tensor) -> Diagonal:

@@ -181,10 +181,12 @@ def _per_position(z: Tensor, layer: GramLayer) -> Tensor:
 
 
 def factors_of(
-    layer: GramLayer, h: Tensor, g: Tensor, n: int, k: int, buffers: Mapping[str, Tensor] | None = None,
+    layer: GramLayer, h: Tensor, g: Tensor, n: int, k: int, buffers: Mapping[str, Tensor] | None = None, *,
+    normalized: bool = False,
 ) -> LayerFactors:
     """u (N, T, D) and signals (T, N·K, O) from the layer's input ``h`` (float64, or token ids) and the signals
-    ``g`` (K, N, *z) at its output; ``buffers``: the model's buffers by name (a BatchNorm's running statistics)."""
+    ``g`` (K, N, *z) at its output; ``buffers``: the model's buffers by name (a BatchNorm's running statistics).
+    ``normalized``: a diagonal layer's ``h`` is already x̂ (the exact engine's residues)."""
     m = layer.module
     if isinstance(m, nn.Conv2d):
         u = F.unfold(h, m.kernel_size, dilation=m.dilation, padding=conv_padding(m), stride=m.stride).transpose(1, 2)
@@ -197,7 +199,7 @@ def factors_of(
         if layer.features:
             u.scatter_(2, slot[..., None], hit[..., None].to(torch.float64))
     elif layer.diagonal:
-        u = _per_position(_normalized(layer, h, buffers or {}), layer)
+        u = _per_position(h if normalized else _normalized(layer, h, buffers or {}), layer)
     else:
         u = h.reshape(n, -1, layer.features)
     sig = _per_position(g.reshape(k * n, *g.shape[2:]), layer).reshape(k, n, layer.positions, layer.units)

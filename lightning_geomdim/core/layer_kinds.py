@@ -21,6 +21,9 @@ NORMALIZATION: tuple[type[nn.Module], ...] = (
 )
 #: Batch normalisation: in eval mode a per-channel affine map, which folds into the affine layer before it.
 BATCH_NORM: tuple[type[nn.Module], ...] = NORMALIZATION[:3]
+#: Parameterised layers the exact engine re-runs over GF(p): affine maps (BatchNorm in eval mode with constant
+#: statistics).
+EXACT_LAYERS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *BATCH_NORM)
 #: Every parameterised layer with a factor form in the float Gram engine (embeddings: one-hot inputs).
 FACTOR_FORMS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *NORMALIZATION, nn.Embedding)
 #: Affine layers whose output units (channels) carry a positive-rescaling symmetry when a ReLU follows.

@@ -38,7 +38,7 @@ from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, P
 from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, RELU_LIKE
 from lightning_geomdim.core.memory import is_out_of_memory
-from lightning_geomdim.core.tracing import UseRecorder, call_keys
+from lightning_geomdim.core.tracing import FunctionCall, UseRecorder, call_keys
 
 
 @dataclass(eq=False)
@@ -88,6 +88,8 @@ class ProbeTrace:
         grad: the pass was recorded with autograd (``theta`` requires grad): what the dimension and flatness need;
             without it (patterns, alignment) it keeps no graph.
         factors: ``layer_inputs`` and ``deltas`` were recorded (the Gram engine's factors; 2 A more values).
+        functions: the torch functions called outside every leaf module, in call order (functional code between
+            modules, e.g. a residual ``out += identity``), for the exact engine's program.
         memo: results computed once per trace by the measures that share it (e.g. the factor forms' check).
     """
 
@@ -105,6 +107,7 @@ class ProbeTrace:
     grad: bool = True
     factors: bool = True
     released: bool = False
+    functions: list[FunctionCall] = field(default_factory=list, repr=False)
     memo: dict[Any, Any] = field(default_factory=dict, repr=False)
     _leaves: list[TracedCall] | None = field(default=None, repr=False)
 
@@ -196,7 +199,7 @@ class ProbeTrace:
                 numel[0] += sum(t.numel() for t in outs if isinstance(t, Tensor))
             return replaced
 
-        recorder = UseRecorder(running)
+        recorder = UseRecorder(running, position=lambda: len(calls))
         handles = []
         probe = inputs.args[0] if inputs.args and isinstance(inputs.args[0], Tensor) else None
         probe_version = probe._version if probe is not None else -1
@@ -232,9 +235,10 @@ class ProbeTrace:
             leaf_index[i]: [None if w is None else leaf_index[w] for w in recorder.uses.get(id(c.input), [])]
             for i, c in enumerate(calls) if c.leaf and isinstance(c.input, Tensor)
         }
+        functions = recorder.functions
         del recorder
         return ProbeTrace(fm, inputs, theta, calls, readers, layer_inputs, deltas, out, probe_version, numel[0],
-                          grad=grad, factors=factors and grad)
+                          grad=grad, factors=factors and grad, functions=functions)
 
     def vjp(self, out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor) -> list[Tensor]:
         """∂⟨c, out⟩/∂inputs for each cotangent c of ``cotangents`` (B, *out.shape): a list of (B, *input.shape)
@@ -326,6 +330,7 @@ class ProbeTrace:
     def release(self) -> None:
         """Free the graph, activations and copies (the trace is unusable afterwards)."""
         self.calls.clear()
+        self.functions.clear()
         self.layer_inputs.clear()
         self.deltas.clear()
         self.input_readers.clear()

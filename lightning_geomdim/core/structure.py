@@ -26,8 +26,9 @@ from torch import Tensor, nn
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of
 from lightning_geomdim.core.gram_plan import GramPlan
-from lightning_geomdim.core.layer_kinds import ALONG_DIM, DROPOUT, FACTORED_AFFINE, PER_SAMPLE, POOLING
+from lightning_geomdim.core.layer_kinds import ALONG_DIM, DROPOUT, EXACT_LAYERS, PER_SAMPLE, POOLING
 from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
+from lightning_geomdim.core.tracing import FunctionCall
 
 __all__ = ["TracedGraph", "check_structure", "conv_padding", "factored_plan", "gram_plan", "gram_unsupported_reason"]
 
@@ -161,24 +162,50 @@ def _plan(trace: ProbeTrace, layers: tuple[GramLayer, ...], activation_numel: in
                     activation_numel=activation_numel)
 
 
+#: Torch functions the exact engine re-runs over GF(p) when they are called between modules: sums of two tensors
+#: of the same shape (residual connections), reshapes that keep the samples apart, ReLU.
+FUNCTIONS_SUM = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
+FUNCTIONS_RESHAPE = frozenset({"flatten", "view", "reshape"})
+FUNCTIONS_RELU = frozenset({"relu", "relu_"})
+
+
 @dataclass(frozen=True)
 class TracedGraph:
-    """The module calls of one traced forward pass and how data flows between them.
+    """The module calls and functional calls of one traced forward pass and how data flows between them.
 
     Attributes:
-        calls: every leaf (or parameterised) module call, in execution order, with its input and output.
-        sources: for each call, the index of the call whose output is its input; -1 for the probe input.
+        calls: every leaf (or parameterised) module call and every functional call outside modules that the output
+            depends on (:class:`~lightning_geomdim.core.tracing.FunctionCall`), in execution order.
+        sources: for each call, the indices of the calls whose outputs are its tensor inputs; -1 for the probe.
         output: index of the call whose output is the measured output.
     """
 
-    calls: tuple[TracedCall, ...]
-    sources: tuple[int, ...]
+    calls: tuple[TracedCall | FunctionCall, ...]
+    sources: tuple[tuple[int, ...], ...]
     output: int
 
 
+def _function_problem(f: FunctionCall, n: int) -> str | None:
+    """Why the exact engine cannot re-run the functional call ``f`` over GF(p), or None."""
+    tensors, out = f.tensors(), f.output
+    label = f"the function {f.name!r} called between modules"
+    if not isinstance(out, Tensor) or out.dim() == 0 or out.shape[0] != n:
+        return f"{label} does not return one tensor of {n} samples"
+    if f.name in FUNCTIONS_SUM:
+        if len(tensors) != 2 or len(f.args) != 2 or f.kwargs or tensors[0].shape != tensors[1].shape:
+            return f"{label} is not a sum of two tensors of the same shape"
+    elif f.name in FUNCTIONS_RESHAPE or f.name in FUNCTIONS_RELU:
+        if len(tensors) != 1 or tensors[0].dim() == 0 or tensors[0].shape[0] != n:
+            return f"{label} does not act on one tensor of {n} samples"
+    else:
+        return (f"{label} is not one the exact engine re-runs (sums of two tensors, flatten / view / reshape, "
+                "relu)")
+    return None
+
+
 def check_structure(trace: ProbeTrace) -> tuple[str | None, GramPlan | None, TracedGraph | None]:
-    """Check the structural conditions on the traced pass: (None, plan, graph) when they hold, else (the reason,
-    None, None), for each engine to phrase its own refusal."""
+    """Check the exact engine's conditions (module docstring) on the traced pass: (None, plan, graph) when they
+    hold, else (the reason, None, None), for each engine to phrase its own refusal."""
     none = None, None
     fm, inputs = trace.fm, trace.inputs
     module = fm.module
@@ -191,50 +218,88 @@ def check_structure(trace: ProbeTrace) -> tuple[str | None, GramPlan | None, Tra
         return problem, *none
     for name, sub in module.named_modules():
         if any(True for _ in sub.parameters(recurse=False)):
-            problem = form_problem(name, sub, kinds=FACTORED_AFFINE, grouped=False)
+            problem = form_problem(name, sub, kinds=EXACT_LAYERS, grouped=False)
             if problem is not None:
                 return problem, *none
 
-    probe_version = trace.probe_version
-    calls, out = trace.calls, trace.output
-    produced: dict[int, int] = {}  # id(tensor) -> index of the latest call that output it (kept alive by calls)
-    sources: list[int] = []
-    seen_affine: set[str] = set()
-    layers: list[GramLayer] = []
+    # module calls and functional calls in execution order: function f ran after the first f.position module calls
+    order: list[TracedCall | FunctionCall] = []
+    functions = iter(trace.functions)
+    pending = next(functions, None)
+    for index, call in enumerate(trace.calls):
+        while pending is not None and pending.position <= index:
+            order.append(pending)
+            pending = next(functions, None)
+        order.append(call)
+    while pending is not None:
+        order.append(pending)
+        pending = next(functions, None)
+
+    produced: dict[tuple[int, int], int] = {(id(probe), trace.probe_version): -1}  # (id, version) -> node
+    sources: list[tuple[int, ...]] = []
+    problems: dict[int, str] = {}  # functional calls the engine cannot re-run, refused if the output needs them
+    seen_layers: set[str] = set()
+    layers: dict[int, GramLayer] = {}
     selected = set(fm.params)
     activation_numel = 0
-    for index, call in enumerate(calls):
+    for index, node in enumerate(order):
+        if isinstance(node, FunctionCall):
+            tensors = node.tensors()
+            found = [produced.get((id(t), v)) for t, v in zip(tensors, node.versions, strict=True)]
+            problem = _function_problem(node, n)
+            if problem is None and any(f is None for f in found):
+                problem = f"an input of the function {node.name!r} is computed outside the traced calls"
+            if problem is not None:
+                problems[index] = problem
+            sources.append(tuple(-2 if f is None else f for f in found))
+            if isinstance(node.output, Tensor):
+                produced[(id(node.output), node.output_version)] = index
+            continue
+        call = node
         label = f"module {call.name or '<root>'!r} ({type(call.module).__name__})"
         inp = call.input
         if call.num_args != 1 or not isinstance(inp, Tensor) or inp.dim() == 0 or inp.shape[0] != n:
             return f"{label} is not called on one tensor of {n} samples", *none
-        src = produced.get(id(inp))
-        from_probe = inp is probe and call.input_version == probe_version
-        if not from_probe and (src is None or calls[src].output_version != call.input_version):
-            return (f"the input of {label} is computed outside modules (functional code, or an in-place "
-                    "change, between modules)"), *none
+        src = produced.get((id(inp), call.input_version))
+        if src is None:
+            return (f"the input of {label} is computed outside modules by code the exact engine does not follow "
+                    "(an in-place change, or a function it does not re-run)"), *none
         if not isinstance(call.output, Tensor) or call.output.dim() == 0 or call.output.shape[0] != n:
             return f"{label} does not return one tensor of {n} samples", *none
         activation_numel += call.output.numel()
-        if isinstance(call.module, FACTORED_AFFINE):
-            if call.name in seen_affine:
+        if isinstance(call.module, EXACT_LAYERS):
+            if call.name in seen_layers:
                 return f"{label} is called more than once (shared weights)", *none
-            seen_affine.add(call.name)
+            seen_layers.add(call.name)
             if isinstance(call.module, nn.Conv2d) and inp.dim() != 4:
                 return f"{label} is called on a {inp.dim()}-d input (only batched (N, C, H, W) inputs)", *none
             layer = layer_of(call.name, call.module, inp, call.output, selected)
             if layer is not None:
-                layers.append(layer)
+                layers[index] = layer
         else:
             problem = _per_sample_problem(label, call.module, inp)
             if problem is not None:
                 return problem, *none
-        sources.append(-1 if from_probe else src)
-        produced[id(call.output)] = index
-    last = produced.get(id(out))
-    if last is None or calls[last].output_version != out._version:
+        sources.append((src,))
+        produced[(id(call.output), call.output_version)] = index
+    out = trace.output
+    last = produced.get((id(out), out._version))
+    if last is None or last < 0:
         return ("the measured output is not a module's output (functional code after the last module, or an "
                 "output_fn that computes rather than selects)"), *none
     if out.dim() == 0 or out.shape[0] != n:
         return f"the measured output has shape {tuple(out.shape)}, not ({n}, ...)", *none
-    return None, _plan(trace, tuple(layers), activation_numel), TracedGraph(tuple(calls), tuple(sources), last)
+    needed, stack = set(), [last]  # the calls the output depends on
+    while stack:
+        index = stack.pop()
+        if index >= 0 and index not in needed:
+            needed.add(index)
+            if index in problems:
+                return problems[index], *none
+            stack.extend(sources[index])
+    keep = sorted(needed)
+    renumber = {old: new for new, old in enumerate(keep)}
+    graph = TracedGraph(tuple(order[i] for i in keep),
+                        tuple(tuple(renumber.get(s, -1) for s in sources[i]) for i in keep), renumber[last])
+    # layers the output does not depend on have zero columns, like modules that did not run
+    return None, _plan(trace, tuple(layers[i] for i in keep if i in layers), activation_numel), graph

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
@@ -39,24 +40,67 @@ def forward_hooks(
 _METADATA = frozenset({"__get__", "size", "dim", "numel", "is_floating_point", "is_complex", "element_size"})
 
 
-class UseRecorder(TorchFunctionMode):
-    """Records, for every tensor read by a torch function, which leaf call was running (None: none was)."""
+@dataclass(eq=False)
+class FunctionCall:
+    """A torch function called outside every leaf module (functional code between modules, e.g. ``out += x``).
 
-    def __init__(self, running: list[int]) -> None:
+    Attributes:
+        name: the function's name (``add_``, ``flatten``, ``relu``, ...).
+        args, kwargs: its arguments (tensors by reference).
+        versions: the version of each tensor in ``tensors()`` when the call started.
+        output: what it returned; ``output_version`` its version when the call returned.
+        position: the number of module calls that had started before it (its place among the module calls).
+        pattern: for ``relu`` / ``relu_``, 1[input > 0] when the call started.
+    """
+
+    name: str
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    versions: tuple[int, ...]
+    position: int
+    output: Any = None
+    output_version: int = -1
+    pattern: Tensor | None = None
+
+    def tensors(self) -> list[Tensor]:
+        """Its tensor arguments, in order."""
+        return [t for t in tree_leaves((self.args, self.kwargs)) if isinstance(t, Tensor)]
+
+
+class UseRecorder(TorchFunctionMode):
+    """Records, for every tensor read by a torch function, which leaf call was running (None: none was), and the
+    torch functions called outside every leaf module (:class:`FunctionCall`, when ``position`` is given)."""
+
+    def __init__(self, running: list[int], position: Callable[[], int] | None = None) -> None:
         super().__init__()
         self.running = running
+        self.position = position
         self.uses: dict[int, list[int | None]] = {}
+        self.functions: list[FunctionCall] = []
         self.alive: list[Tensor] = []  # keeps the tensors alive so that their ids stay unique
 
     def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
-        if getattr(func, "__name__", "") not in _METADATA:
-            where = self.running[-1] if self.running else None
-            for t in tree_leaves((args, kwargs)):
-                if isinstance(t, Tensor):
-                    self.uses.setdefault(id(t), []).append(where)
-                    self.alive.append(t)
-        return func(*args, **kwargs)
+        name = getattr(func, "__name__", "")
+        if name in _METADATA:
+            return func(*args, **kwargs)
+        where = self.running[-1] if self.running else None
+        tensors = [t for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)]
+        for t in tensors:
+            self.uses.setdefault(id(t), []).append(where)
+            self.alive.append(t)
+        if where is not None or self.position is None:
+            return func(*args, **kwargs)
+        call = FunctionCall(name, args, kwargs, tuple(t._version for t in tensors), self.position())
+        if name in ("relu", "relu_") and tensors:
+            call.pattern = tensors[0] > 0
+        out = func(*args, **kwargs)
+        call.output = out
+        if isinstance(out, Tensor):
+            call.output_version = out._version
+            self.alive.append(out)
+        self.functions.append(call)
+        return out
 
 
 def call_keys(calls: Sequence[Any]) -> list[str]:

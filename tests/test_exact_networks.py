@@ -1,0 +1,145 @@
+"""The exact engine on residual networks with BatchNorm in eval mode (the ResNet block: conv-BN-ReLU-conv-BN plus
+the skip, ``out += identity``, in-place ReLU, a 1×1 downsampling branch, max-pooling stem, ``torch.flatten``) against
+the generic rank of the dense float64 Jacobian (numpy's SVD rule, on instances with a clear spectral gap)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import dense_jacobian, gen, numpy_rank
+from torch import nn
+
+from lightning_geomdim import NotApplicableError, batch_functional_dimension
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, line for line."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = _bn(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = _bn(cout)
+        self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), _bn(cout))
+                           if stride != 1 or cin != cout else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x
+        out = self.conv1(x)
+        out = self.bn1(out)
+        out = self.relu(out)
+        out = self.conv2(out)
+        out = self.bn2(out)
+        if self.downsample is not None:
+            identity = self.downsample(x)
+        out += identity
+        out = self.relu(out)
+        return out
+
+
+class TinyResNet(nn.Module):
+    """torchvision's ResNet forward with two BasicBlocks (the second downsamples) and 2 channels."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 2, 3, 1, 1, bias=False)
+        self.bn1 = _bn(2)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(2)
+        self.layer1 = nn.Sequential(BasicBlock(2, 2), BasicBlock(2, 3, stride=2))
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(3, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer1(x)
+        x = self.avgpool(x)
+        x = torch.flatten(x, 1)
+        return self.fc(x)
+
+
+class ResidualMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.bn, self.b, self.head = nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.bn(self.a(x)))
+        h = torch.relu(self.b(h) + x)
+        return self.head(h.view(h.size(0), -1))
+
+
+def _randomise(model: nn.Module, seed: int) -> nn.Module:
+    g = gen(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                m.weight.copy_(1 + 0.5 * torch.randn(m.weight.shape, generator=g))
+                m.bias.copy_(0.5 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.3 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+    return model
+
+
+def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
+    torch.manual_seed(50)
+    return {
+        "tiny_resnet_few_samples": (TinyResNet(), torch.randn(3, 1, 8, 8, generator=gen(51))),  # M < P
+        "tiny_resnet_many_samples": (TinyResNet(), torch.randn(100, 1, 8, 8, generator=gen(52))),  # M > P
+        "residual_mlp_with_batchnorm": (ResidualMLP(), torch.randn(12, 4, generator=gen(53))),
+    }
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+def test_exact_engine_on_residual_networks_matches_the_dense_svd_rank(case: str) -> None:
+    model, x = _cases()[case]
+    _randomise(model, 54)
+    res = batch_functional_dimension(model, x)
+    jac = dense_jacobian(model, x)
+    sv = torch.linalg.svdvals(jac)
+    expected = numpy_rank(jac)
+    assert res.engine == "exact"
+    assert res.rank == expected <= res.upper_bound
+    if expected < min(jac.shape):  # the instance has a clear gap: the dense count is not a tolerance artefact
+        assert float(sv[expected - 1] / sv[expected]) > 1e6
+    dense = batch_functional_dimension(model, x, engine="jacrev")
+    assert dense.rank == expected
+
+
+def test_tiny_resnet_dimension_is_below_both_bounds() -> None:
+    """With more rows than parameters the exact dimension is below both M and P (rescaling symmetries of the
+    channels, dead units): it carries information, and the result says it is not saturated."""
+    model, x = _cases()["tiny_resnet_many_samples"]
+    _randomise(model, 55)
+    res = batch_functional_dimension(model, x)
+    num_params = sum(p.numel() for p in model.parameters())
+    assert res.engine == "exact" and res.num_rows > num_params and res.rank < num_params
+    assert not res.saturated
+
+
+@pytest.mark.parametrize(
+    ("forward", "match"),
+    [
+        (lambda self, x: self.b(self.a(x) * x.sum(1, keepdim=True)), "the function 'mul'"),
+        (lambda self, x: self.b(torch.tanh(self.a(x))), "the function 'tanh'"),
+    ],
+    ids=["product", "tanh"],
+)
+def test_functions_the_exact_engine_cannot_rerun_are_refused_by_name(forward: object, match: str) -> None:
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 2)
+
+    Net.forward = forward  # type: ignore[attr-defined]
+    model, x = Net(), torch.randn(5, 3, generator=gen(56))
+    with pytest.raises(NotApplicableError, match=match):
+        batch_functional_dimension(model, x, engine="exact")
+    assert batch_functional_dimension(model, x).engine == "gram"  # the float engine measures it
