@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from lightning_geomdim import FlatnessResult, batch_functional_dimension, flatness
 from lightning_geomdim.core.errors import MemoryBudgetError
+from lightning_geomdim.core.flatness import DEFAULT_TRACE_SAMPLES
 from lightning_geomdim.core.lanczos import lanczos
 from lightning_geomdim.core.trace_estimation import hutch_plus_plus, hutchinson
 
@@ -396,3 +397,32 @@ def test_attention_models_get_hessians_through_the_math_kernel(method: str) -> N
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         h = explicit_hessian(model, F.cross_entropy, x, y)
     torch.testing.assert_close(res.top_eigenvalues, top_eigenvalues(h, 2), rtol=1e-8, atol=1e-10)
+
+
+def test_fit_memory_uses_fewer_trace_samples_then_a_smaller_basis_instead_of_refusing() -> None:
+    """With ``fit_memory`` a budget too small for the defaults shrinks the trace sketch (then the Lanczos basis) to
+    the largest that fits; the top eigenvalue is unchanged, the trace still unbiased within its larger error."""
+    from lightning_geomdim.core.flatness_memory import fitted_sizes
+
+    torch.manual_seed(60)
+    model = nn.Sequential(nn.Linear(20, 30), nn.Tanh(), nn.Linear(30, 3))  # P = 723: Lanczos
+    g = torch.Generator().manual_seed(61)
+    x, y = torch.randn(16, 20, generator=g), torch.randint(0, 3, (16,), generator=g)
+    loss = nn.functional.cross_entropy
+    full = flatness(model, loss, x, y, method="lanczos")
+    budget = 100 * 723 * 8  # 100 vectors of P: the default trace phase needs about 181 (and 4 A values)
+    with pytest.raises(MemoryBudgetError):
+        flatness(model, loss, x, y, method="lanczos", max_memory_bytes=budget)
+    fitted = flatness(model, loss, x, y, method="lanczos", max_memory_bytes=budget, fit_memory=True)
+    assert 3 <= fitted.trace_samples < DEFAULT_TRACE_SAMPLES and fitted.lanczos_basis == full.lanczos_basis == 40
+    assert fitted.max_eigenvalue == pytest.approx(full.max_eigenvalue, rel=1e-8)
+    assert abs(fitted.trace - full.trace) < 5 * (fitted.trace_std_error + full.trace_std_error)
+    assert full.trace_samples == DEFAULT_TRACE_SAMPLES
+
+    def needed(samples: int, basis: int) -> int:  # a toy estimate: 2 units per sample, 1 per basis vector
+        return 2 * samples + basis
+
+    assert fitted_sizes(needed, 300, trace_samples=99, basis=40, top_k=1, minimum=3) == (99, 40)
+    assert fitted_sizes(needed, 100, trace_samples=99, basis=40, top_k=1, minimum=3) == (30, 40)
+    assert fitted_sizes(needed, 30, trace_samples=99, basis=40, top_k=1, minimum=3) == (3, 24)
+    assert fitted_sizes(needed, 10, trace_samples=99, basis=40, top_k=1, minimum=3) is None

@@ -33,6 +33,10 @@ key                                                           value
 ``geometry/flatness/eigenvalue_<i>``                          i-th largest eigenvalue (``flatness_top_k``
                                                               > 1 only, i = 1 … top_k)
 ``geometry/flatness/trace``, ``.../trace_std_error``          tr H (Hutch++ or exact) and its error
+``geometry/flatness/trace_samples``                           Hessian-vector products the trace used (fewer
+                                                              than ``flatness_trace_samples`` when P is too
+                                                              large for the memory budget; one warning; P
+                                                              when H is formed, its trace exact)
 ``geometry/flatness/flat_dimension``                          P − batch functional dimension
 ``geometry/flatness/loss``                                    the loss on the flatness probe
 ``geometry/flatness/num_params``                              P

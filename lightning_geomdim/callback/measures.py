@@ -40,7 +40,9 @@ from lightning_geomdim.core.preflight import dimension_bytes, flatness_bytes, tr
 from lightning_geomdim.core.probe_trace import ProbeTrace
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
-FLATNESS_KEYS: tuple[str, ...] = ("max_eigenvalue", "trace", "trace_std_error", "flat_dimension", "loss")
+FLATNESS_KEYS: tuple[str, ...] = (
+    "max_eigenvalue", "trace", "trace_std_error", "trace_samples", "flat_dimension", "loss",
+)
 
 
 class DefaultOutput:
@@ -342,8 +344,14 @@ def _flatness(
         dtype=settings.dtype, params=settings.params, output_fn=settings.output_fn,
         dimension=dimension if settings.flatness_flat_dimension else None,
         dimension_options=settings.dimension_options(), flat_dimension=settings.flatness_flat_dimension,
-        max_memory_bytes=settings.max_memory_bytes,
+        max_memory_bytes=settings.max_memory_bytes, fit_memory=True,
     )
+    if res.method == "lanczos" and res.trace_samples < settings.flatness_trace_samples:
+        policy.warn_once("flatness_fit", lambda: (
+            f"GeometryMonitor: flatness uses {res.trace_samples} trace samples instead of "
+            f"{settings.flatness_trace_samples} and a Lanczos basis of {res.lanczos_basis} vectors to fit the memory "
+            f"budget (P = {res.num_params:,}: each vector of P takes {format_bytes(8 * res.num_params)}); the trace's "
+            "standard error (geometry/flatness/trace_std_error) is larger. Raise max_memory_bytes for more"))
     values = {k: float(getattr(res, k)) for k in FLATNESS_KEYS if getattr(res, k) is not None}
     values["num_params"] = float(res.num_params)
     if settings.flatness_top_k > 1:

@@ -27,17 +27,17 @@ from torch import Tensor, nn
 
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
 from lightning_geomdim.core.errors import Remedy
+from lightning_geomdim.core.flatness_memory import fitted_sizes, memory_estimate
 from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.hessian import (
     DEFAULT_CHUNK_SIZE,
     HessianOperator,
     LossFn,
     convert_targets,
-    hvp_values,
     use_dense_hessian,
 )
-from lightning_geomdim.core.lanczos import default_tolerance, lanczos, lanczos_vectors, one_thread
-from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
+from lightning_geomdim.core.lanczos import default_basis_size, default_tolerance, lanczos, one_thread
+from lightning_geomdim.core.memory import check_memory, memory_budget
 from lightning_geomdim.core.probe_trace import ProbeTrace, traced
 from lightning_geomdim.core.trace_estimation import hutch_plus_plus, hutchinson
 
@@ -82,6 +82,8 @@ class FlatnessResult:
             eigenvectors (Ritz vectors on the Lanczos path, each with residual ``eigenvalue_residuals[i]``),
             column i for ``top_eigenvalues[i]``, rows ordered as the parameters (``params`` order, each
             flattened); else ``None``. Within a repeated eigenvalue any orthonormal basis of its eigenspace.
+        trace_samples, lanczos_basis: the trace samples and Lanczos basis used (fewer than asked for when
+            ``fit_memory`` shrank them); on the dense path P (the exact trace of all P columns) and None.
     """
 
     max_eigenvalue: float
@@ -97,6 +99,8 @@ class FlatnessResult:
     method: str
     converged: bool
     eigenvectors: Tensor | None = None
+    trace_samples: int = DEFAULT_TRACE_SAMPLES
+    lanczos_basis: int | None = None
 
 
 def flatness(
@@ -123,6 +127,7 @@ def flatness(
     return_eigenvectors: bool = False,
     max_memory_bytes: int | None = None,
     trace: ProbeTrace | None = None,
+    fit_memory: bool = False,
 ) -> FlatnessResult:
     """Hessian top eigenvalues, trace and flat dimension of ``loss_fn(model(x), y)`` w.r.t. the parameters.
 
@@ -171,6 +176,9 @@ def flatness(
         trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
             (with these ``params``, ``dtype`` and ``output_fn``), shared with the other measures of a step: the
             gradient graph is built on its output, so ``x`` is not evaluated again. Default: record one.
+        fit_memory: on the Lanczos path, when the estimate below exceeds the budget, use fewer trace samples
+            (down to 3; the larger ``trace_std_error`` says so) and then a smaller Lanczos basis (more restarts)
+            instead of refusing: ``FlatnessResult.trace_samples`` / ``lanczos_basis`` say what was used.
 
     Returns:
         A :class:`FlatnessResult`. Cost: dense path P HVPs; Lanczos path at most ``lanczos_iterations`` +
@@ -236,7 +244,7 @@ def flatness(
             lanczos_tol=lanczos_tol, lanczos_basis=lanczos_basis, params=params, output_fn=output_fn,
             chunk_size=chunk_size, flat_dimension=flat_dimension, dimension=dimension,
             dimension_options=dimension_options, return_eigenvectors=return_eigenvectors,
-            max_memory_bytes=max_memory_bytes, budget=budget,
+            max_memory_bytes=max_memory_bytes, budget=budget, fit_memory=fit_memory,
         )
 
 
@@ -246,7 +254,7 @@ def _flatness(
     lanczos_tol: float | None, lanczos_basis: int | None, params: Sequence[str] | None, output_fn: OutputFn | None,
     chunk_size: int | None, flat_dimension: bool, dimension: DimensionResult | None,
     dimension_options: Mapping[str, Any] | None, return_eigenvectors: bool, max_memory_bytes: int | None,
-    budget: int,
+    budget: int, fit_memory: bool,
 ) -> FlatnessResult:
     """:func:`flatness` on a recorded trace (arguments checked by it)."""
     fm = trace.fm
@@ -264,13 +272,20 @@ def _flatness(
         )
     dense = use_dense_hessian(num_params, lanczos_iterations + trace_samples)
     resolved = method if method != "auto" else ("dense" if dense else "lanczos")
-    def estimate(values: int) -> tuple[int, str, tuple[Remedy, ...]]:  # for A = ``values`` activation values
-        return memory_estimate(
+    def estimate(values: int, samples: int = 0, basis: int = 0) -> tuple[int, str, tuple[Remedy, ...]]:
+        return memory_estimate(  # for A = ``values`` activation values, ``samples`` / ``basis`` when not 0
             resolved, num_params, values, torch.empty((), dtype=dtype).element_size(), top_k=top_k,
-            lanczos_iterations=lanczos_iterations, lanczos_basis=lanczos_basis, trace_samples=trace_samples,
-            trace_method=trace_method, chunk_size=chunk_size, return_eigenvectors=return_eigenvectors,
+            lanczos_iterations=lanczos_iterations, lanczos_basis=basis or lanczos_basis,
+            trace_samples=samples or trace_samples, trace_method=trace_method, chunk_size=chunk_size,
+            return_eigenvectors=return_eigenvectors,
         )
 
+    if fit_memory and resolved == "lanczos":
+        fitted = fitted_sizes(lambda m, b: estimate(activations, m, b)[0], budget, trace_samples=trace_samples,
+                              basis=lanczos_basis or default_basis_size(top_k), top_k=top_k,
+                              minimum=3 if trace_method == "hutch++" else 1)
+        if fitted is not None:
+            trace_samples, lanczos_basis = fitted
     n = trace.inputs.num_samples
     needed, what, remedies = estimate(activations)
     check_memory(needed, budget, what=what, remedies=remedies,
@@ -342,57 +357,6 @@ def _flatness(
         method=resolved,
         converged=converged,
         eigenvectors=vectors,
+        trace_samples=trace_samples if resolved == "lanczos" else num_params,
+        lanczos_basis=(lanczos_basis or default_basis_size(top_k)) if resolved == "lanczos" else None,
     )
-
-
-def memory_estimate(
-    method: str, num_params: int, activations: int, itemsize: int, *, top_k: int, lanczos_iterations: int,
-    lanczos_basis: int | None, trace_samples: int, trace_method: str, chunk_size: int | None,
-    return_eigenvectors: bool,
-) -> tuple[int, str, tuple[Remedy, ...]]:
-    """(bytes, what, remedies) for :func:`check_memory`: the peak estimate of :func:`flatness`' docstring."""
-    p = num_params
-
-    def at_once(n: int) -> int:
-        return n if chunk_size is None else max(1, min(chunk_size, n))
-
-    def size(values: int) -> str:
-        return format_bytes(values * itemsize)
-
-    head = f"flatness (method={method!r}, P = {p:,} parameters, A = {activations:,} activation values"
-    if method == "dense":
-        c = at_once(p)
-        hessian, hvps = 3 * p * p, hvp_values(p, activations, c)
-        values = 2 * p + hessian + hvps
-        what = f"{head}): dense Hessian 3 × P² = {size(hessian)} + {c} HVPs at once {size(hvps)}"
-        remedies = (
-            Remedy("use {arg}='lanczos' (matrix-free)", "method"), Remedy("a smaller {arg}", "chunk_size"),
-            Remedy("a subset of parameters via {arg}=[...]", "params"),
-        )
-        return values * itemsize, what, remedies
-    iterations = max(lanczos_iterations, top_k)
-    vectors_lanczos = lanczos_vectors(p, k=top_k, max_iterations=iterations, max_basis=lanczos_basis)
-    basis = vectors_lanczos - 2 * top_k - 4
-    eigen = vectors_lanczos * p + hvp_values(p, activations, 1)
-    kept = top_k * p if return_eigenvectors else 0
-    if trace_method == "hutch++":
-        sketch = min(trace_samples // 3, p)
-        probes = 0 if sketch == p else trace_samples - 2 * sketch
-        vectors, c = max(3 * sketch, sketch + 4 * probes), at_once(max(sketch, probes))
-    else:
-        vectors, c = 3 * trace_samples, at_once(trace_samples)
-    trace = vectors * p + hvp_values(p, activations, c) + kept
-    values = 2 * p + max(eigen, trace)
-    what = (
-        f"{head}): Lanczos basis of {basis} vectors + {2 * top_k + 4} more + 1 HVP = {size(eigen)}, then the "
-        f"{trace_method} trace: {vectors} vectors of P + {c} HVPs at once"
-        + (f" + {top_k} eigenvectors" if kept else "") + f" = {size(trace)}"
-    )
-    remedies = (
-        Remedy(f"lower {{arg}} (now {basis}: {size(p)} per vector)", "lanczos_basis"),
-        Remedy(f"lower {{arg}} (now {trace_samples})", "trace_samples"),
-        Remedy(f"a smaller {{arg}} (now {chunk_size}: each further HVP at once holds 10 P + 3 A values = "
-               f"{size(10 * p + 3 * activations)})", "chunk_size"),
-        Remedy("a subset of parameters via {arg}=[...]", "params"), Remedy("a smaller probe batch"),
-    )
-    return values * itemsize, what, remedies

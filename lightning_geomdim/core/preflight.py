@@ -13,7 +13,8 @@ import torch
 
 from lightning_geomdim.core.dimension import select_engine, select_float_engine
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.flatness import DEFAULT_LANCZOS_ITERATIONS, memory_estimate
+from lightning_geomdim.core.flatness import DEFAULT_LANCZOS_ITERATIONS
+from lightning_geomdim.core.flatness_memory import memory_estimate
 from lightning_geomdim.core.gram_plan import gram_bytes
 from lightning_geomdim.core.hessian import use_dense_hessian
 from lightning_geomdim.core.jacobian import jacobian_bytes, vjp_row_bytes
