@@ -255,7 +255,7 @@ class ProbeData:
                 logit_differences=self.probe is None or self.probe.logit_differences)
         if "flatness" in due:
             by_n["flatness"] = lambda m: flatness_bytes(one, m, top_k=s.flatness_top_k,
-                                                        trace_samples=s.flatness_trace_samples)
+                                                        trace_samples=s.flatness_trace_samples, fit_within=budget)
         for what, need in by_n.items():
             try:
                 check_memory(need(n), budget, what=f"{what} on {n:,} samples (estimated from one sample)",

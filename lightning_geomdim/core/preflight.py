@@ -14,10 +14,11 @@ import torch
 from lightning_geomdim.core.dimension import select_engine, select_float_engine
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.flatness import DEFAULT_LANCZOS_ITERATIONS
-from lightning_geomdim.core.flatness_memory import memory_estimate
+from lightning_geomdim.core.flatness_memory import fitted_sizes, memory_estimate
 from lightning_geomdim.core.gram_plan import gram_bytes
 from lightning_geomdim.core.hessian import use_dense_hessian
 from lightning_geomdim.core.jacobian import jacobian_bytes, vjp_row_bytes
+from lightning_geomdim.core.lanczos import default_basis_size
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.structure import gram_plan
 from lightning_geomdim.core.symmetries import find_symmetries
@@ -60,14 +61,23 @@ def dimension_bytes(one: ProbeTrace, n: int, *, engine: str, spectrum: bool, log
         fm.logit_head = None
 
 
-def flatness_bytes(one: ProbeTrace, n: int, *, top_k: int, trace_samples: int) -> int:
-    """The memory :func:`~lightning_geomdim.flatness` needs at its defaults on n samples like ``one``'s."""
+def flatness_bytes(one: ProbeTrace, n: int, *, top_k: int, trace_samples: int, fit_within: int | None = None) -> int:
+    """The memory :func:`~lightning_geomdim.flatness` needs at its defaults on n samples like ``one``'s; with
+    ``fit_within`` (a budget), after ``fit_memory`` shrank its trace sketch and Lanczos basis to fit it."""
     p = one.fm.num_params
     method = "dense" if use_dense_hessian(p, DEFAULT_LANCZOS_ITERATIONS + trace_samples) else "lanczos"
     itemsize = torch.empty((), dtype=one.fm.dtype).element_size()
-    needed, _, _ = memory_estimate(
-        method, p, one.activation_numel * n, itemsize, top_k=top_k, lanczos_iterations=DEFAULT_LANCZOS_ITERATIONS,
-        lanczos_basis=None, trace_samples=trace_samples, trace_method="hutch++", chunk_size=1,
-        return_eigenvectors=False,
-    )
-    return needed
+
+    def needed(samples: int, basis: int | None) -> int:
+        return memory_estimate(
+            method, p, one.activation_numel * n, itemsize, top_k=top_k, lanczos_iterations=DEFAULT_LANCZOS_ITERATIONS,
+            lanczos_basis=basis, trace_samples=samples, trace_method="hutch++", chunk_size=1,
+            return_eigenvectors=False,
+        )[0]
+
+    if fit_within is not None and method == "lanczos":
+        fitted = fitted_sizes(needed, fit_within, trace_samples=trace_samples, basis=default_basis_size(top_k),
+                              top_k=top_k, minimum=3)
+        if fitted is not None:
+            return needed(*fitted)
+    return needed(trace_samples, None)
