@@ -426,3 +426,27 @@ def test_fit_memory_uses_fewer_trace_samples_then_a_smaller_basis_instead_of_ref
     assert fitted_sizes(needed, 100, trace_samples=99, basis=40, top_k=1, minimum=3) == (30, 40)
     assert fitted_sizes(needed, 30, trace_samples=99, basis=40, top_k=1, minimum=3) == (3, 24)
     assert fitted_sizes(needed, 10, trace_samples=99, basis=40, top_k=1, minimum=3) is None
+
+
+class _CompositeHardsigmoid(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return (x + 3).clamp(0, 6) / 6
+
+
+@pytest.mark.parametrize("width", [8, 40])  # P = 67 and 335, on the dense and the Lanczos paths
+def test_hardsigmoid_models_get_their_curvature(width: int) -> None:
+    """torch's hardsigmoid has no double derivative: both HVP formulations used to fail (MobileNetV3). Measured
+    through the composite clamp(x + 3, 0, 6) / 6, the same function: equal to a reference built with it."""
+    torch.manual_seed(62)
+    model = nn.Sequential(nn.Linear(4, width), nn.Hardsigmoid(), nn.Linear(width, 3), nn.Hardsigmoid(),
+                          nn.Linear(3, 3))
+    reference = copy.deepcopy(model)
+    reference[1], reference[3] = _CompositeHardsigmoid(), _CompositeHardsigmoid()
+    g = torch.Generator().manual_seed(63)
+    x, y = torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g)
+    method = "dense" if width == 8 else "lanczos"
+    got = flatness(model, F.cross_entropy, x, y, method=method)
+    want = flatness(reference, F.cross_entropy, x, y, method=method)
+    assert got.max_eigenvalue == pytest.approx(want.max_eigenvalue, rel=1e-10) and got.max_eigenvalue > 0
+    assert got.trace == pytest.approx(want.trace, rel=1e-10)
+    assert all(isinstance(m, nn.Hardsigmoid) for m in (model[1], model[3]))  # the model is untouched

@@ -157,7 +157,7 @@ def measure_probe(
 
     Each measure's time is counted as its cost, summed over the probes of the measurement (dimension and linear
     regions as ``"dimension"``), and each fails on its own under ``policy``. Flatness reuses the dimension just
-    measured on its probe (its ``flat_dimension``), and is skipped when that dimension failed.
+    measured on its probe (its ``flat_dimension``), and logs that as NaN when the dimension failed.
     """
     inputs = ProbeData(module, probe, settings, measures)
     try:
@@ -329,21 +329,26 @@ def _flatness(
     module: nn.Module, probe: Probe, inputs: ProbeData, settings: MeasureSettings, policy: ErrorPolicy,
     dimension: DimensionResult | None,
 ) -> dict[str, float]:
-    failed = policy.failures.get(("dimension", probe.name))
-    if failed is not None and settings.flatness_flat_dimension:
-        # flatness would compute the same dimension again (for flat_dimension) and fail the same way
-        raise GeometryError(
-            f"skipped, because it needs the batch functional dimension of probe {probe.name!r}, which failed "
-            f"at this step: {type(failed).__name__}: {failed}"
-        ) from failed
+    """The curvature always; ``flat_dimension`` from this step's dimension of the probe, computed here when it was
+    not due, logged as NaN (one warning) when that dimension fails: the Hessian does not need it."""
+    failed: BaseException | None = policy.failures.get(("dimension", probe.name))
+    trace = inputs.trace_for("flatness")
+    if settings.flatness_flat_dimension and dimension is None and failed is None:
+        try:
+            dimension = batch_functional_dimension(
+                module, None, trace=trace, output_fn=settings.output_fn, params=settings.params, dtype=settings.dtype,
+                max_memory_bytes=settings.max_memory_bytes, **settings.dimension_options())
+        except MeasurementInterrupted:
+            raise
+        except GeometryError as err:
+            failed = err
     y = inputs.xy()[1]
     res = flatness(
-        module, resolve_loss_fn(settings.loss_fn, y), None, y, trace=inputs.trace_for("flatness"),
-        top_k=settings.flatness_top_k,
+        module, resolve_loss_fn(settings.loss_fn, y), None, y, trace=trace, top_k=settings.flatness_top_k,
         trace_samples=settings.flatness_trace_samples, generator=torch.Generator().manual_seed(settings.seed),
         dtype=settings.dtype, params=settings.params, output_fn=settings.output_fn,
         dimension=dimension if settings.flatness_flat_dimension else None,
-        dimension_options=settings.dimension_options(), flat_dimension=settings.flatness_flat_dimension,
+        flat_dimension=settings.flatness_flat_dimension and dimension is not None,
         max_memory_bytes=settings.max_memory_bytes, fit_memory=True,
     )
     if res.method == "lanczos" and res.trace_samples < settings.flatness_trace_samples:
@@ -354,6 +359,12 @@ def _flatness(
             "standard error (geometry/flatness/trace_std_error) is larger. Raise max_memory_bytes for more"))
     values = {k: float(getattr(res, k)) for k in FLATNESS_KEYS if getattr(res, k) is not None}
     values["num_params"] = float(res.num_params)
+    if settings.flatness_flat_dimension and failed is not None:
+        values["flat_dimension"] = math.nan
+        policy.warn_once(("flat_dimension", type(failed)), lambda: (
+            f"GeometryMonitor: geometry/flatness/flat_dimension is logged as NaN because the batch functional "
+            f"dimension of probe {probe.name!r} failed ({type(failed).__name__}: {str(failed)[:300]}); the curvature "
+            "is measured without it"))
     if settings.flatness_top_k > 1:
         values.update({f"eigenvalue_{i + 1}": float(v) for i, v in enumerate(res.top_eigenvalues.tolist())})
     return {f"geometry/flatness/{k}": v for k, v in values.items()}

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
 
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
 
@@ -34,7 +36,9 @@ def measurement_mode(module: nn.Module) -> Iterator[nn.Module]:
     fields, dtype and device are never modified by the measures, so nothing else needs restoring.
     Autocast is disabled and inference mode lifted inside, because Lightning calls hooks under both. Scaled
     dot-product attention uses its math kernel inside: the fused CPU/GPU kernels have no forward-mode or double
-    derivative, which Hessian-vector products need (``nn.MultiheadAttention``, transformer layers).
+    derivative, which Hessian-vector products need (``nn.MultiheadAttention``, transformer layers). For the same
+    reason a model with ``nn.Hardsigmoid`` modules (MobileNetV3's squeeze-excitation) gets
+    :class:`TwiceDifferentiable` inside.
     """
     training = {m: m.training for m in module.modules()}
     devices = _cuda_devices(module)
@@ -46,11 +50,27 @@ def measurement_mode(module: nn.Module) -> Iterator[nn.Module]:
             for device_type in {"cpu", *(["cuda"] if devices else [])}:
                 stack.enter_context(torch.autocast(device_type=device_type, enabled=False))
             stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            if any(isinstance(m, nn.Hardsigmoid) for m in module.modules()):
+                stack.enter_context(TwiceDifferentiable())
             module.eval()
             yield module
     finally:
         for m, flag in training.items():
             m.training = flag
+
+
+class TwiceDifferentiable(TorchFunctionMode):
+    """``F.hardsigmoid`` computed as clamp(x + 3, 0, 6) / 6, the same values: torch's kernel has neither a double
+    backward nor a forward-mode derivative of its backward, so Hessian-vector products through it fail (both
+    formulations of :mod:`lightning_geomdim.core.hessian`); the composite has both."""
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.hardsigmoid:
+            x = args[0]
+            y = (x + 3).clamp(0, 6) / 6
+            return x.copy_(y) if (args[1] if len(args) > 1 else kwargs.get("inplace", False)) else y
+        return func(*args, **kwargs)
 
 
 def _cuda_devices(module: nn.Module) -> list[int]:
