@@ -861,3 +861,30 @@ def test_a_probe_too_small_for_its_dimension_to_move_is_flagged_once(tmp_path: P
     assert len(notes) == 1 and "probe 'small'" in notes[0] and "at least 15 samples" in notes[0]
     res = batch_functional_dimension(Classifier(), torch.randn(8, IN))
     assert res.parameter_bound == 45 and res.saturated == (res.rank == 24)
+
+
+def test_a_first_point_over_its_time_allowance_is_stopped_and_retried(tmp_path: Path, monkeypatch: Any) -> None:
+    """At defaults a measure's first point may take FIRST_POINT_SECONDS (here 1 µs): past it the measure stops at its
+    next chunk of work, logs nothing, warns once, and is retried with twice the time once the run earned it; the
+    training and its weights are as without the monitor."""
+    from lightning_geomdim.callback import schedule
+
+    monkeypatch.setattr(schedule, "FIRST_POINT_SECONDS", 1e-6)
+    L.seed_everything(0)
+    plain = Classifier()
+    trainer(tmp_path / "plain", None, max_epochs=3).fit(plain, **loaders(train=64, val=None))
+    L.seed_everything(0)
+    model = Classifier()
+    monitor = GeometryMonitor(every_n_steps=1, max_overhead=0.5, probes=["train"], probe_size=8,
+                              measures=["dimension", "flatness"])
+    tr = trainer(tmp_path / "watched", monitor, max_epochs=3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.fit(model, **loaders(train=64, val=None))
+    stopped = [str(w.message) for w in caught if "was stopped after" in str(w.message)]
+    assert sorted(m.split()[1] for m in stopped) == ["dimension", "flatness"], stopped  # once per measure
+    acc = events(tr)
+    dimension = steps(acc, "geometry/train/batch_functional_dimension")
+    assert 0 not in dimension and dimension, dimension  # stopped at step 0, measured once the budget allowed
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, model.state_dict()[key]), key

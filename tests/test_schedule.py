@@ -8,12 +8,15 @@ import pytest
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_geomdim.callback.schedule import (
+    FIRST_POINT_SECONDS,
     MeasurementSchedule,
     OverheadBudget,
     Schedule,
     is_log_spaced,
     log_spaced_steps,
 )
+from lightning_geomdim.core.errors import MeasurementInterrupted, MeasurementOverTime
+from lightning_geomdim.core.interrupt import checkpoint, interruptible, time_limit
 
 
 def test_log_spaced_steps_are_rounded_powers_of_ten() -> None:
@@ -180,3 +183,39 @@ def test_a_measure_taken_probe_by_probe_costs_the_sum_of_its_blocks() -> None:
     budget.select(["dimension"])               # a new measurement: costs start afresh
     measure(budget, clock, "dimension", 4.0)
     assert budget.cost_s == {"dimension": 4.0, "flatness": 1.0} and budget.spent_s["dimension"] == 9.0
+
+
+def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -> None:
+    """The first point of a measure may take FIRST_POINT_SECONDS; one stopped there counts twice what it ran, is
+    retried when the budget allows that, with at least that allowance: the allowance doubles until a point fits,
+    and the time lost is counted in the budget."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.05, measures=("dimension",), timer=clock)
+    budget.start()
+    assert budget.select(["dimension"]) == ["dimension"]
+    assert budget.allowance("dimension") == FIRST_POINT_SECONDS == budget.remaining("dimension")
+    with pytest.raises(MeasurementOverTime), budget.measuring("dimension"), time_limit(
+            budget.remaining("dimension"), timer=clock):
+        clock.now += FIRST_POINT_SECONDS + 0.5  # the engine reaches its next chunk of work after 2.5 s
+        checkpoint()
+    budget.overran("dimension")
+    assert budget.stopped == {"dimension"} and budget.cost_s["dimension"] == 2 * 2.5
+    clock.now += 10.0
+    assert budget.select(["dimension"]) == [] and budget.stopped == set()  # share 0.5 s < 2.5 + 5
+    clock.now += 140.0                                                     # share 7.5 s ≥ 2.5 + 5: retried
+    assert budget.select(["dimension"]) == ["dimension"]
+    assert budget.allowance("dimension") == 2 * 5.0                       # at least twice the counted cost
+    assert OverheadBudget(None).allowance("dimension") == math.inf
+
+
+def test_time_limit_keeps_the_enclosing_check() -> None:
+    clock, stop = FakeTimer(), [False]
+    with interruptible(lambda: stop[0]), time_limit(1.0, timer=clock):
+        checkpoint()                       # within the limit, no SIGTERM
+        stop[0] = True
+        with pytest.raises(MeasurementInterrupted) as info:
+            checkpoint()
+        assert not isinstance(info.value, MeasurementOverTime)  # SIGTERM, not the time limit
+    with time_limit(math.inf):
+        clock.now += 1e9
+        checkpoint()                       # no limit

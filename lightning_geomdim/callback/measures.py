@@ -19,25 +19,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_geomdim.callback.error_policy import ErrorPolicy
+from lightning_geomdim.callback.probe_data import ProbeData
 from lightning_geomdim.callback.probes import Probe
-from lightning_geomdim.callback.schedule import OverheadBudget
+from lightning_geomdim.callback.schedule import FIRST_POINT_SECONDS, OverheadBudget
 from lightning_geomdim.core.activation_patterns import linear_regions
 from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.blocks import Blocks
 from lightning_geomdim.core.dimension import DimensionResult, batch_functional_dimension
-from lightning_geomdim.core.errors import GeometryError, MeasurementInterrupted, MemoryBudgetError, ProbeError, Remedy
+from lightning_geomdim.core.errors import (
+    GeometryError,
+    MeasurementInterrupted,
+    MeasurementOverTime,
+    ProbeError,
+)
 from lightning_geomdim.core.flatness import flatness
 from lightning_geomdim.core.functional_model import OutputFn
-from lightning_geomdim.core.interrupt import interruptible
+from lightning_geomdim.core.interrupt import interruptible, time_limit
 from lightning_geomdim.core.losses import LossFn, resolve_loss_fn
-from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
-from lightning_geomdim.core.preflight import dimension_bytes, flatness_bytes, trace_bytes
-from lightning_geomdim.core.probe_trace import ProbeTrace
+from lightning_geomdim.core.memory import format_bytes
 
 MEASURES: tuple[str, ...] = ("dimension", "flatness", "alignment")
 FLATNESS_KEYS: tuple[str, ...] = (
@@ -171,104 +174,39 @@ def _measure(
     budget: OverheadBudget, out: Measurement, inputs: ProbeData,
 ) -> None:
     dimension: dict[str, DimensionResult] = {}  # this probe's, once measured
+
+    def timed(measure: str, body: Callable[[], None]) -> None:
+        """``body`` as ``measure``'s measuring time, stopped at its time allowance (:class:`OverheadBudget`)."""
+        if measure in budget.stopped:
+            return
+        try:
+            with budget.measuring(measure), time_limit(budget.remaining(measure)):
+                body()
+        except MeasurementOverTime as err:
+            budget.overran(measure)
+            stopped = str(err)
+            policy.warn_once(("over time", measure), lambda: (
+                f"GeometryMonitor: {measure} was {stopped} (max_overhead={budget.max_overhead}: a measure's first "
+                f"point may take {FIRST_POINT_SECONDS:g} s, a later one its share of the budget); nothing is logged "
+                "for it this time. It is retried when the run has trained long enough for twice that time (no "
+                "further warning); pass max_overhead=None to take every point whatever it costs, or smaller probes"))
+
+    def dimension_and_regions() -> None:
+        out.scalars["dimension"].update(policy.attempt(
+            "dimension", probe.name, lambda: _dimension(module, probe, inputs, settings, policy, dimension)))
+        if probe.name in dimension and dimension[probe.name].spectrum is not None:
+            out.spectra[probe.name] = dimension[probe.name].spectrum.singular_values
+        out.scalars["dimension"].update(policy.attempt(
+            "linear_regions", probe.name, lambda: _regions(module, probe, inputs, settings)))
+
     if "dimension" in measures:
-        with budget.measuring("dimension"):
-            out.scalars["dimension"].update(policy.attempt(
-                "dimension", probe.name, lambda: _dimension(module, probe, inputs, settings, policy, dimension)))
-            if probe.name in dimension and dimension[probe.name].spectrum is not None:
-                out.spectra[probe.name] = dimension[probe.name].spectrum.singular_values
-            out.scalars["dimension"].update(policy.attempt(
-                "linear_regions", probe.name, lambda: _regions(module, probe, inputs, settings)))
+        timed("dimension", dimension_and_regions)
     if "flatness" in measures:
-        with budget.measuring("flatness"):
-            out.scalars["flatness"].update(policy.attempt("flatness", "flatness", lambda: _flatness(
-                module, probe, inputs, settings, policy, dimension.get(probe.name))))
+        timed("flatness", lambda: out.scalars["flatness"].update(policy.attempt("flatness", "flatness", lambda: (
+            _flatness(module, probe, inputs, settings, policy, dimension.get(probe.name))))))
     if "alignment" in measures:
-        with budget.measuring("alignment"):
-            out.scalars["alignment"].update(policy.attempt(
-                "alignment", "alignment", lambda: _alignment(module, inputs, settings, out)))
-
-
-#: What else helps when a measure's estimate from one sample exceeds the budget (besides a smaller probe).
-PREFLIGHT_REMEDIES = {
-    "dimension": (Remedy("a subset of parameters via {arg}=[...]", "params"),),
-    "flatness": (Remedy("lower {arg}", "trace_samples"), Remedy("a subset of parameters via {arg}=[...]", "params")),
-}
-
-
-class ProbeData:
-    """One probe on the module's device and its :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`, both made
-    at first use (inside the first measure that reads them, which fails if they do) and shared by the probe's
-    measures: one forward pass over the probe (after one over its first sample, from which :meth:`_preflight`
-    refuses what would not fit) and one float64 copy of the parameters per probe and step.
-
-    Every process holds the same probe and, under DDP, the same weights, so each measures the whole probe by
-    itself: no collective call (nothing to deadlock on if the processes' measurements diverge), and the samples
-    keep their order, so the values equal a single-process run's bit for bit.
-    """
-
-    def __init__(
-        self, module: nn.Module, probe: Probe | None, settings: MeasureSettings, measures: Sequence[str],
-    ) -> None:
-        self.module, self.probe, self.settings, self.measures = module, probe, settings, measures
-        self._xy: tuple[Any, Any] | None = None
-        self._trace: ProbeTrace | None = None
-        self.refused: dict[str, MemoryBudgetError] = {}  # measure → its refusal, from the one-sample estimate
-
-    def xy(self) -> tuple[Any, Any]:
-        """(x, y) on the module's device; (None, None) without a probe."""
-        if self._xy is None:
-            if self.probe is None:
-                return None, None
-            device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
-            self._xy = move_data_to_device(self.probe.x, device), move_data_to_device(self.probe.y, device)
-        return self._xy
-
-    def trace(self) -> ProbeTrace | None:
-        """The traced pass over x (None without a probe): with autograd when the dimension or flatness is due, and
-        the Gram engine's factors when a dimension may be computed on it."""
-        if self._trace is None and self.probe is not None:
-            s, due = self.settings, self.measures
-            self._trace = ProbeTrace.of(
-                self.module, self.xy()[0], params=s.params, dtype=s.dtype, output_fn=s.output_fn,
-                grad="dimension" in due or "flatness" in due,
-                factors="dimension" in due or ("flatness" in due and s.flatness_flat_dimension), before=self._preflight,
-            )
-        return self._trace
-
-    def trace_for(self, measure: str) -> ProbeTrace | None:
-        """:meth:`trace`, or the refusal of ``measure`` when its estimate from one sample exceeds the budget."""
-        trace = self.trace()
-        if measure in self.refused:
-            raise self.refused[measure]
-        return trace
-
-    def _preflight(self, one: ProbeTrace, n: int) -> None:
-        """From a one-sample trace: refuse the pass over the whole probe, or the measures, that would not fit."""
-        s, due = self.settings, self.measures
-        budget = memory_budget(one.fm.device, s.max_memory_bytes)
-        factors = "dimension" in due or ("flatness" in due and s.flatness_flat_dimension)
-        by_n = {"the traced pass": lambda m: trace_bytes(one, m, factors=factors)}
-        if "dimension" in due:
-            by_n["dimension"] = lambda m: dimension_bytes(one, m, engine=s.engine, spectrum=s.spectrum if (
-                self.probe is None or self.probe.spectrum is None) else self.probe.spectrum,
-                logit_differences=self.probe is None or self.probe.logit_differences)
-        if "flatness" in due:
-            by_n["flatness"] = lambda m: flatness_bytes(one, m, top_k=s.flatness_top_k,
-                                                        trace_samples=s.flatness_trace_samples, fit_within=budget)
-        for what, need in by_n.items():
-            try:
-                check_memory(need(n), budget, what=f"{what} on {n:,} samples (estimated from one sample)",
-                             remedies=PREFLIGHT_REMEDIES.get(what, ()), by_samples=(n, need))
-            except MemoryBudgetError as err:
-                if what == "the traced pass":
-                    raise
-                self.refused[what] = err
-
-    def release(self) -> None:
-        if self._trace is not None:
-            self._trace.release()
-        self._trace = self._xy = None
+        timed("alignment", lambda: out.scalars["alignment"].update(policy.attempt(
+            "alignment", "alignment", lambda: _alignment(module, inputs, settings, out))))
 
 
 def _dimension(

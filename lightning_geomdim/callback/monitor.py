@@ -61,9 +61,9 @@ class GeometryMonitor(Callback):
         at_start: measure at global step 0, before training (not again when resuming).
         at_epochs: also at the end of these epochs, counted from 1 (e.g. the paper's [40, 80, 280, 680]).
         max_overhead: the most time spent measuring, as a fraction of the rest of the run's wall time: a scheduled
-            point is skipped (one warning) when its last cost would exceed the measure's equal share; each
-            measure's first point is always taken. ``None``: every scheduled point. ``"auto"`` (default): 0.05 on
-            the default schedule, ``None`` on a schedule you wrote. Rank 0 decides under DDP.
+            point is skipped (one warning) when its last cost would exceed the measure's equal share, and stopped
+            past its allowance (2 s for a first point; :class:`~.schedule.OverheadBudget`). ``None``: every point,
+            any cost. ``"auto"`` (default): 0.05 on the default schedule, ``None`` on one you wrote.
         schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: ``"train"``, ``"val"``, ``"random"``, dicts (:class:`~.probes.ProbeSpec`) or, from Python,
             ``{"name": ..., "x": tensor, "y": tensor}``; default ``["train", "val", "random"]`` ("val" left out

@@ -158,6 +158,10 @@ class MeasurementSchedule:
         self.last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}
 
 
+#: Seconds a measure's first point may take before the run has earned a budget for it (its cost is unknown then).
+FIRST_POINT_SECONDS = 2.0
+
+
 @dataclass
 class OverheadBudget:
     """Keep the time spent measuring within ``max_overhead`` times the rest of the run's wall time.
@@ -167,11 +171,14 @@ class OverheadBudget:
     ``max_overhead · other_s`` less the measuring time that belongs to no measure (building probes, writing
     logs), is shared equally among the ``measures``, so that a cheap measure cannot starve an expensive one: a
     scheduled measure is taken when its estimated cost, the duration of its previous measurement, still fits in
-    its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``. Its first
-    measurement is always taken (its cost is not known yet, and a run should have at least one point). So, as far
-    as costs repeat, a run of T seconds spends at most ``max_overhead · T`` plus the first measurements
-    (``max(max_overhead · T, first measurements)`` when those come first, as at step 0), and each measure gets
-    points in inverse proportion to its cost. With ``max_overhead=None`` every scheduled measure is taken. The
+    its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``. A measurement that
+    runs past its :meth:`allowance` is stopped at its next chunk of work and logs nothing (:meth:`overran`): the
+    first point of a measure, whose cost is unknown, may take :data:`FIRST_POINT_SECONDS`, a later one its share
+    (at least twice its last cost); a stopped measure is retried once the budget allows twice the time it ran. So
+    a run of T seconds spends at most about ``max_overhead · T`` plus :data:`FIRST_POINT_SECONDS` per measure, and
+    each measure gets points in inverse proportion to its cost (none, with a warning, when one point costs more
+    than the run's budget: ResNet-18 on 2 CPU cores in a 2-minute run). With ``max_overhead=None`` every
+    scheduled measure is taken, without time limit. The
     account is checkpointed, so a resumed run keeps it.
 
     Attributes:
@@ -194,6 +201,8 @@ class OverheadBudget:
     timer: Callable[[], float] = time.perf_counter
     _mark: float | None = field(default=None, repr=False)
     _taken: set[str] = field(default_factory=set, repr=False)  # the measures timed since the last select
+    _limits: dict[str, float] = field(default_factory=dict, repr=False)  # deadlines of this measurement
+    stopped: set[str] = field(default_factory=set, repr=False)  # measures stopped at their allowance since select
 
     def __post_init__(self) -> None:
         value = self.max_overhead
@@ -222,10 +231,33 @@ class OverheadBudget:
         shared = self.measuring_s - sum(self.spent_s.values())
         return (self.max_overhead * self.other_s - shared) / max(1, len(self.measures))
 
+    def allowance(self, measure: str) -> float:
+        """Seconds ``measure`` may still run at this measurement before it is stopped (:func:`.time_limit`): its
+        share less what it spent, but at least twice its last cost; :data:`FIRST_POINT_SECONDS` while its cost is
+        unknown; no limit without ``max_overhead``."""
+        if self.max_overhead is None:
+            return math.inf
+        if measure not in self.cost_s:
+            return FIRST_POINT_SECONDS
+        return max(self.share() - self.spent_s.get(measure, 0.0), 2 * self.cost_s[measure])
+
+    def remaining(self, measure: str) -> float:
+        """Seconds left of ``measure``'s :meth:`allowance` at this measurement (all its probes together)."""
+        if measure not in self._limits:
+            self._limits[measure] = self.timer() + self.allowance(measure)
+        return self._limits[measure] - self.timer()
+
+    def overran(self, measure: str) -> None:
+        """``measure`` was stopped at its allowance: count twice the time it ran as its cost, so that it is retried
+        once the budget allows that much (the allowance doubles until a point completes; the time lost stays
+        within the budget). Its other probes are left out of this measurement."""
+        self.cost_s[measure] = 2 * self.cost_s.get(measure, FIRST_POINT_SECONDS)
+        self.stopped.add(measure)
+
     def select(self, due: Sequence[str]) -> list[str]:
         """The measures of ``due`` (in order) that fit in their share of the budget now; starts a measurement."""
         self._advance()
-        self._taken = set()
+        self._taken, self._limits, self.stopped = set(), {}, set()
         share = self.share()
         return [m for m in due if m not in self.cost_s or self.spent_s.get(m, 0.0) + self.cost_s[m] <= share]
 

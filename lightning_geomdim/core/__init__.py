@@ -7,10 +7,11 @@ the engines understand (:mod:`.layer_kinds`); GF(p) (:mod:`.finite_field`) and r
 (:mod:`.exact`, its program :mod:`.exact_program`), the float Gram from per-layer factors (:mod:`.gram`, with the
 plan :mod:`.gram_plan`, the structural conditions :mod:`.structure`, the layers' forms :mod:`.factor_forms`, their
 check by one backward :mod:`.factor_check` and the factors :mod:`.layer_factors`), the
-dense Jacobian (:mod:`.jacobian`), and the measure that chooses between them (:mod:`.dimension`); bounds from
+dense Jacobian (:mod:`.jacobian`), the measure that chooses between them (:mod:`.dimension`) and per-block ranks
+(:mod:`.blocks`); bounds from
 symmetries (:mod:`.symmetries`); activation patterns and linear regions (:mod:`.activation_patterns`); the CFFD
 (:mod:`.cffd`); flatness from Hessian-vector products (:mod:`.hessian`, :mod:`.lanczos`, :mod:`.trace_estimation`,
-:mod:`.losses`, :mod:`.flatness`); neuron alignment (:mod:`.alignment`); memory budgets (:mod:`.memory`) and
-estimates from one sample (:mod:`.preflight`); stopping between chunks of work (:mod:`.interrupt`); errors
-(:mod:`.errors`).
+:mod:`.losses`, :mod:`.flatness`, its memory :mod:`.flatness_memory`); neuron alignment (:mod:`.alignment`); memory
+budgets (:mod:`.memory`) and estimates from one sample (:mod:`.preflight`); stopping between chunks of work, on
+SIGTERM or a time allowance (:mod:`.interrupt`); errors (:mod:`.errors`).
 """

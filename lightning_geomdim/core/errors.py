@@ -64,5 +64,10 @@ class MeasurementInterrupted(GeometryError):
     """A measurement stopped between two chunks of work because its caller asked (:mod:`.interrupt`)."""
 
 
+class MeasurementOverTime(MeasurementInterrupted):
+    """A measurement stopped between two chunks of work because it used up its time allowance
+    (:func:`~lightning_geomdim.core.interrupt.time_limit`)."""
+
+
 class NotApplicableError(GeometryError, ValueError):
     """The measure is not defined for this model (e.g. linear regions of a network without ReLUs)."""

@@ -1,0 +1,103 @@
+"""What one probe's measures share at one measurement step: its batch on the model's device, one traced pass
+(:class:`~lightning_geomdim.core.probe_trace.ProbeTrace`), and the refusals estimated from its first sample before
+that pass (:mod:`lightning_geomdim.core.preflight`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+
+from lightning_geomdim.callback.probes import Probe
+from lightning_geomdim.core.errors import MemoryBudgetError, Remedy
+from lightning_geomdim.core.memory import check_memory, memory_budget
+from lightning_geomdim.core.preflight import dimension_bytes, flatness_bytes, trace_bytes
+from lightning_geomdim.core.probe_trace import ProbeTrace
+
+if TYPE_CHECKING:
+    from lightning_geomdim.callback.measures import MeasureSettings
+
+
+#: What else helps when a measure's estimate from one sample exceeds the budget (besides a smaller probe).
+PREFLIGHT_REMEDIES = {
+    "dimension": (Remedy("a subset of parameters via {arg}=[...]", "params"),),
+    "flatness": (Remedy("lower {arg}", "trace_samples"), Remedy("a subset of parameters via {arg}=[...]", "params")),
+}
+
+
+class ProbeData:
+    """One probe on the module's device and its :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`, both made
+    at first use (inside the first measure that reads them, which fails if they do) and shared by the probe's
+    measures: one forward pass over the probe (after one over its first sample, from which :meth:`_preflight`
+    refuses what would not fit) and one float64 copy of the parameters per probe and step.
+
+    Every process holds the same probe and, under DDP, the same weights, so each measures the whole probe by
+    itself: no collective call (nothing to deadlock on if the processes' measurements diverge), and the samples
+    keep their order, so the values equal a single-process run's bit for bit.
+    """
+
+    def __init__(
+        self, module: nn.Module, probe: Probe | None, settings: MeasureSettings, measures: Sequence[str],
+    ) -> None:
+        self.module, self.probe, self.settings, self.measures = module, probe, settings, measures
+        self._xy: tuple[Any, Any] | None = None
+        self._trace: ProbeTrace | None = None
+        self.refused: dict[str, MemoryBudgetError] = {}  # measure → its refusal, from the one-sample estimate
+
+    def xy(self) -> tuple[Any, Any]:
+        """(x, y) on the module's device; (None, None) without a probe."""
+        if self._xy is None:
+            if self.probe is None:
+                return None, None
+            device = next((p.device for p in self.module.parameters()), torch.device("cpu"))
+            self._xy = move_data_to_device(self.probe.x, device), move_data_to_device(self.probe.y, device)
+        return self._xy
+
+    def trace(self) -> ProbeTrace | None:
+        """The traced pass over x (None without a probe): with autograd when the dimension or flatness is due, and
+        the Gram engine's factors when a dimension may be computed on it."""
+        if self._trace is None and self.probe is not None:
+            s, due = self.settings, self.measures
+            self._trace = ProbeTrace.of(
+                self.module, self.xy()[0], params=s.params, dtype=s.dtype, output_fn=s.output_fn,
+                grad="dimension" in due or "flatness" in due,
+                factors="dimension" in due or ("flatness" in due and s.flatness_flat_dimension), before=self._preflight,
+            )
+        return self._trace
+
+    def trace_for(self, measure: str) -> ProbeTrace | None:
+        """:meth:`trace`, or the refusal of ``measure`` when its estimate from one sample exceeds the budget."""
+        trace = self.trace()
+        if measure in self.refused:
+            raise self.refused[measure]
+        return trace
+
+    def _preflight(self, one: ProbeTrace, n: int) -> None:
+        """From a one-sample trace: refuse the pass over the whole probe, or the measures, that would not fit."""
+        s, due = self.settings, self.measures
+        budget = memory_budget(one.fm.device, s.max_memory_bytes)
+        factors = "dimension" in due or ("flatness" in due and s.flatness_flat_dimension)
+        by_n = {"the traced pass": lambda m: trace_bytes(one, m, factors=factors)}
+        if "dimension" in due:
+            by_n["dimension"] = lambda m: dimension_bytes(one, m, engine=s.engine, spectrum=s.spectrum if (
+                self.probe is None or self.probe.spectrum is None) else self.probe.spectrum,
+                logit_differences=self.probe is None or self.probe.logit_differences)
+        if "flatness" in due:
+            by_n["flatness"] = lambda m: flatness_bytes(one, m, top_k=s.flatness_top_k,
+                                                        trace_samples=s.flatness_trace_samples, fit_within=budget)
+        for what, need in by_n.items():
+            try:
+                check_memory(need(n), budget, what=f"{what} on {n:,} samples (estimated from one sample)",
+                             remedies=PREFLIGHT_REMEDIES.get(what, ()), by_samples=(n, need))
+            except MemoryBudgetError as err:
+                if what == "the traced pass":
+                    raise
+                self.refused[what] = err
+
+    def release(self) -> None:
+        if self._trace is not None:
+            self._trace.release()
+        self._trace = self._xy = None
