@@ -38,7 +38,7 @@ from lightning_geomdim.core.errors import (
 )
 from lightning_geomdim.core.flatness import flatness
 from lightning_geomdim.core.functional_model import OutputFn
-from lightning_geomdim.core.interrupt import interruptible, time_limit
+from lightning_geomdim.core.interrupt import checkpoint, interruptible, time_limit
 from lightning_geomdim.core.losses import LossFn, resolve_loss_fn
 from lightning_geomdim.core.memory import format_bytes
 
@@ -181,6 +181,7 @@ def _measure(
             return
         try:
             with budget.measuring(measure), time_limit(budget.remaining(measure)):
+                checkpoint()  # an allowance spent on earlier probes stops before this probe's traced pass
                 body()
         except MeasurementOverTime as err:
             budget.overran(measure)
