@@ -74,6 +74,17 @@ class AttentionBlock(nn.Module):
         return self.head(self.ln_f(h))
 
 
+class LSTMClassifier(nn.Module):
+    """The last hidden state of a one-layer LSTM through a Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
 def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(30)
     x2 = torch.randn(5, 3, generator=gen(31))
@@ -96,6 +107,8 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "embedding_with_padding": (nn.Sequential(nn.Embedding(7, 3, padding_idx=0), nn.Flatten(), nn.Linear(12, 2)),
                                    ids),
         "residual_block": (ResidualBlock(), img),
+        "lstm": (LSTMClassifier(), torch.randn(30, 5, 3, generator=gen(38))),  # M = 60 < P = 154
+        "lstm_more_rows_than_parameters": (LSTMClassifier(), torch.randn(100, 5, 3, generator=gen(39))),
         "attention_block": (AttentionBlock(), ids),
     }
 
@@ -112,7 +125,7 @@ def test_factor_form_matches_the_dense_jacobian(case: str) -> None:
 
 
 @pytest.mark.parametrize("case", ["batchnorm2d_eval", "groupnorm", "grouped_and_depthwise_conv",
-                                  "embedding_with_padding", "attention_block"])
+                                  "embedding_with_padding", "attention_block", "lstm"])
 def test_rows_from_the_factors_are_the_rows_of_the_dense_jacobian(case: str) -> None:
     """Not only the spectrum: the explicit rows of J built from each form equal the dense Jacobian's, entry by entry
     (columns mapped back to the parameters' layout)."""
@@ -170,17 +183,28 @@ def test_frozen_backbone_of_any_kind_with_a_trainable_head_uses_the_gram_engine(
 @pytest.mark.parametrize(
     ("model", "x", "reason"),
     [
-        (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2, batch_first=True)), torch.randn(3, 5, 3),
-         r"'1' \(LSTM\) has parameters"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2, num_layers=2, batch_first=True)), torch.randn(3, 5, 3),
+         r"'1' \(LSTM\) has num_layers=2"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2)), torch.randn(3, 5, 3), "batch_first=False"),
         (nn.Sequential(nn.Embedding(5, 2, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)),
          torch.randint(0, 5, (3, 3)), "max_norm"),
     ],
-    ids=["lstm", "embedding_max_norm"],
+    ids=["lstm_two_layers", "lstm_time_major", "embedding_max_norm"],
 )
 def test_layers_without_a_form_are_refused_by_name(model: nn.Module, x: torch.Tensor, reason: str) -> None:
     with pytest.raises(NotApplicableError, match=reason):
         batch_functional_dimension(model, x, engine="gram", output_fn=lambda out: out[0] if isinstance(out, tuple)
                                    else out)
+
+
+def test_lstm_biases_are_two_copies_of_the_same_columns() -> None:
+    """b_ih and b_hh enter the gates as a sum: with more rows than parameters the rank is at most P − 4H, and the
+    Gram counts both copies (its σ equal the dense SVD's); measuring one of a pair alone is refused."""
+    model, x = _cases()["lstm_more_rows_than_parameters"]
+    res = batch_functional_dimension(model, x, engine="gram")
+    assert res.num_rows > res.num_params == 154 and res.rank <= 154 - 16
+    with pytest.raises(NotApplicableError, match="measure both or neither"):
+        batch_functional_dimension(model, x, engine="gram", params=["lstm.weight_ih_l0", "head.weight"])
 
 
 def test_the_check_does_not_touch_the_global_rng_and_runs_once_per_trace() -> None:

@@ -9,6 +9,10 @@ Each form stores u (N, T, D) and the signals g (T, M, O), rows n · K + k, and i
   (O × D) and ∂f/∂b = Σ_t g_t. Linear: u_t the input at position t; Conv2d: the patch read by output pixel t
   (``F.unfold``, D = C_in · kh · kw); Embedding: z_t = Eᵀ e_{token_t}, the one-hot vector of the token over the
   D vocabulary entries the probe uses (other rows of E have zero columns), O = embedding_dim;
+  An ``nn.LSTM`` (one layer, one direction, ``batch_first``) is an outer form over its T time steps: the gates
+  z_t = W_ih x_t + W_hh h_{t−1} + b_ih + b_hh, so u_t = [x_t, h_{t−1}], O = 4H, and b_ih, b_hh are two copies
+  of the same columns. Its fused kernel exposes no z_t, so the traced pass recomputes it step by step
+  (:func:`lstm_with_gates`, the same values) with the zero δ added to the gates;
 * **diagonal** (``BatchNorm`` in eval mode, ``LayerNorm``, ``GroupNorm``): z_t = γ ⊙ x̂_t + β with the normalised
   input x̂ (running statistics for BatchNorm, the sample's own for LayerNorm / GroupNorm), so ∂f/∂γ = Σ_t g_t ⊙ x̂_t
   and ∂f/∂β = Σ_t g_t; u = x̂ (D = O).
@@ -23,6 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +55,9 @@ class GramLayer:
         groups: a grouped convolution's groups G: unit o reads only the inputs of its group, so u (N, T, G·D)
             and the weight's rows are block-diagonal (depthwise convolutions: G = C_in).
         vocabulary: Embedding: the token ids the probe uses, sorted, int64 (the columns of u).
+        weight_names, bias_names: the measured parameters behind the weight columns and the bias columns (default
+            ``<name>.weight`` / ``<name>.bias``; an LSTM's weight is [W_ih | W_hh] and its two biases b_ih, b_hh
+            are two copies of the same columns).
     """
 
     name: str
@@ -62,11 +70,20 @@ class GramLayer:
     diagonal: bool = False
     groups: int = 1
     vocabulary: Tensor | None = field(default=None, compare=False)
+    weight_names: tuple[str, ...] = ()
+    bias_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        prefix = f"{self.name}." if self.name else ""
+        if self.weight and not self.weight_names:
+            object.__setattr__(self, "weight_names", (prefix + "weight",))
+        if self.bias and not self.bias_names:
+            object.__setattr__(self, "bias_names", (prefix + "bias",))
 
     @property
     def num_params(self) -> int:
         """Measured scalar parameters of the layer with nonzero columns."""
-        return self.units * (self.features * self.weight + self.bias)
+        return self.units * (self.features * self.weight + len(self.bias_names))
 
     @property
     def input_width(self) -> int:
@@ -115,6 +132,13 @@ def form_problem(
     ):
         return f"{label} overrides forward"
     own = {n for n, _ in module.named_parameters(recurse=False)}
+    if isinstance(module, nn.LSTM):
+        if module.num_layers != 1 or module.bidirectional or module.proj_size or not module.batch_first:
+            return (f"{label} has num_layers={module.num_layers}, bidirectional={module.bidirectional}, "
+                    f"proj_size={module.proj_size}, batch_first={module.batch_first}: the factor form covers one "
+                    "layer, one direction, no projection, batch_first=True")
+        own -= {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"}
+        own |= {"weight"}
     if not own <= {"weight", "bias"} or next(module.children(), None) is not None:
         return f"{label} has parameters {sorted(own)} or submodules (a reparametrisation?)"
     if isinstance(module, FACTORED_AFFINE) and "weight" not in own:
@@ -135,9 +159,51 @@ def form_problem(
     return None
 
 
+def partial_problem(name: str, module: nn.Module, selected: set[str]) -> str | None:
+    """Why the measured parameters of ``module`` do not fit its form (an LSTM's two weights, or its two biases,
+    measured without the other), or None."""
+    if not isinstance(module, nn.LSTM):
+        return None
+    prefix = f"{name}." if name else ""
+    for pair in (("weight_ih_l0", "weight_hh_l0"), ("bias_ih_l0", "bias_hh_l0")):
+        if sum(prefix + p in selected for p in pair) == 1:
+            return f"module {name or '<root>'!r} (LSTM): measure both or neither of {pair}"
+    return None
+
+
+def lstm_with_gates(module: nn.LSTM, x: Tensor, delta: Tensor) -> tuple[Any, Tensor]:
+    """``module(x)`` recomputed step by step, the same values as its fused kernel, with ``delta`` (N, T, 4H) added
+    to the gate pre-activations; returns its output (``(out, (h_n, c_n))``) and u = [x_t, h_{t−1}] (N, T, I + H),
+    detached."""
+    n, steps, _ = x.shape
+    hidden = module.hidden_size
+    w = torch.cat([module.weight_ih_l0, module.weight_hh_l0], dim=1)
+    b = module.bias_ih_l0 + module.bias_hh_l0 if module.bias else None
+    h = x.new_zeros(n, hidden)
+    c = x.new_zeros(n, hidden)
+    outs, inputs = [], []
+    for t in range(steps):
+        u = torch.cat([x[:, t], h], dim=1)
+        inputs.append(u.detach())
+        z = F.linear(u, w, b) + delta[:, t]
+        i, f, g, o = z.chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outs.append(h)
+    return (torch.stack(outs, dim=1), (h[None], c[None])), torch.stack(inputs, dim=1)
+
+
 def layer_of(name: str, module: nn.Module, inp: Tensor, out: Tensor, selected: set[str]) -> GramLayer | None:
     """The layer as the engines see it, from one call's input and output; None when no parameter is measured."""
     prefix = f"{name}." if name else ""
+    if isinstance(module, nn.LSTM):
+        weights = tuple(prefix + p for p in ("weight_ih_l0", "weight_hh_l0") if prefix + p in selected)
+        biases = tuple(prefix + p for p in ("bias_ih_l0", "bias_hh_l0") if prefix + p in selected)
+        if not (weights or biases):
+            return None
+        return GramLayer(name, module, bool(weights), bool(biases), inp.shape[1],
+                         module.input_size + module.hidden_size, 4 * module.hidden_size,
+                         weight_names=weights, bias_names=biases)
     weight = prefix + "weight" in selected
     bias = getattr(module, "bias", None) is not None and prefix + "bias" in selected
     if not (weight or bias):
@@ -255,25 +321,30 @@ def jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int, field
             g = sig.view(lay.positions, s, k, lay.units)
             blocks.append(per_sample_gradients(lay, g, f.inputs[samples], field).reshape(s * k, -1))
         if lay.bias:
-            blocks.append(position_sum(sig, field))
+            blocks.extend([position_sum(sig, field)] * len(lay.bias_names))
     return torch.cat(blocks, dim=1)
 
 
 def parameter_gradients(layer: GramLayer, row: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """A row of J restricted to the layer (its column order, module docstring) as gradients shaped like the
     measured parameters (``params``: name → tensor, for the shapes); an Embedding's unused rows are zero."""
-    prefix = f"{layer.name}." if layer.name else ""
     out = {}
     width = layer.units * layer.features
     if layer.weight:
-        w = params[prefix + "weight"]
-        part = row[:width]
+        weight = row[:width].reshape(layer.units, layer.features)
         if isinstance(layer.module, nn.Embedding):
             assert layer.vocabulary is not None
-            full = torch.zeros_like(w)
-            full[layer.vocabulary] = part.reshape(layer.units, layer.features).T
-            part = full
-        out[prefix + "weight"] = part.reshape(w.shape)
-    if layer.bias:
-        out[prefix + "bias"] = row[width * layer.weight :].reshape(params[prefix + "bias"].shape)
+            (name,) = layer.weight_names
+            out[name] = torch.zeros_like(params[name])
+            out[name][layer.vocabulary] = weight.T
+        else:  # the weight columns of each parameter in turn ([W_ih | W_hh] for an LSTM)
+            start = 0
+            for name in layer.weight_names:
+                w = params[name]
+                columns = w[0].numel()
+                out[name] = weight[:, start : start + columns].reshape(w.shape)
+                start += columns
+    for i, name in enumerate(layer.bias_names):
+        begin = width * layer.weight + i * layer.units
+        out[name] = row[begin : begin + layer.units].reshape(params[name].shape)
     return out

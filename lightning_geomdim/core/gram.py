@@ -25,7 +25,8 @@ Jᵀ J = Σ_chunks J_Sᵀ J_S instead, from the rows J_S of a chunk of samples a
 (the column order does not matter for the spectrum). Parameters outside ``fm.params`` have no columns:
 only the measured weights and biases contribute. Every product is accumulated in float64.
 
-Other layers (BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding) have their own forms of u and g
+Other layers (BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding, grouped convolutions, a one-layer LSTM over
+its time steps) have their own forms of u and g
 (:mod:`lightning_geomdim.core.factor_forms`); the assembly below only needs the explicit rows they give.
 
 Exactness conditions (``engine="auto"`` falls back to jacrev when one fails, ``engine="gram"`` raises
@@ -119,9 +120,10 @@ def _add_output_gram(
     """gram (M × M, rows n·K + k) += this layer's block J_l J_lᵀ (formulas in the module docstring)."""
     lay, u, sig = f.layer, f.inputs, f.signals
     m = n * k
+    copies = len(lay.bias_names)  # an LSTM's two biases are two copies of the same columns
     if not lay.weight:  # bias only: s sᵀ with s = Σ_t g_t
         s = position_sum(sig, field)
-        _accumulate(gram, s, s, group=k, lower=lower, field=field)
+        _accumulate(gram, s, s * copies, group=k, lower=lower, field=field)
         return
     if kernel_cost(lay, m, n) <= explicit_cost(lay, m):
         for p in range(lay.positions):
@@ -129,7 +131,7 @@ def _add_output_gram(
                 # c[n, n'] = ⟨u(x_n)_p, u(x_n')_q⟩ (+ 1 for the bias)
                 c = u[:, p] @ u[:, q].T if field is None else field.matmul(u[:, p], u[:, q].T)
                 if lay.bias:
-                    c += 1.0
+                    c += float(copies)
                 # ⟨g(n,k)_p, g(n',k')_q⟩ · c[n, n']
                 _accumulate(gram, sig[p], sig[q], group=k, scale=c, lower=lower, buffer=buffer, field=field)
         return
@@ -143,7 +145,7 @@ def _add_output_gram(
         del a
     if lay.bias:
         s = position_sum(sig, field)
-        _accumulate(gram, s, s, group=k, lower=lower, field=field)
+        _accumulate(gram, s, s * copies, group=k, lower=lower, field=field)
 
 
 def gram_from_factors(
@@ -298,5 +300,4 @@ def gram_spectra(
 
 
 def _layer_params(f: LayerFactors) -> set[str]:
-    prefix = f"{f.layer.name}." if f.layer.name else ""
-    return {prefix + p for p, used in (("weight", f.layer.weight), ("bias", f.layer.bias)) if used}
+    return {*f.layer.weight_names, *f.layer.bias_names}

@@ -24,8 +24,9 @@ BATCH_NORM: tuple[type[nn.Module], ...] = NORMALIZATION[:3]
 #: Parameterised layers the exact engine re-runs over GF(p): affine maps (BatchNorm in eval mode with constant
 #: statistics).
 EXACT_LAYERS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *BATCH_NORM)
-#: Every parameterised layer with a factor form in the float Gram engine (embeddings: one-hot inputs).
-FACTOR_FORMS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *NORMALIZATION, nn.Embedding)
+#: Every parameterised layer with a factor form in the float Gram engine (embeddings: one-hot inputs; LSTM: per
+#: time step).
+FACTOR_FORMS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *NORMALIZATION, nn.Embedding, nn.LSTM)
 #: Affine layers whose output units (channels) carry a positive-rescaling symmetry when a ReLU follows.
 AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

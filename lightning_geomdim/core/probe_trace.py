@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
+from lightning_geomdim.core.factor_forms import lstm_with_gates
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
 from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, RELU_LIKE
@@ -184,7 +185,13 @@ class ProbeTrace:
         def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             call = stack.pop()
             replaced = None
-            if call.name in measured and isinstance(out, Tensor) and isinstance(call.input, Tensor):
+            if call.name in measured and isinstance(m, nn.LSTM) and isinstance(call.input, Tensor):
+                n, steps = call.input.shape[:2]  # the fused kernel exposes no gates: recompute them (same values)
+                delta = call.input.new_zeros((n, steps, 4 * m.hidden_size), requires_grad=True)
+                replaced, layer_inputs[call.name] = lstm_with_gates(m, call.input, delta)
+                out = replaced
+                deltas[call.name] = delta
+            elif call.name in measured and isinstance(out, Tensor) and isinstance(call.input, Tensor):
                 layer_inputs[call.name] = call.input.detach().clone()  # a later in-place op must not change it
                 delta = torch.zeros_like(out, requires_grad=True)
                 deltas[call.name] = delta
@@ -376,6 +383,6 @@ def _measured_affine(fm: FunctionalModel) -> set[str]:
     for name, m in fm.module.named_modules():
         if isinstance(m, FACTOR_FORMS):
             prefix = f"{name}." if name else ""
-            if any(prefix + p in fm.params for p in ("weight", "bias")):
+            if any(prefix + p in fm.params for p, _ in m.named_parameters(recurse=False)):
                 names.add(name)
     return names

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from torch import Tensor, nn
 
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of
+from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of, partial_problem
 from lightning_geomdim.core.gram_plan import GramPlan
 from lightning_geomdim.core.layer_kinds import ALONG_DIM, DROPOUT, EXACT_LAYERS, PER_SAMPLE, POOLING
 from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
@@ -124,7 +124,7 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
     for name, sub in fm.module.named_modules():
         prefix = f"{name}." if name else ""
         if any(prefix + p in selected for p, _ in sub.named_parameters(recurse=False)):
-            problem = form_problem(name, sub)
+            problem = form_problem(name, sub) or partial_problem(name, sub, selected)
             if problem is not None:
                 return problem, None
             measured[name] = sub
@@ -138,6 +138,8 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
             return f"{label} is called more than once (shared weights)", None
         seen.add(call.name)
         inp, out = call.input, call.output
+        if isinstance(call.module, nn.LSTM) and isinstance(out, tuple):  # (output, (h_n, c_n))
+            out = out[0]
         if call.num_args != 1 or not isinstance(inp, Tensor) or inp.dim() < 2 or inp.shape[0] != n:
             return f"{label} is not called on one tensor of {n} samples", None
         if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != n:
