@@ -110,3 +110,20 @@ def test_blocks_need_the_float_spectrum() -> None:
     assert batch_functional_dimension(model, x, blocks="auto").blocks == {}
     res = batch_functional_dimension(model, x, blocks="auto", spectrum=True)
     assert res.engine == "exact" and set(res.blocks) == {"0", "2"}
+
+
+@pytest.mark.parametrize("engine", ["gram", "jacrev"])
+def test_a_block_whose_layers_never_run_has_rank_zero(engine: str) -> None:
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.aux = nn.Linear(3, 3), nn.Linear(3, 2), nn.Linear(1, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc2(torch.relu(self.fc1(x)))
+
+    torch.manual_seed(44)
+    model, x = Unused(), torch.randn(10, 3, generator=gen(43))
+    res = batch_functional_dimension(model, x, engine=engine, blocks="auto")
+    assert res.blocks["aux"].numerical_rank == 0 and res.blocks["aux"].bound == 8
+    assert res.blocks["fc2"].numerical_rank == numpy_rank(dense_jacobian(model, x)[:, 12:20])  # fc1: 12 columns

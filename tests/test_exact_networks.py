@@ -143,3 +143,33 @@ def test_functions_the_exact_engine_cannot_rerun_are_refused_by_name(forward: ob
     with pytest.raises(NotApplicableError, match=match):
         batch_functional_dimension(model, x, engine="exact")
     assert batch_functional_dimension(model, x).engine == "gram"  # the float engine measures it
+
+
+class ChangedAfterReLU(nn.Module):
+    """The ReLU's input is changed in place after the call: its pattern cannot be read back from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.fc3 = nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 6), nn.Linear(6, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc1(x)
+        a = self.act(h)
+        h += self.fc2(a)
+        return self.fc3(h)
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (ChangedAfterReLU(), r"the input of module 'act' \(ReLU\) was changed in place after the call"),
+        (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, affine=False, track_running_stats=False), nn.ReLU(),
+                       nn.Linear(4, 2)), r"'1' \(BatchNorm1d\) has no running statistics"),
+    ],
+    ids=["input_changed_after_the_call", "batchnorm_without_statistics_or_parameters"],
+)
+def test_what_the_exact_engine_cannot_read_back_is_refused_and_auto_is_right(model: nn.Module, match: str) -> None:
+    x = torch.randn(40, 3, generator=gen(57))
+    with pytest.raises(NotApplicableError, match=match):
+        batch_functional_dimension(model, x, engine="exact")
+    assert batch_functional_dimension(model, x).rank == numpy_rank(dense_jacobian(model, x))

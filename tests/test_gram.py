@@ -264,6 +264,19 @@ class BiasOutside(CenterBatch):
         return self.b(torch.relu(self.a(x))) * self.a.bias.sum()
 
 
+class RelativeToFirst(nn.Module):
+    """f_n = z_n − z_0: every sample's output depends on sample 0 (and sample 0's on none): only an ordered test of
+    the pairs of samples sees it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 8), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.b(torch.tanh(self.a(x)))
+        return z - z[:1]
+
+
 def _fallback_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(14)
     x = torch.randn(6, 3, generator=gen(14))
@@ -274,6 +287,7 @@ def _fallback_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "mixing_forward": (CenterBatch(), x),
         "softmax_over_samples": (nn.Sequential(nn.Linear(3, 2), nn.Softmax(dim=0)), x),
         "shared_call": (TwoCalls(), x),
+        "outputs_relative_to_sample_0": (RelativeToFirst(), torch.randn(4, 3, generator=gen(16))),
         "parameter_used_outside_its_module": (BiasOutside(), x),
         "batchnorm_without_running_stats": (
             nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, track_running_stats=False), nn.Linear(4, 2)), x),

@@ -187,8 +187,8 @@ def test_a_measure_taken_probe_by_probe_costs_the_sum_of_its_blocks() -> None:
 
 def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -> None:
     """The first point of a measure may take FIRST_POINT_SECONDS; one stopped there counts twice what it ran, is
-    retried when the budget allows that, with at least that allowance: the allowance doubles until a point fits,
-    and the time lost is counted in the budget."""
+    retried when the budget allows that, with what is left of its share: the allowance doubles until a point fits,
+    and the time lost is counted in the budget (never more than the share)."""
     clock = FakeTimer()
     budget = OverheadBudget(0.05, measures=("dimension",), timer=clock)
     budget.start()
@@ -204,7 +204,7 @@ def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -
     assert budget.select(["dimension"]) == [] and budget.stopped == set()  # share 0.5 s < 2.5 + 5
     clock.now += 140.0                                                     # share 7.5 s ≥ 2.5 + 5: retried
     assert budget.select(["dimension"]) == ["dimension"]
-    assert budget.allowance("dimension") == 2 * 5.0                       # at least twice the counted cost
+    assert budget.allowance("dimension") == 7.5 - 2.5 == budget.cost_s["dimension"]  # what is left of its share
     assert OverheadBudget(None).allowance("dimension") == math.inf
 
 

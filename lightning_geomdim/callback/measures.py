@@ -179,11 +179,13 @@ def _measure(
         """``body`` as ``measure``'s measuring time, stopped at its time allowance (:class:`OverheadBudget`)."""
         if measure in budget.stopped:
             return
+        kept, spectra = dict(out.scalars[measure]), dict(out.spectra)
         try:
             with budget.measuring(measure), time_limit(budget.remaining(measure)):
                 checkpoint()  # an allowance spent on earlier probes stops before this probe's traced pass
                 body()
         except MeasurementOverTime as err:
+            out.scalars[measure], out.spectra = kept, spectra  # nothing of a stopped measure on this probe
             budget.overran(measure)
             stopped = str(err)
             policy.warn_once(("over time", measure), lambda: (

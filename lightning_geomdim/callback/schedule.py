@@ -173,8 +173,8 @@ class OverheadBudget:
     scheduled measure is taken when its estimated cost, the duration of its previous measurement, still fits in
     its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``. A measurement that
     runs past its :meth:`allowance` is stopped at its next chunk of work and logs nothing (:meth:`overran`): the
-    first point of a measure, whose cost is unknown, may take :data:`FIRST_POINT_SECONDS`, a later one its share
-    (at least twice its last cost); a stopped measure is retried once the budget allows twice the time it ran. So
+    first point of a measure, whose cost is unknown, may take :data:`FIRST_POINT_SECONDS`, a later one what is left
+    of its share; a stopped measure is retried once that is twice the time it ran. So
     a run of T seconds spends at most about ``max_overhead · T`` plus :data:`FIRST_POINT_SECONDS` per measure, and
     each measure gets points in inverse proportion to its cost (none, with a warning, when one point costs more
     than the run's budget: ResNet-18 on 2 CPU cores in a 2-minute run). With ``max_overhead=None`` every
@@ -233,13 +233,13 @@ class OverheadBudget:
 
     def allowance(self, measure: str) -> float:
         """Seconds ``measure`` may still run at this measurement before it is stopped (:func:`.time_limit`): its
-        share less what it spent, but at least twice its last cost; :data:`FIRST_POINT_SECONDS` while its cost is
-        unknown; no limit without ``max_overhead``."""
+        share less what it spent (which :meth:`select` checked covers its counted cost); :data:`FIRST_POINT_SECONDS`
+        while its cost is unknown; no limit without ``max_overhead``."""
         if self.max_overhead is None:
             return math.inf
         if measure not in self.cost_s:
             return FIRST_POINT_SECONDS
-        return max(self.share() - self.spent_s.get(measure, 0.0), 2 * self.cost_s[measure])
+        return max(self.share() - self.spent_s.get(measure, 0.0), self.cost_s[measure])
 
     def remaining(self, measure: str) -> float:
         """Seconds left of ``measure``'s :meth:`allowance` at this measurement (all its probes together)."""

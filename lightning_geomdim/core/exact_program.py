@@ -268,6 +268,12 @@ def exact_program(trace: ProbeTrace) -> ExactProgram:
             steps.append(ChannelAffine(call.name, fm.frozen[prefix + "running_mean"].to(torch.float64),
                                        1.0 / torch.sqrt(var + module.eps), module.affine))
             depth += int(module.affine)
+        elif isinstance(module, (*PIECEWISE_LINEAR, *MAX_POOL)) and z._version != (
+                call.output_version if call.output is z else call.input_version):
+            raise NotApplicableError(
+                f"the exact engine does not apply: the input of {label} was changed in place after the call, so its "
+                "activation pattern cannot be read back; engine='auto' falls back to a floating-point engine"
+            )
         elif isinstance(module, PIECEWISE_LINEAR):
             steps.append(_activation(module, z))
         elif type(module) in MAX_POOL:

@@ -9,12 +9,13 @@ of :mod:`lightning_geomdim.core.factor_forms`. That is exact when two things hol
    tying through functional code, a hook, a reparametrisation).
 
 Both are checked with random cotangents c (a private generator; the global RNG is untouched) restricted to a set S
-of samples — the even ones, then the first half, so that every pair of samples is separated once: the signals at
-samples outside S must vanish (1), and Jᵀ c assembled from the forms must equal autograd's gradient with respect
-to θ (2), to √eps of the computation dtype. One batched backward of two cotangents
-(:meth:`~lightning_geomdim.core.probe_trace.ProbeTrace.vjp`); the result is kept on the trace. A function that
-mixes two samples fails (1) for every cotangent unless it is exactly cancelled, a probability-zero event for
-random cotangents.
+of samples — for each bit of the sample index, the samples with the bit 0 and those with it 1 (:func:`sample_sets`,
+2·⌈log2 N⌉ sets), so that every ordered pair (n, n') is tested with n in S and n' not: the signals at samples
+outside S must vanish (1), and Jᵀ c assembled from the forms must equal autograd's gradient with respect to θ (2),
+to √eps of the computation dtype. Batched backwards of :data:`COTANGENTS_AT_ONCE` cotangents
+(:meth:`~lightning_geomdim.core.probe_trace.ProbeTrace.vjp`): 12 rows for N = 64; the result is kept on the
+trace. A function that mixes two samples fails (1) for every cotangent unless it is exactly cancelled, a
+probability-zero event for random cotangents.
 """
 
 from __future__ import annotations
@@ -28,6 +29,18 @@ from lightning_geomdim.core.probe_trace import ProbeTrace
 
 #: Signals outside the cotangent's samples count as an interaction above this fraction of the largest signal.
 INTERACTION_TOLERANCE = 1e-10
+#: Cotangents backpropagated at once by the check (each holds about one forward pass of values).
+COTANGENTS_AT_ONCE = 4
+
+
+def sample_sets(n: int, device: torch.device | str = "cpu") -> Tensor:
+    """(2·⌈log2 n⌉, n) bool: for each bit of the sample index, the samples with that bit 0, then those with it 1;
+    every ordered pair of distinct samples (n, n') has a set holding n and not n' (one all-true set for n = 1)."""
+    if n == 1:
+        return torch.ones(1, 1, dtype=torch.bool, device=device)
+    index = torch.arange(n, device=device)
+    bits = [(index >> b) & 1 == 0 for b in range(max(1, (n - 1).bit_length()))]
+    return torch.stack([s for bit in bits for s in (bit, ~bit)])
 
 
 def factorization_problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
@@ -45,19 +58,22 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
     if not out.requires_grad:  # the output does not depend on θ: J = 0, nothing to factor
         return None
     n = plan.num_samples
-    index = torch.arange(n, device=out.device)
-    sets = torch.stack([index % 2 == 0, index < (n + 1) // 2]) if n > 1 else torch.ones(1, 1, dtype=torch.bool)
+    sets = sample_sets(n, out.device)
     generator = torch.Generator(device=out.device).manual_seed(0)
     c = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
-    cot = c * sets.reshape(*sets.shape, *([1] * (out.dim() - 1))).to(out.dtype)
     names = [layer.name for layer in plan.layers]
     deltas = [trace.deltas[name] for name in names]
-    theta_grads, *signals = trace.vjp(out, [trace.theta, *deltas], cot)
+    parts = []
+    for start in range(0, len(sets), COTANGENTS_AT_ONCE):  # a few rows of backward at a time (memory)
+        chunk = sets[start : start + COTANGENTS_AT_ONCE]
+        parts.append(trace.vjp(out, [trace.theta, *deltas], c * chunk.reshape(*chunk.shape, *([1] * (out.dim() - 1)))
+                               .to(out.dtype)))
     del out
+    theta_grads, *signals = (torch.cat(column) for column in zip(*parts, strict=True))
     for layer, g in zip(plan.layers, signals, strict=True):
         for b, inside in enumerate(sets):
             scale = g[b].abs().max()
-            if scale > 0 and g[b][~inside].abs().max() > INTERACTION_TOLERANCE * scale:
+            if scale > 0 and bool((~inside).any()) and g[b][~inside].abs().max() > INTERACTION_TOLERANCE * scale:
                 return (f"samples interact in the forward pass: the outputs of some samples depend on the output of "
                         f"module {layer.name or '<root>'!r} ({type(layer.module).__name__}) at other samples (batch "
                         "statistics, or code that mixes the batch dimension)")

@@ -292,8 +292,11 @@ def gram_spectra(
     for name, names in (blocks or {}).items():
         members = set(names)
         mine = [f for f in factors if _layer_params(f) <= members]
-        sub = replace(plan, layers=tuple(f.layer for f in mine), forced_side=None)
         total = min(num_outputs, sum(sizes[n] for n in names))
+        if not mine:  # the block's layers did not run (or do not reach the output): zero columns
+            parts[name] = Spectrum(torch.zeros(total, dtype=torch.float64), trace.fm.dtype, from_gram=True)
+            continue
+        sub = replace(plan, layers=tuple(f.layer for f in mine), forced_side=None)
         parts[name] = Spectrum(_singular_values(_assembled(mine, sub, distributed), total).cpu(), trace.fm.dtype,
                                from_gram=True)
     return whole, parts

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of, partial_problem
 from lightning_geomdim.core.gram_plan import GramPlan
-from lightning_geomdim.core.layer_kinds import ALONG_DIM, DROPOUT, EXACT_LAYERS, PER_SAMPLE, POOLING
+from lightning_geomdim.core.layer_kinds import ALONG_DIM, BATCH_NORM, DROPOUT, EXACT_LAYERS, PER_SAMPLE, POOLING
 from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
 from lightning_geomdim.core.tracing import FunctionCall
 
@@ -140,7 +140,8 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
         inp, out = call.input, call.output
         if isinstance(call.module, nn.LSTM) and isinstance(out, tuple):  # (output, (h_n, c_n))
             out = out[0]
-        if call.num_args != 1 or not isinstance(inp, Tensor) or inp.dim() < 2 or inp.shape[0] != n:
+        least = 1 if isinstance(call.module, nn.Embedding) else 2  # token ids (N,) or (N, T, ...)
+        if call.num_args != 1 or not isinstance(inp, Tensor) or inp.dim() < least or inp.shape[0] != n:
             return f"{label} is not called on one tensor of {n} samples", None
         if not isinstance(out, Tensor) or out.dim() < 2 or out.shape[0] != n:
             return f"{label} does not return one tensor of {n} samples", None
@@ -269,6 +270,8 @@ def check_structure(trace: ProbeTrace) -> tuple[str | None, GramPlan | None, Tra
         if not isinstance(call.output, Tensor) or call.output.dim() == 0 or call.output.shape[0] != n:
             return f"{label} does not return one tensor of {n} samples", *none
         activation_numel += call.output.numel()
+        if isinstance(call.module, BATCH_NORM) and call.module.running_var is None:
+            return f"{label} has no running statistics: it normalises with batch statistics, which mix samples", *none
         if isinstance(call.module, EXACT_LAYERS):
             if call.name in seen_layers:
                 return f"{label} is called more than once (shared weights)", *none
