@@ -78,16 +78,16 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
                         f"module {layer.name or '<root>'!r} ({type(layer.module).__name__}) at other samples (batch "
                         "statistics, or code that mixes the batch dimension)")
     tolerance = torch.finfo(c.dtype).eps ** 0.5
+    # Jᵀ c for every set at once from the forms: the sets are the K rows of one set of factors, summed over samples
+    expected = [{name: torch.zeros_like(p) for name, p in fm.params.items()} for _ in range(len(sets))]
+    for layer, g in zip(plan.layers, signals, strict=True):
+        factors = factors_of(layer, trace.layer_inputs[layer.name], g, n, len(sets), fm.frozen)
+        rows = jacobian_rows([factors], slice(0, n), len(sets)).view(n, len(sets), -1).sum(0)
+        for b, row in enumerate(rows):
+            expected[b].update(parameter_gradients(layer, row, fm.params))
     for b in range(len(sets)):
-        expected = {name: torch.zeros_like(p) for name, p in fm.params.items()}
-        for layer, g in zip(plan.layers, signals, strict=True):
-            h = trace.layer_inputs[layer.name]
-            h = h.to(torch.float64) if h.is_floating_point() else h
-            factors = factors_of(layer, h, g[b : b + 1].to(torch.float64), n, 1, fm.frozen)
-            row = jacobian_rows([factors], slice(0, n), 1).sum(0)
-            expected.update(parameter_gradients(layer, row, fm.params))
         actual = fm.unflatten(theta_grads[b])
-        errors = {name: _relative_error(expected[name], actual[name], theta_grads[b]) for name in fm.params}
+        errors = {name: _relative_error(expected[b][name], actual[name], theta_grads[b]) for name in fm.params}
         worst = max(errors, key=lambda name: errors[name])
         if errors[worst] > tolerance:
             return (f"the gradient of parameter {worst!r} is not what its layer's factor form gives (relative error "

@@ -44,8 +44,9 @@ class GramLayer:
     Attributes:
         name: module name in ``named_modules()`` ("" for the root).
         module: the layer (one of :data:`~lightning_geomdim.core.layer_kinds.FACTOR_FORMS`).
-        weight: the weight is among the measured parameters.
-        bias: the bias exists and is measured.
+        weight_names, bias_names: the measured parameters behind the weight columns and the bias columns
+            (``<name>.weight`` / ``<name>.bias``, or none; an LSTM's weight is [W_ih | W_hh] and its two biases b_ih,
+            b_hh are two copies of the same columns).
         positions: T, positions the layer is applied at per sample (Linear / LayerNorm / Embedding: product of the
             middle dimensions, 1 for (N, features) inputs; Conv2d / BatchNorm / GroupNorm: the spatial size).
         features: length of a weight row: in_features; C_in / groups · kh · kw; the probe's vocabulary size for an
@@ -55,30 +56,28 @@ class GramLayer:
         groups: a grouped convolution's groups G: unit o reads only the inputs of its group, so u (N, T, G·D)
             and the weight's rows are block-diagonal (depthwise convolutions: G = C_in).
         vocabulary: Embedding: the token ids the probe uses, sorted, int64 (the columns of u).
-        weight_names, bias_names: the measured parameters behind the weight columns and the bias columns (default
-            ``<name>.weight`` / ``<name>.bias``; an LSTM's weight is [W_ih | W_hh] and its two biases b_ih, b_hh
-            are two copies of the same columns).
     """
 
     name: str
     module: nn.Module
-    weight: bool
-    bias: bool
+    weight_names: tuple[str, ...]
+    bias_names: tuple[str, ...]
     positions: int
     features: int
     units: int
     diagonal: bool = False
     groups: int = 1
     vocabulary: Tensor | None = field(default=None, compare=False)
-    weight_names: tuple[str, ...] = ()
-    bias_names: tuple[str, ...] = ()
 
-    def __post_init__(self) -> None:
-        prefix = f"{self.name}." if self.name else ""
-        if self.weight and not self.weight_names:
-            object.__setattr__(self, "weight_names", (prefix + "weight",))
-        if self.bias and not self.bias_names:
-            object.__setattr__(self, "bias_names", (prefix + "bias",))
+    @property
+    def weight(self) -> bool:
+        """The weight is among the measured parameters."""
+        return bool(self.weight_names)
+
+    @property
+    def bias(self) -> bool:
+        """A bias exists and is measured."""
+        return bool(self.bias_names)
 
     @property
     def num_params(self) -> int:
@@ -201,11 +200,10 @@ def layer_of(name: str, module: nn.Module, inp: Tensor, out: Tensor, selected: s
         biases = tuple(prefix + p for p in ("bias_ih_l0", "bias_hh_l0") if prefix + p in selected)
         if not (weights or biases):
             return None
-        return GramLayer(name, module, bool(weights), bool(biases), inp.shape[1],
-                         module.input_size + module.hidden_size, 4 * module.hidden_size,
-                         weight_names=weights, bias_names=biases)
-    weight = prefix + "weight" in selected
-    bias = getattr(module, "bias", None) is not None and prefix + "bias" in selected
+        return GramLayer(name, module, weights, biases, inp.shape[1], module.input_size + module.hidden_size,
+                         4 * module.hidden_size)
+    weight = (prefix + "weight",) if prefix + "weight" in selected else ()
+    bias = (prefix + "bias",) if getattr(module, "bias", None) is not None and prefix + "bias" in selected else ()
     if not (weight or bias):
         return None
     n = inp.shape[0]
@@ -220,7 +218,7 @@ def layer_of(name: str, module: nn.Module, inp: Tensor, out: Tensor, selected: s
         vocabulary = torch.unique(inp)
         if module.padding_idx is not None:  # the padding row gets no gradient
             vocabulary = vocabulary[vocabulary != module.padding_idx]
-        return GramLayer(name, module, weight, False, inp[0].numel(), int(vocabulary.numel()), module.embedding_dim,
+        return GramLayer(name, module, weight, (), inp[0].numel(), int(vocabulary.numel()), module.embedding_dim,
                          vocabulary=vocabulary)
     units = out.shape[1] if _channels_first(module) else math.prod(module.normalized_shape)  # type: ignore[arg-type]
     return GramLayer(name, module, weight, bias, out.numel() // (n * units), 1, units, diagonal=True)
@@ -250,10 +248,12 @@ def factors_of(
     layer: GramLayer, h: Tensor, g: Tensor, n: int, k: int, buffers: Mapping[str, Tensor] | None = None, *,
     normalized: bool = False,
 ) -> LayerFactors:
-    """u (N, T, D) and signals (T, N·K, O) from the layer's input ``h`` (float64, or token ids) and the signals
-    ``g`` (K, N, *z) at its output; ``buffers``: the model's buffers by name (a BatchNorm's running statistics).
-    ``normalized``: a diagonal layer's ``h`` is already x̂ (the exact engine's residues)."""
+    """u (N, T, D) and signals (T, N·K, O), float64, from the layer's input ``h`` (floating, or an Embedding's token
+    ids) and the signals ``g`` (K, N, *z) at its output; ``buffers``: the model's buffers by name (a BatchNorm's
+    running statistics). ``normalized``: a diagonal layer's ``h`` is already x̂ (the exact engine's residues)."""
     m = layer.module
+    h = h.to(torch.float64) if h.is_floating_point() else h
+    g = g.to(torch.float64)
     if isinstance(m, nn.Conv2d):
         u = F.unfold(h, m.kernel_size, dilation=m.dilation, padding=conv_padding(m), stride=m.stride).transpose(1, 2)
     elif isinstance(m, nn.Embedding):

@@ -282,7 +282,7 @@ def _flatness(
 
     if fit_memory and resolved == "lanczos":
         fitted = fitted_sizes(lambda m, b: estimate(activations, m, b)[0], budget, trace_samples=trace_samples,
-                              basis=lanczos_basis or default_basis_size(top_k), top_k=top_k,
+                              basis=lanczos_basis, top_k=top_k,
                               minimum=3 if trace_method == "hutch++" else 1)
         if fitted is not None:
             trace_samples, lanczos_basis = fitted

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from lightning_geomdim.core.errors import Remedy
 from lightning_geomdim.core.hessian import hvp_values
-from lightning_geomdim.core.lanczos import lanczos_vectors
+from lightning_geomdim.core.lanczos import default_basis_size, lanczos_vectors
 from lightning_geomdim.core.memory import format_bytes
 
 #: The fewest trace samples and the smallest Lanczos basis above top_k that :func:`fitted_sizes` goes down to.
@@ -69,11 +69,14 @@ def memory_estimate(
 
 
 def fitted_sizes(
-    needed: Callable[[int, int], int], budget: int, *, trace_samples: int, basis: int, top_k: int, minimum: int,
+    needed: Callable[[int, int], int], budget: int, *, trace_samples: int, basis: int | None, top_k: int,
+    minimum: int,
 ) -> tuple[int, int] | None:
     """The largest (trace samples, Lanczos basis) with ``needed(samples, basis) <= budget``: fewer trace samples
-    first (down to ``minimum``, a larger standard error, which is reported), then a smaller basis (down to
-    top_k + :data:`MIN_EXTRA_BASIS`: more restarts, same accuracy); None when even those do not fit."""
+    first (down to ``minimum``, a larger standard error, which is reported), then a smaller basis (from ``basis``,
+    default :func:`~lightning_geomdim.core.lanczos.default_basis_size`, down to top_k + :data:`MIN_EXTRA_BASIS`:
+    more restarts, same accuracy); None when even those do not fit."""
+    basis = default_basis_size(top_k) if basis is None else basis
     if needed(trace_samples, basis) <= budget:
         return trace_samples, basis
     low, high = max(minimum, min(MIN_TRACE_SAMPLES, trace_samples)), trace_samples

@@ -51,8 +51,6 @@ def layer_factors(trace: ProbeTrace, plan: GramPlan, *, chunk_size: int | None =
     factors = {}
     for nm, chunks in zip(names, grads, strict=True):
         g = torch.cat(chunks, dim=0).to(torch.float64)  # (K, N, *z)
-        h = trace.layer_inputs[nm]
-        h = h.to(torch.float64) if h.is_floating_point() else h  # an Embedding's token ids stay integers
-        factors[nm] = factors_of(modules[nm], h, g, n, k, trace.fm.frozen)
+        factors[nm] = factors_of(modules[nm], trace.layer_inputs[nm], g, n, k, trace.fm.frozen)
         chunks.clear()
     return [factors[layer.name] for layer in plan.layers]

@@ -18,7 +18,6 @@ from lightning_geomdim.core.flatness_memory import fitted_sizes, memory_estimate
 from lightning_geomdim.core.gram_plan import gram_bytes
 from lightning_geomdim.core.hessian import use_dense_hessian
 from lightning_geomdim.core.jacobian import jacobian_bytes, vjp_row_bytes
-from lightning_geomdim.core.lanczos import default_basis_size
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.structure import gram_plan
 from lightning_geomdim.core.symmetries import find_symmetries
@@ -76,8 +75,7 @@ def flatness_bytes(one: ProbeTrace, n: int, *, top_k: int, trace_samples: int, f
         )[0]
 
     if fit_within is not None and method == "lanczos":
-        fitted = fitted_sizes(needed, fit_within, trace_samples=trace_samples, basis=default_basis_size(top_k),
-                              top_k=top_k, minimum=3)
+        fitted = fitted_sizes(needed, fit_within, trace_samples=trace_samples, basis=None, top_k=top_k, minimum=3)
         if fitted is not None:
             return needed(*fitted)
     return needed(trace_samples, None)
