@@ -78,12 +78,12 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
                         f"module {layer.name or '<root>'!r} ({type(layer.module).__name__}) at other samples (batch "
                         "statistics, or code that mixes the batch dimension)")
     tolerance = torch.finfo(c.dtype).eps ** 0.5
-    # Jᵀ c for every set at once from the forms: the sets are the K rows of one set of factors, summed over samples
+    # Jᵀ c from the forms, set by set: all sets at once would hold N · sets rows of J (1.1 GB more on the quickstart)
     expected = [{name: torch.zeros_like(p) for name, p in fm.params.items()} for _ in range(len(sets))]
     for layer, g in zip(plan.layers, signals, strict=True):
-        factors = factors_of(layer, trace.layer_inputs[layer.name], g, n, len(sets), fm.frozen)
-        rows = jacobian_rows([factors], slice(0, n), len(sets)).view(n, len(sets), -1).sum(0)
-        for b, row in enumerate(rows):
+        for b in range(len(sets)):
+            factors = factors_of(layer, trace.layer_inputs[layer.name], g[b : b + 1], n, 1, fm.frozen)
+            row = jacobian_rows([factors], slice(0, n), 1).sum(0)
             expected[b].update(parameter_gradients(layer, row, fm.params))
     for b in range(len(sets)):
         actual = fm.unflatten(theta_grads[b])
