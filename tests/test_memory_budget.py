@@ -61,7 +61,8 @@ SCRIPT = textwrap.dedent(
     data = TensorDataset(torch.randn(64, 3, 16, 16, generator=g), torch.randint(0, 10, (64,), generator=g))
     model = ResNet()
     trainer = L.Trainer(max_steps=2, logger=CSVLogger(sys.argv[1]), enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[GeometryMonitor()])
+                        enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[GeometryMonitor(max_overhead=None)])  # defaults but the time budget (2 steps)
     model(data.tensors[0][:32]).sum().backward()  # the training's own buffers, before the high-water mark
     model.zero_grad(set_to_none=True)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -131,6 +132,7 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
     # the budget is below flatness at its smallest trace sketch and Lanczos basis (fit_memory)
     monitor = GeometryMonitor(probes=["train"], measures=["dimension", "flatness"], max_memory_bytes=1_200_000,
+                              max_overhead=None,
                               flatness_flat_dimension=False)  # P = 2,819: Lanczos, whose remedies name the most
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -220,7 +222,8 @@ def test_a_probe_too_large_is_refused_from_one_sample_before_the_pass_over_it(tm
     from count_passes import Classifier
 
     model = Classifier()
-    monitor = GeometryMonitor(probes=["train"], probe_size=32, max_memory_bytes=20_000, tensorboard_extras=False)
+    monitor = GeometryMonitor(probes=["train"], probe_size=32, max_memory_bytes=20_000, tensorboard_extras=False,
+                              max_overhead=None)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         L.Trainer(max_steps=1, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False, enable_progress_bar=False,

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 
+import lightning as L
 import pytest
+from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from lightning_geomdim.callback.schedule import (
@@ -14,6 +16,7 @@ from lightning_geomdim.callback.schedule import (
     Schedule,
     is_log_spaced,
     log_spaced_steps,
+    training_progress,
 )
 from lightning_geomdim.core.errors import MeasurementInterrupted, MeasurementOverTime
 from lightning_geomdim.core.interrupt import checkpoint, interruptible, time_limit
@@ -120,11 +123,16 @@ def test_overhead_budget_shares_the_budget_among_the_measures() -> None:
     clock = FakeTimer()
     budget = OverheadBudget(0.1, measures=("dimension", "flatness"), timer=clock)
     budget.start()
+    assert budget.select(["dimension", "flatness"]) == []  # first points wait for the run's length to be known
+    assert budget.waiting(["dimension", "flatness"]) == ["dimension", "flatness"]
+    clock.now += 10.0
+    budget.progress = 0.2                              # 10 s of 50: each measure's share of the run is 0.1 · 50 / 2
     assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]  # first points: costs unknown
+    assert budget.allowance("dimension") == FIRST_POINT_SECONDS                   # 2.5 s, at most 2 s
     measure(budget, clock, "dimension", 2.0)
     measure(budget, clock, "flatness", 1.0)
     measure(budget, clock, None, 1.0)                 # writing the logs: measuring time of no measure
-    clock.now += 46.0
+    clock.now += 36.0
     # other 46 s: each measure may have spent (0.1 · 46 − 1) / 2 = 1.8 s; dimension 2 + 2, flatness 1 + 1
     assert budget.select(["dimension", "flatness"]) == []
     assert (budget.measuring_s, budget.other_s, budget.share()) == (4.0, 46.0, pytest.approx(1.8))
@@ -149,8 +157,9 @@ def test_overhead_budget_cheap_measures_do_not_starve_expensive_ones() -> None:
     budget = OverheadBudget(0.05, measures=tuple(costs), timer=clock)
     budget.start()
     points = dict.fromkeys(costs, 0)
-    for _ in range(100_000):
+    for epoch in range(100_000):
         clock.now += 0.013
+        budget.progress = (epoch + 1) / 100_000
         for name in budget.select(list(costs)):
             points[name] += 1
             measure(budget, clock, name, costs[name])
@@ -186,12 +195,13 @@ def test_a_measure_taken_probe_by_probe_costs_the_sum_of_its_blocks() -> None:
 
 
 def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -> None:
-    """The first point of a measure may take FIRST_POINT_SECONDS; one stopped there counts twice what it ran, is
-    retried when the budget allows that, with what is left of its share: the allowance doubles until a point fits,
-    and the time lost is counted in the budget (never more than the share)."""
+    """The first point of a measure may take its share of the projected run, at most FIRST_POINT_SECONDS; one stopped
+    there counts twice what it ran, is retried when the budget allows that, with what is left of its share: the
+    allowance doubles until a point fits, and the time lost is counted in the budget (never more than the share)."""
     clock = FakeTimer()
     budget = OverheadBudget(0.05, measures=("dimension",), timer=clock)
     budget.start()
+    clock.now, budget.progress = 10.0, 0.1             # projected run 100 s: share 5 s, allowance at most 2 s
     assert budget.select(["dimension"]) == ["dimension"]
     assert budget.allowance("dimension") == FIRST_POINT_SECONDS == budget.remaining("dimension")
     with pytest.raises(MeasurementOverTime), budget.measuring("dimension"), time_limit(
@@ -201,11 +211,33 @@ def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -
     budget.overran("dimension")
     assert budget.stopped == {"dimension"} and budget.cost_s["dimension"] == 2 * 2.5
     clock.now += 10.0
-    assert budget.select(["dimension"]) == [] and budget.stopped == set()  # share 0.5 s < 2.5 + 5
-    clock.now += 140.0                                                     # share 7.5 s ≥ 2.5 + 5: retried
+    assert budget.select(["dimension"]) == [] and budget.stopped == set()  # share 1 s < 2.5 + 5
+    clock.now += 130.0                                                     # share 7.5 s ≥ 2.5 + 5: retried
     assert budget.select(["dimension"]) == ["dimension"]
     assert budget.allowance("dimension") == 7.5 - 2.5 == budget.cost_s["dimension"]  # what is left of its share
     assert OverheadBudget(None).allowance("dimension") == math.inf
+
+
+def test_a_first_point_waits_for_a_share_of_the_run_and_never_takes_more() -> None:
+    """Without the run's length a first point waits until the share earned reaches MIN_POINT_SECONDS; with it, a
+    share of the whole run below that is never tried (the warning's case), and a small one bounds the allowance."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    clock.now = 1.9                                    # unknown length: share 0.05 · 1.9 / 2 < 0.05
+    assert budget.select(["dimension"]) == [] and budget.waiting(["dimension"]) == ["dimension"]
+    clock.now = 2.1                                    # share 0.0525 ≥ 0.05: tried with what the run has earned
+    assert budget.select(["dimension"]) == ["dimension"]
+    assert budget.allowance("dimension") == pytest.approx(0.0525)
+    short = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
+    short.start()
+    clock.now += 0.5
+    short.progress = 0.5                               # a 1-second run: share 0.025 s, never tried, not waiting
+    assert short.select(["flatness"]) == [] and short.waiting(["flatness"]) == []
+    assert "flatness's share of the whole run is 0.03 s" in short.skip_warning(["flatness"], 3)
+    clock.now += 1.5
+    short.progress = 0.5                               # 2 s of a 4-second run: share 0.05 · 4 / 2 = 0.1 s
+    assert short.select(["flatness"]) == ["flatness"] and short.allowance("flatness") == pytest.approx(0.1)
 
 
 def test_time_limit_keeps_the_enclosing_check() -> None:
@@ -219,3 +251,39 @@ def test_time_limit_keeps_the_enclosing_check() -> None:
     with time_limit(math.inf):
         clock.now += 1e9
         checkpoint()                       # no limit
+
+
+class ProgressRecorder(L.Callback):
+    """Records training_progress at each hook the monitor measures at."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, float | None]] = []
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen.append(("start", training_progress(trainer, "start")))
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+        self.seen.append(("step", training_progress(trainer, "step", args[-1])))  # type: ignore[arg-type]
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.seen.append(("epoch", training_progress(trainer, "epoch")))
+        trainer.should_stop = trainer.should_stop or trainer.max_epochs == -1  # end an endless run after one epoch
+
+
+@pytest.mark.parametrize(("limits", "expected"), [
+    ({"max_epochs": 2}, [("start", None), ("step", 1 / 6), ("step", 2 / 6), ("step", 3 / 6), ("epoch", 0.5),
+                         ("step", 4 / 6), ("step", 5 / 6), ("step", 1.0), ("epoch", 1.0)]),
+    ({"max_epochs": 10, "max_steps": 4}, [("start", None), ("step", 0.25), ("step", 0.5), ("step", 0.75),
+                                          ("epoch", 0.75), ("step", 1.0), ("epoch", 1.0)]),  # max_steps ends first
+    ({"max_epochs": -1, "max_steps": -1}, None),  # an endless run: no length known
+])
+def test_training_progress_follows_a_real_trainer(tmp_path, limits: dict, expected: list | None) -> None:
+    recorder = ProgressRecorder()
+    trainer = L.Trainer(default_root_dir=tmp_path, limit_train_batches=3, limit_val_batches=0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=[recorder], **limits)
+    trainer.fit(BoringModel())
+    if expected is None:
+        assert len(recorder.seen) == 5 and {p for _, p in recorder.seen} == {None}
+        return
+    assert [(e, pytest.approx(p) if p else p) for e, p in recorder.seen] == expected

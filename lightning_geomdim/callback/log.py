@@ -1,5 +1,6 @@
-"""What the monitor logs: scalars through every logger of the trainer, at ``trainer.global_step`` (so they line up
-with the loss), and with a ``TensorBoardLogger`` the extras of :mod:`.tensorboard`.
+"""What the monitor logs: scalars through every logger of the trainer, at the count of training batches that
+stepped the optimizers (the step Lightning logs ``self.log`` values at, so they line up with the loss; it is
+``trainer.global_step`` with one optimizer), and with a ``TensorBoardLogger`` the extras of :mod:`.tensorboard`.
 
 **Logged keys** (``<probe>``: the probe's name, e.g. ``train``, ``val``, ``random``; ``<layer>``: the name,
 relative to the measured module, of a Linear/Conv module that feeds a ReLU, e.g. ``net.0``)

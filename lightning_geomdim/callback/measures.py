@@ -190,9 +190,11 @@ def _measure(
             stopped = str(err)
             policy.warn_once(("over time", measure), lambda: (
                 f"GeometryMonitor: {measure} was {stopped} (max_overhead={budget.max_overhead}: a measure's first "
-                f"point may take {FIRST_POINT_SECONDS:g} s, a later one its share of the budget); nothing is logged "
-                "for it this time. It is retried when the run has trained long enough for twice that time (no "
-                "further warning); pass max_overhead=None to take every point whatever it costs, or smaller probes"))
+                f"point may take its share of the budget over the whole run, at most {FIRST_POINT_SECONDS:g} s, a "
+                "later one its share so far); nothing is logged for it this time. It is retried if the run trains "
+                "long enough for twice that time (no further warning); pass max_overhead=None or a schedule "
+                "(every_n_epochs=...) to take every point whatever it costs, a larger max_overhead, or smaller "
+                "probes"))
 
     def dimension_and_regions() -> None:
         out.scalars["dimension"].update(policy.attempt(

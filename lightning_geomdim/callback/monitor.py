@@ -25,7 +25,7 @@ from lightning_geomdim.callback.measures import DefaultOutput, Measurement, Meas
 from lightning_geomdim.callback.observer import observing
 from lightning_geomdim.callback.probe_set import alignment_probe, build_probes, can_measure_flatness, flatness_probe
 from lightning_geomdim.callback.probes import Probe, default_input_fn, default_target_fn
-from lightning_geomdim.callback.schedule import Event
+from lightning_geomdim.callback.schedule import Event, training_progress
 from lightning_geomdim.callback.validation import (
     check_measures,
     check_probes,
@@ -42,7 +42,8 @@ class GeometryMonitor(Callback):
     r"""Measure the local geometry of the network on fixed probe batches while it trains, and log it.
 
     Add it to any ``Trainer`` (the LightningModule needs no change): the values are logged through every logger
-    at ``trainer.global_step``, under the keys listed in :mod:`lightning_geomdim.callback.log` (the batch
+    at Lightning's logging step (the training batches that stepped the optimizers: ``trainer.global_step`` with one
+    optimizer; :class:`~.schedule.MeasurementSchedule`), under the keys listed in :mod:`lightning_geomdim.callback.log` (the batch
     functional dimension and its bounds and spectrum per probe, flatness, alignment per layer); a
     ``TensorBoardLogger`` also gets a custom-scalars layout, singular-value histograms and cosine heatmaps.
     Probes are fixed for the run and saved in checkpoints with the schedule (:mod:`.probes`), so a resumed run
@@ -62,8 +63,9 @@ class GeometryMonitor(Callback):
         at_epochs: also at the end of these epochs, counted from 1 (e.g. the paper's [40, 80, 280, 680]).
         max_overhead: the most time spent measuring, as a fraction of the rest of the run's wall time: a scheduled
             point is skipped (one warning) when its last cost would exceed the measure's equal share, and stopped
-            past its allowance (2 s for a first point; :class:`~.schedule.OverheadBudget`). ``None``: every point,
-            any cost. ``"auto"`` (default): 0.05 on the default schedule, ``None`` on one you wrote.
+            past its allowance; a first point waits for the run's length and may take the measure's share of the
+            whole run, at most 2 s (:class:`~.schedule.OverheadBudget`). ``None``: every point, any cost.
+            ``"auto"`` (default): 0.05 on the default schedule (no point at step 0), ``None`` on one you wrote.
         schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: ``"train"``, ``"val"``, ``"random"``, dicts (:class:`~.probes.ProbeSpec`) or, from Python,
             ``{"name": ..., "x": tensor, "y": tensor}``; default ``["train", "val", "random"]`` ("val" left out
@@ -215,21 +217,22 @@ class GeometryMonitor(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._measure(trainer, pl_module, "step")
+        self._measure(trainer, pl_module, "step", batch_idx)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._measure(trainer, pl_module, "epoch")
 
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, event: Event) -> None:
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, event: Event, batch: int | None = None) -> None:
         """Take the measures the schedules and the time budget allow now, probe by probe, and log them."""
         step = trainer.global_step
         scheduled = self._schedule.due(event, step, trainer.current_epoch)
         if not scheduled or not self.probes:
             return
+        self._time.progress = training_progress(trainer, event, batch)
         # every process reaches this with the same schedule, whatever its own max_overhead: none is left alone
         due = from_rank_zero(trainer, self._time.select(scheduled))
-        skipped = [m for m in scheduled if m not in due]
+        skipped = [m for m in scheduled if m not in due and m not in self._time.waiting(scheduled)]
         if skipped:
             self._errors.warn_once("overhead", lambda: self._time.skip_warning(skipped, step))
         if not due:
@@ -245,6 +248,6 @@ class GeometryMonitor(Callback):
             with observing(pl_module):  # stops at the next chunk of work on SIGTERM, keeping what was measured
                 measure_probes(module, steps, settings, self._errors, self._time, out, lambda: trainer.received_sigterm)
             with self._time.measuring():
-                log_measurement(trainer, out, step, extras=self.tensorboard_extras)
+                log_measurement(trainer, out, self._schedule.stepped or 0, extras=self.tensorboard_extras)
         finally:
             self._errors.clear()  # their tracebacks hold the measurement's tensors (Grams, factors) alive

@@ -7,12 +7,14 @@ rules firing at the same step, or several batches sharing a step under gradient 
 point). :meth:`MeasurementSchedule.due` says what the schedules ask for; :meth:`OverheadBudget.select` then keeps
 those the time budget allows (all of them with ``max_overhead=None``). Nothing else decides when to measure.
 
-**Cost**: on the monitor's default schedule (every epoch) about 5 % of the run's wall time is spent measuring
-(``max_overhead="auto"`` → 0.05): each measure's first point is taken, later scheduled points only while their cost
-(the duration of their previous measurement) fits in the measure's equal share of the budget, so every curve is as
-dense as its cost allows and a warning says when points are skipped. The first points are always taken, so a run
-shorter than about 20 times their cost spends more (``benchmarks/bench_callback.py`` measures the MNIST example).
-**A schedule you write is the schedule that runs**: with any of ``every_n_steps``, ``every_n_epochs``,
+**Cost**: on the monitor's default schedule (every epoch) at most about 5 % of the training's wall time is spent
+measuring (``max_overhead="auto"`` → 0.05), each measure getting an equal share. A measure's first point waits until
+the run's length is known (after the first batch, from ``max_epochs`` / ``max_steps``) and may take its share of the
+budget over the whole projected run (at most :data:`FIRST_POINT_SECONDS`); later points are taken while their cost
+(the duration of the previous measurement) fits in the share earned so far. A measure that runs past its allowance
+is stopped and logs nothing, with one warning, so a run too short for a measure never pays for it. The point at
+step 0 is therefore taken only under a written schedule (``benchmarks/bench_callback.py`` measures the MNIST
+example). **A schedule you write is the schedule that runs**: with any of ``every_n_steps``, ``every_n_epochs``,
 ``log_spaced``, ``at_epochs`` or ``schedules`` given, every scheduled point is taken, unless you also pass a
 ``max_overhead`` fraction. ``max_overhead=None`` takes every scheduled point.
 
@@ -130,16 +132,27 @@ class Schedule:
 
 @dataclass
 class MeasurementSchedule:
-    """The schedule of each measure and the last global step at which each was taken (checkpointed)."""
+    """The schedule of each measure, the last global step at which each was taken and the logging step
+    (checkpointed).
+
+    ``stepped`` counts the training batches that advanced ``global_step`` (stepped the optimizers), as Lightning
+    counts the step it logs ``self.log`` values at: one per batch however many optimizers step, none for batches
+    that accumulate gradients. Values are logged at it, so that they line up with the loss under two optimizers or
+    manual optimisation, where ``global_step`` counts every optimizer's steps. A run resumed from a checkpoint
+    without it starts from ``global_step``.
+    """
 
     schedules: dict[str, Schedule]
     last_step: dict[str, int] = field(default_factory=dict)
+    stepped: int | None = None
     _seen: int | None = field(default=None, repr=False)  # global step of the previous "step"/"start" event
 
     def due(self, event: Event, step: int, epoch: int) -> list[str]:
         """Measures to take now: their schedule fires and they were not yet taken at this global step. Scheduled
         steps that ``global_step`` jumped over since the previous step event fire now (see :meth:`Schedule.due`)."""
         since = self._seen if event == "step" and self._seen is not None and self._seen < step else None
+        if self.stepped is None or (event == "step" and since is not None):
+            self.stepped = step if self.stepped is None else self.stepped + 1
         if event in ("step", "start"):
             self._seen = step
         return [
@@ -152,14 +165,32 @@ class MeasurementSchedule:
             self.last_step[m] = step
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": dict(self.last_step)}
+        return {"last_step": dict(self.last_step), "stepped": self.stepped}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}
+        self.stepped = None if state.get("stepped") is None else int(state["stepped"])
 
 
-#: Seconds a measure's first point may take before the run has earned a budget for it (its cost is unknown then).
+def training_progress(trainer: Any, event: Event, batch_idx: int | None = None) -> float | None:
+    """The fraction of the training done at ``event`` (after batch ``batch_idx`` of the current epoch for a
+    ``"step"``), from ``max_epochs`` and ``trainer.num_training_batches``, or ``max_steps`` and ``global_step``
+    (whichever ends the run first); ``None`` at ``"start"`` or when neither bounds the run."""
+    fractions = []
+    epochs, batches = trainer.max_epochs, trainer.num_training_batches
+    if event != "start" and epochs is not None and epochs > 0 and 0 < batches < math.inf:
+        done = trainer.current_epoch + (1.0 if event == "epoch" else min(1.0, ((batch_idx or 0) + 1) / batches))
+        fractions.append(done / epochs)
+    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step > 0:
+        fractions.append(trainer.global_step / trainer.max_steps)
+    return min(1.0, max(fractions)) if fractions else None
+
+
+#: Most seconds a measure's first point may take (its cost is unknown then): a projection of the run's length made
+#: early can be wrong (early stopping, a slow first epoch), so the point borrows at most this much from the future.
 FIRST_POINT_SECONDS = 2.0
+#: Fewest seconds worth trying a first point in: a share smaller than this waits for the run to earn more.
+MIN_POINT_SECONDS = 0.05
 
 
 @dataclass
@@ -171,15 +202,18 @@ class OverheadBudget:
     ``max_overhead · other_s`` less the measuring time that belongs to no measure (building probes, writing
     logs), is shared equally among the ``measures``, so that a cheap measure cannot starve an expensive one: a
     scheduled measure is taken when its estimated cost, the duration of its previous measurement, still fits in
-    its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``. A measurement that
-    runs past its :meth:`allowance` is stopped at its next chunk of work and logs nothing (:meth:`overran`): the
-    first point of a measure, whose cost is unknown, may take :data:`FIRST_POINT_SECONDS`, a later one what is left
-    of its share; a stopped measure is retried once that is twice the time it ran. So
-    a run of T seconds spends at most about ``max_overhead · T`` plus :data:`FIRST_POINT_SECONDS` per measure, and
-    each measure gets points in inverse proportion to its cost (none, with a warning, when one point costs more
-    than the run's budget: ResNet-18 on 2 CPU cores in a 2-minute run). With ``max_overhead=None`` every
-    scheduled measure is taken, without time limit. The
-    account is checkpointed, so a resumed run keeps it.
+    its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``.
+
+    A first point, whose cost is unknown, is paid from the share of the whole run: ``other_s / progress`` once the
+    fraction ``progress`` of the training done is known (:func:`training_progress`), ``other_s`` while it is not.
+    It is tried once that share, less what the measure spent, is at least :data:`MIN_POINT_SECONDS`, and may take
+    it (at most :data:`FIRST_POINT_SECONDS`). A measurement that runs past its :meth:`allowance` is stopped at its
+    next chunk of work and logs nothing (:meth:`overran`); it counts twice the time it ran as its cost, so it is
+    retried only once the share earned covers that. So a run of T seconds spends at most about
+    ``max_overhead · T`` measuring, and each measure gets points in inverse proportion to its cost (none, with a
+    warning, when one point costs more than its share of the run: ResNet-18 on 2 CPU cores in a 2-minute run).
+    With ``max_overhead=None`` every scheduled measure is taken, without time limit. The account is checkpointed,
+    so a resumed run keeps it.
 
     Attributes:
         max_overhead: largest ratio of measuring time to the other wall time, > 0; ``None`` for no limit.
@@ -190,6 +224,9 @@ class OverheadBudget:
         cost_s: the duration of each measure's last measurement, in seconds: the sum of its :meth:`measuring`
             blocks since the last :meth:`select` (one block per probe, when a measure is taken probe by probe).
         timer: the time source, in seconds (``time.perf_counter``).
+        progress: the fraction of the training done, in (0, 1], when the run's length is known; set before
+            :meth:`select`. ``None`` while unknown (before the first batch, or a run without ``max_epochs`` /
+            ``max_steps``).
     """
 
     max_overhead: float | None = 0.05
@@ -199,6 +236,7 @@ class OverheadBudget:
     spent_s: dict[str, float] = field(default_factory=dict)
     cost_s: dict[str, float] = field(default_factory=dict)
     timer: Callable[[], float] = time.perf_counter
+    progress: float | None = None
     _mark: float | None = field(default=None, repr=False)
     _taken: set[str] = field(default_factory=set, repr=False)  # the measures timed since the last select
     _limits: dict[str, float] = field(default_factory=dict, repr=False)  # deadlines of this measurement
@@ -224,22 +262,26 @@ class OverheadBudget:
         self._mark = now
         return now
 
-    def share(self) -> float:
-        """Seconds each measure may have spent by now: (max_overhead · other_s − shared) / number of measures."""
+    def share(self, projected: bool = False) -> float:
+        """Seconds each measure may have spent by now, (max_overhead · other_s − shared) / number of measures; with
+        ``projected``, over the whole run (``other_s / progress``, when :attr:`progress` is known)."""
         if self.max_overhead is None:
             return math.inf
         shared = self.measuring_s - sum(self.spent_s.values())
-        return (self.max_overhead * self.other_s - shared) / max(1, len(self.measures))
+        other = self.other_s / self.progress if projected and self.progress else self.other_s
+        return (self.max_overhead * other - shared) / max(1, len(self.measures))
 
     def allowance(self, measure: str) -> float:
         """Seconds ``measure`` may still run at this measurement before it is stopped (:func:`.time_limit`): its
-        share less what it spent (which :meth:`select` checked covers its counted cost); :data:`FIRST_POINT_SECONDS`
-        while its cost is unknown; no limit without ``max_overhead``."""
+        share less what it spent (which :meth:`select` checked covers its counted cost); for a first point, its
+        share of the projected run less what it spent, at most :data:`FIRST_POINT_SECONDS`; no limit without
+        ``max_overhead``."""
         if self.max_overhead is None:
             return math.inf
+        spent = self.spent_s.get(measure, 0.0)
         if measure not in self.cost_s:
-            return FIRST_POINT_SECONDS
-        return max(self.share() - self.spent_s.get(measure, 0.0), self.cost_s[measure])
+            return min(FIRST_POINT_SECONDS, self.share(projected=True) - spent)
+        return max(self.share() - spent, self.cost_s[measure])
 
     def remaining(self, measure: str) -> float:
         """Seconds left of ``measure``'s :meth:`allowance` at this measurement (all its probes together)."""
@@ -258,8 +300,18 @@ class OverheadBudget:
         """The measures of ``due`` (in order) that fit in their share of the budget now; starts a measurement."""
         self._advance()
         self._taken, self._limits, self.stopped = set(), {}, set()
-        share = self.share()
-        return [m for m in due if m not in self.cost_s or self.spent_s.get(m, 0.0) + self.cost_s[m] <= share]
+        share, whole = self.share(), self.share(projected=True)
+        return [m for m in due if self._fits(m, share, whole)]
+
+    def _fits(self, measure: str, share: float, whole: float) -> bool:
+        spent = self.spent_s.get(measure, 0.0)
+        if measure in self.cost_s:
+            return spent + self.cost_s[measure] <= share
+        return whole - spent >= MIN_POINT_SECONDS
+
+    def waiting(self, measures: Sequence[str]) -> list[str]:
+        """Those of ``measures`` not yet tried while the run's length is unknown: they wait for it (no warning)."""
+        return [m for m in measures if m not in self.cost_s and self.progress is None]
 
     @contextlib.contextmanager
     def measuring(self, measure: str | None = None) -> Iterator[None]:
@@ -278,11 +330,15 @@ class OverheadBudget:
 
     def skip_warning(self, skipped: Sequence[str], step: int) -> str:
         """The warning that ``skipped`` were skipped at ``step`` to stay within the budget."""
-        costs = ", ".join(f"{m} took {self.cost_s.get(m, math.nan):.2f} s" for m in skipped)
+        whole = self.share(projected=True)
+        costs = ", ".join(
+            f"{m} took {self.cost_s[m]:.2f} s last time" if m in self.cost_s else
+            f"{m}'s share of the whole run is {max(0.0, whole - self.spent_s.get(m, 0.0)):.2f} s, too little to try a "
+            "point" for m in skipped)
         return (
             f"GeometryMonitor: skipped {list(skipped)} at step {step} to stay within max_overhead={self.max_overhead} "
             f"of the training's wall time (measuring so far: {self.measuring_s:.1f} s against {self.other_s:.1f} s "
-            f"of the rest; last time {costs}). Points are taken as the budget allows from now on (no further "
+            f"of the rest; {costs}). Points are taken as the budget allows from now on (no further "
             "warning); pass max_overhead=None to take every scheduled point, a larger fraction, or a sparser "
             "schedule / smaller probes"
         )
