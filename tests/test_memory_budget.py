@@ -132,7 +132,7 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
     # the budget is below flatness at its smallest trace sketch and Lanczos basis (fit_memory)
     monitor = GeometryMonitor(probes=["train"], measures=["dimension", "flatness"], max_memory_bytes=1_200_000,
-                              max_overhead=None,
+                              max_overhead=None, probe_size=32,  # a size given: refused, not shrunk
                               flatness_flat_dimension=False)  # P = 2,819: Lanczos, whose remedies name the most
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -232,3 +232,61 @@ def test_a_probe_too_large_is_refused_from_one_sample_before_the_pass_over_it(tm
     assert refusals and all("the traced pass on 32 samples" in m for m in refusals), refusals
     assert "use a probe of at most" in refusals[0]
     assert model.net.probe_passes == 0 and model.net.float64_passes >= 1  # only one-sample passes ran
+
+
+def test_a_default_size_probe_keeps_the_samples_that_fit_and_a_given_size_is_refused(tmp_path: Path) -> None:
+    """The default probe of 64 samples would not fit a budget that 32 samples fit: it keeps its first ones, the
+    most that fit (one warning), and the dimension is measured on them, equal to the core's on those samples; with
+    ``probe_size=64`` given, the same budget refuses the traced pass instead."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_geomdim import GeometryMonitor, batch_functional_dimension
+    from lightning_geomdim.core.preflight import dimension_bytes, trace_bytes
+    from lightning_geomdim.core.probe_trace import ProbeTrace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from count_passes import Classifier
+
+    x = next(iter(Classifier().train_dataloader().dataset.tensors))  # the 64 training inputs
+    one = ProbeTrace.of(Classifier(), x[:1], grad=False)
+    def need(n: int) -> int:  # the traced pass and the dimension with the monitor's settings
+        return max(trace_bytes(one, n, factors=True),
+                   dimension_bytes(one, n, engine="auto", spectrum=True, logit_differences=True))
+
+    budget = (need(32) + need(33)) // 2  # 32 samples fit, 33 do not
+    runs = {}
+    for name, size in (("default", None), ("given", 64)):
+        L.seed_everything(0)
+        model = Classifier()
+        monitor = GeometryMonitor(probes=["train"], probe_size=size, measures=["dimension"], max_overhead=None,
+                                  max_memory_bytes=budget, tensorboard_extras=False)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            L.Trainer(max_steps=1, logger=CSVLogger(str(tmp_path / name)), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, callbacks=[monitor]).fit(model)
+        runs[name] = (model, monitor, [str(w.message) for w in caught if "GeometryMonitor" in str(w.message)])
+
+    model, monitor, messages = runs["default"]
+    kept = [m for m in messages if "keeps its first" in m]
+    assert len(kept) == 1 and "probe 'train' keeps its first 32 of 64 samples" in kept[0], messages
+    assert "probe_size=..." in kept[0] and not [m for m in messages if " failed" in m], messages
+    probe = monitor.probes["train"]
+    assert probe.num_samples == 32 and probe.y.shape == (32,)
+    rows = {r["step"]: float(r["geometry/train/batch_functional_dimension"]) for r in _csv(tmp_path / "default")
+            if r.get("geometry/train/batch_functional_dimension")}
+    assert rows["1"] == batch_functional_dimension(model, probe.x).rank  # the weights after the one step
+
+    _, given, messages = runs["given"]
+    assert given.probes["train"].num_samples == 64
+    refused = [m for m in messages if "dimension on probe 'train' failed" in m]
+    assert refused and "use a probe of at most 32 samples" in refused[0], messages
+
+
+def _csv(root: Path) -> list[dict[str, str]]:
+    import csv
+
+    with open(next(root.rglob("metrics.csv"))) as f:
+        return list(csv.DictReader(f))

@@ -43,8 +43,9 @@ class GeometryMonitor(Callback):
 
     Add it to any ``Trainer`` (the LightningModule needs no change): the values are logged through every logger
     at Lightning's logging step (the training batches that stepped the optimizers: ``trainer.global_step`` with one
-    optimizer; :class:`~.schedule.MeasurementSchedule`), under the keys listed in :mod:`lightning_geomdim.callback.log` (the batch
-    functional dimension and its bounds and spectrum per probe, flatness, alignment per layer); a
+    optimizer; :class:`~.schedule.MeasurementSchedule`), under the keys listed in
+    :mod:`lightning_geomdim.callback.log` (the batch functional dimension and its bounds and spectrum per probe,
+    flatness, alignment per layer); a
     ``TensorBoardLogger`` also gets a custom-scalars layout, singular-value histograms and cosine heatmaps.
     Probes are fixed for the run and saved in checkpoints with the schedule (:mod:`.probes`), so a resumed run
     measures the same probes at the same steps. The default schedule costs about 5 % of the run's wall time; a
@@ -67,11 +68,13 @@ class GeometryMonitor(Callback):
             whole run, at most 2 s (:class:`~.schedule.OverheadBudget`). ``None``: every point, any cost.
             ``"auto"`` (default): 0.05 on the default schedule (no point at step 0), ``None`` on one you wrote.
         schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
-        probes: ``"train"``, ``"val"``, ``"random"``, dicts (:class:`~.probes.ProbeSpec`) or, from Python,
+        probes: ``"train"``, ``"val"``, ``"random"``, dicts (:class:`~.probe_spec.ProbeSpec`) or, from Python,
             ``{"name": ..., "x": tensor, "y": tensor}``; default ``["train", "val", "random"]`` ("val" left out
             without validation data, "random" for integer or tuple/dict inputs).
-        probe_size: samples per probe unless a probe sets ``size``; 64 keeps a measurement cheap (a 64 K × 64 K
-            Gram for K outputs; about 0.5 s for everything on the MNIST example).
+        probe_size: samples per probe unless a probe sets ``size``. Default 64, which keeps a measurement cheap (a
+            64 K × 64 K Gram for K outputs; about 0.5 s for everything on the MNIST example), and fewer where the
+            traced pass or a measure on 64 would not fit ``max_memory_bytes`` (per-token outputs of a transformer:
+            one warning names the size kept); a size you give is kept, and a measure that does not fit is refused.
         measures: any of ``"dimension"`` (with linear regions), ``"flatness"``, ``"alignment"``; default all,
             flatness dropped with one warning when no probe has targets (an error when asked for).
         module: name of the submodule to measure (as in ``named_modules()``); default the LightningModule itself.
@@ -125,7 +128,7 @@ class GeometryMonitor(Callback):
         at_start: bool = True, at_epochs: Sequence[int] | None = None,
         max_overhead: float | Literal["auto"] | None = "auto",
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
-        probes: Sequence[str | Mapping[str, Any]] | None = None, probe_size: int = 64,
+        probes: Sequence[str | Mapping[str, Any]] | None = None, probe_size: int | None = None,
         measures: Sequence[str] | None = None, module: str | None = None,
         input_fn: Callable[[Any], Any] | None = None, target_fn: Callable[[Any], Any] | None = None,
         output_fn: Callable[[Any], Tensor] | None = None,

@@ -9,11 +9,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
 from lightning_geomdim.callback.probes import Probe
 from lightning_geomdim.core.errors import MemoryBudgetError, Remedy
-from lightning_geomdim.core.memory import check_memory, memory_budget
+from lightning_geomdim.core.memory import check_memory, format_bytes, largest_fitting, memory_budget
 from lightning_geomdim.core.preflight import dimension_bytes, flatness_bytes, trace_bytes
 from lightning_geomdim.core.probe_trace import ProbeTrace
 
@@ -28,6 +29,14 @@ PREFLIGHT_REMEDIES = {
 }
 
 
+class _Shrink(Exception):
+    """The probe's default size does not fit: keep its first ``n`` samples (raised from the one-sample estimate)."""
+
+    def __init__(self, n: int, why: str) -> None:
+        super().__init__(why)
+        self.n = n
+
+
 class ProbeData:
     """One probe on the module's device and its :class:`~lightning_geomdim.core.probe_trace.ProbeTrace`, both made
     at first use (inside the first measure that reads them, which fails if they do) and shared by the probe's
@@ -37,6 +46,9 @@ class ProbeData:
     Every process holds the same probe and, under DDP, the same weights, so each measures the whole probe by
     itself: no collective call (nothing to deadlock on if the processes' measurements diverge), and the samples
     keep their order, so the values equal a single-process run's bit for bit.
+
+    A probe of the default size (``fit_memory``) on which the traced pass or a measure would not fit keeps its first
+    samples, the most on which all fit, for the rest of the run (one warning), instead of the refusal.
     """
 
     def __init__(
@@ -60,13 +72,22 @@ class ProbeData:
         """The traced pass over x (None without a probe): with autograd when the dimension or flatness is due, and
         the Gram engine's factors when a dimension may be computed on it."""
         if self._trace is None and self.probe is not None:
-            s, due = self.settings, self.measures
-            self._trace = ProbeTrace.of(
-                self.module, self.xy()[0], params=s.params, dtype=s.dtype, output_fn=s.output_fn,
-                grad="dimension" in due or "flatness" in due,
-                factors="dimension" in due or ("flatness" in due and s.flatness_flat_dimension), before=self._preflight,
-            )
+            try:
+                self._trace = self._traced()
+            except _Shrink as shrink:
+                rank_zero_warn(str(shrink))
+                self.probe.keep_first(shrink.n)
+                self._xy = None
+                self._trace = self._traced()
         return self._trace
+
+    def _traced(self) -> ProbeTrace:
+        s, due = self.settings, self.measures
+        return ProbeTrace.of(
+            self.module, self.xy()[0], params=s.params, dtype=s.dtype, output_fn=s.output_fn,
+            grad="dimension" in due or "flatness" in due,
+            factors="dimension" in due or ("flatness" in due and s.flatness_flat_dimension), before=self._preflight,
+        )
 
     def trace_for(self, measure: str) -> ProbeTrace | None:
         """:meth:`trace`, or the refusal of ``measure`` when its estimate from one sample exceeds the budget."""
@@ -88,6 +109,15 @@ class ProbeData:
         if "flatness" in due:
             by_n["flatness"] = lambda m: flatness_bytes(one, m, top_k=s.flatness_top_k,
                                                         trace_samples=s.flatness_trace_samples, fit_within=budget)
+        over = {what: need for what, need in by_n.items() if need(n) > budget}
+        fits = min((largest_fitting(n, need, budget) for need in over.values()), default=n)
+        if self.probe is not None and self.probe.fit_memory and over and fits >= 1:
+            needs = ", ".join(f"{what} {format_bytes(need(n))}" for what, need in over.items())
+            raise _Shrink(fits, (
+                f"GeometryMonitor: probe {self.probe.name!r} keeps its first {fits:,} of {n:,} samples for the rest "
+                f"of the run, the most that fit the memory budget of {format_bytes(budget)} (on {n:,}: {needs}, "
+                "estimated from one sample). Pass probe_size=... or a probe 'size' to choose (a size you give is "
+                "kept, and what does not fit is refused), or max_memory_bytes=..."))
         for what, need in by_n.items():
             try:
                 check_memory(need(n), budget, what=f"{what} on {n:,} samples (estimated from one sample)",

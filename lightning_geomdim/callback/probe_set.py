@@ -15,9 +15,9 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
+from lightning_geomdim.callback.probe_spec import ProbeSpec
 from lightning_geomdim.callback.probes import (
     Probe,
-    ProbeSpec,
     dataset_probe,
     input_template,
     isolated_rng,

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import contextlib
 import random
-import re
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,11 +37,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
-SOURCES: tuple[str, ...] = ("train", "val", "random", "tensor")
+from lightning_geomdim.callback.probe_spec import ProbeSpec
+
 INPUT_KEYS: tuple[str, ...] = ("x", "input", "inputs", "image", "images")
 TARGET_KEYS: tuple[str, ...] = ("y", "target", "targets", "label", "labels")
-RESERVED_NAMES: tuple[str, ...] = ("flatness", "alignment")
-_NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 
 
 def _named(batch: Any, keys: Sequence[str]) -> Any:
@@ -116,96 +114,6 @@ def isolated_rng() -> Iterator[None]:
         np.random.set_state(np_state)
 
 
-@dataclass(frozen=True)
-class ProbeSpec:
-    """What a probe is, as configured (serialisable except for ``x``/``y`` of a tensor probe).
-
-    Attributes:
-        name: key prefix of the probe's metrics (``geometry/<name>/...``).
-        source: one of ``"train"``, ``"val"``, ``"random"``, ``"tensor"``.
-        size: number of samples N (dataset and random probes).
-        dataloader_idx: which dataloader when there are several (in their flattened order).
-        mean, std: of the Gaussian inputs (random probes).
-        shape: per-sample input shape of a random probe; default that of the first dataset probe.
-        low, high: range [low, high) of the uniform token ids of a random probe on integer inputs; ``high``
-            (the vocabulary size) is required there and refused for floating inputs.
-        x, y: the user's tensors (tensor probes); ``x`` is a Tensor (N, ...), a tuple or a dict of them.
-        logit_differences: measure a softmax / log-softmax head on its logit differences (default, the same row
-            space as the softmax output's J); ``False`` measures the probabilities themselves, which only a
-            floating-point engine can do: such a probe logs a ``numerical_rank`` (it collapses when the softmax
-            saturates) and no ``batch_functional_dimension``.
-        spectrum: log the floating-point spectrum on this probe (``numerical_rank`` ...); ``None``: the monitor's
-            ``spectrum`` argument. ``False`` on a large probe saves a float Gram eigendecomposition.
-    """
-
-    name: str
-    source: str
-    size: int
-    dataloader_idx: int = 0
-    mean: float = 0.0
-    std: float = 1.0
-    shape: tuple[int, ...] | None = None
-    low: int = 0
-    high: int | None = None
-    x: Any = field(default=None, repr=False, compare=False)
-    y: Any = field(default=None, repr=False, compare=False)
-    logit_differences: bool = True
-    spectrum: bool | None = None
-
-    @staticmethod
-    def parse(item: str | Mapping[str, Any], default_size: int) -> ProbeSpec:
-        """``"train"`` / ``"val"`` / ``"random"``, or a dict with ``name``, ``source`` and options."""
-        if isinstance(item, str):
-            item = {"source": item}
-        if not isinstance(item, Mapping):
-            raise MisconfigurationException(
-                f"a probe must be 'train', 'val', 'random' or a dict such as {{'name': 'big_random', 'source': "
-                f"'random', 'size': 2000}} or {{'name': 'mine', 'x': tensor}}, got {type(item).__name__}"
-            )
-        allowed = {"name", "source", "size", "dataloader_idx", "mean", "std", "shape", "low", "high", "x", "y",
-                   "logit_differences", "spectrum"}
-        unknown = sorted(set(item) - allowed)
-        if unknown:
-            raise MisconfigurationException(f"unknown probe keys {unknown}: use only {sorted(allowed)}")
-        source = item.get("source", "tensor" if "x" in item else None)
-        if source not in SOURCES:
-            raise MisconfigurationException(f"probe source {source!r} is invalid: use one of {SOURCES}")
-        name = str(item.get("name", source))
-        if not _NAME.match(name) or name in RESERVED_NAMES:
-            raise MisconfigurationException(
-                f"probe name {name!r} is invalid: use letters, digits, '_', '.', '-', and not {RESERVED_NAMES}"
-            )
-        if source == "tensor" and item.get("x") is None:
-            raise MisconfigurationException(f"probe {name!r}: a tensor probe needs 'x' (the model input tensor)")
-        if source != "tensor" and ("x" in item or "y" in item):
-            raise MisconfigurationException(f"probe {name!r}: 'x'/'y' are only for source='tensor'")
-        size = item.get("size", default_size)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise MisconfigurationException(f"probe {name!r}: size={size!r} must be a positive integer")
-        shape = item.get("shape")
-        low, high = item.get("low", 0), item.get("high")
-        if ("low" in item or "high" in item) and source != "random":
-            raise MisconfigurationException(f"probe {name!r}: 'low'/'high' are only for source='random'")
-        if any(isinstance(v, bool) or not isinstance(v, int) for v in (low, high) if v is not None) or (
-            high is not None and high <= low
-        ):
-            raise MisconfigurationException(
-                f"probe {name!r}: low={low!r}, high={high!r} must be integers with low < high (token ids are drawn "
-                "in [low, high)), e.g. {'source': 'random', 'high': 30522}"
-            )
-        logit_differences, spectrum = item.get("logit_differences", True), item.get("spectrum")
-        for key, value in (("logit_differences", logit_differences), ("spectrum", spectrum)):
-            if not isinstance(value, bool) and not (key == "spectrum" and value is None):
-                raise MisconfigurationException(f"probe {name!r}: {key}={value!r} must be true or false")
-        return ProbeSpec(
-            name=name, source=source, size=size, dataloader_idx=int(item.get("dataloader_idx", 0)),
-            mean=float(item.get("mean", 0.0)), std=float(item.get("std", 1.0)),
-            shape=tuple(int(s) for s in shape) if shape is not None else None, low=low, high=high,
-            x=item.get("x"), y=item.get("y"), logit_differences=logit_differences,
-            spectrum=spectrum,
-        )
-
-
 @dataclass
 class Probe:
     """A probe batch, fixed for the run; tensors stay on the CPU between measurements.
@@ -216,6 +124,7 @@ class Probe:
         y: targets (N, ...) or ``None`` (random probes, unlabeled data).
         state: what reproduces the probe: ``indices`` (dataset probes) or ``seed``/``shape`` (random).
         logit_differences, spectrum: how the dimension is measured on it, as in :class:`ProbeSpec`.
+        fit_memory: the default size, which may shrink to fit the memory budget (:class:`ProbeSpec`).
     """
 
     name: str
@@ -225,10 +134,17 @@ class Probe:
     state: dict[str, Any]
     logit_differences: bool = True
     spectrum: bool | None = None
+    fit_memory: bool = False
 
     @property
     def num_samples(self) -> int:
         return int(_lead(self.x).shape[0])
+
+    def keep_first(self, n: int) -> None:
+        """Keep the first ``n`` samples (a prefix: a resumed run that shrinks the rebuilt probe alike measures the
+        same inputs)."""
+        self.x = apply_to_collection(self.x, Tensor, lambda t: t[:n])
+        self.y = None if self.y is None else self.y[:n]
 
 
 def _lead(x: Any) -> Tensor:
@@ -250,7 +166,7 @@ def _detach_cpu(x: Any) -> Any:
 
 
 def _options(spec: ProbeSpec) -> dict[str, Any]:
-    return {"logit_differences": spec.logit_differences, "spectrum": spec.spectrum}
+    return {"logit_differences": spec.logit_differences, "spectrum": spec.spectrum, "fit_memory": spec.fit_memory}
 
 
 def nth_dataloader(loaders: Any, idx: int = 0) -> DataLoader | None:
@@ -383,17 +299,3 @@ def tensor_probe(spec: ProbeSpec) -> Probe:
             f"probe {spec.name!r}: y must be a Tensor with as many samples as x ({lead.shape[0]})"
         )
     return Probe(spec.name, "tensor", x, y, {"source": "tensor", "num_samples": int(lead.shape[0])}, **_options(spec))
-
-
-def parse_probes(probes: Sequence[str | Mapping[str, Any]], default_size: int) -> list[ProbeSpec]:
-    """Validate the ``probes`` argument; names must be unique."""
-    if isinstance(probes, (str, Mapping)):
-        probes = [probes]
-    specs = [ProbeSpec.parse(p, default_size) for p in probes]
-    names = [s.name for s in specs]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise MisconfigurationException(f"probe names must be unique, {dupes} repeat: give each a distinct 'name'")
-    if not specs:
-        raise MisconfigurationException("probes is empty: pass at least one, e.g. probes=['train']")
-    return specs

@@ -15,7 +15,7 @@ from torch import nn
 
 from lightning_geomdim.callback.error_policy import ON_ERROR
 from lightning_geomdim.callback.measures import MEASURES
-from lightning_geomdim.callback.probes import ProbeSpec, parse_probes
+from lightning_geomdim.callback.probe_spec import ProbeSpec, parse_probes
 from lightning_geomdim.callback.schedule import MeasurementSchedule, OverheadBudget, Schedule
 from lightning_geomdim.core.dimension import ENGINES
 from lightning_geomdim.core.losses import LOSSES
@@ -57,10 +57,10 @@ def _positive_int(value: Any) -> bool:
 
 
 def check_probes(
-    probes: Sequence[str | Mapping[str, Any]] | None, probe_size: int, **named: str | None
+    probes: Sequence[str | Mapping[str, Any]] | None, probe_size: int | None, **named: str | None
 ) -> list[ProbeSpec]:
     """The probe specifications (default train, val, random); ``named``: the arguments that name a probe."""
-    if not _positive_int(probe_size):
+    if probe_size is not None and not _positive_int(probe_size):
         raise MisconfigurationException(f"probe_size={probe_size!r} must be a positive integer")
     specs = parse_probes(["train", "val", "random"] if probes is None else probes, probe_size)
     names = [s.name for s in specs]
