@@ -81,8 +81,8 @@ class LinearAttentionBlock(nn.Module):
 
 
 class LinearAttentionGPT(GPT):
-    """The GPT above with :class:`LinearAttentionBlock` s instead of ``nn.TransformerEncoderLayer`` (whose
-    ``nn.MultiheadAttention`` has no factor form): same sizes, the float Gram engine applies."""
+    """The GPT above with :class:`LinearAttentionBlock` s instead of ``nn.TransformerEncoderLayer``: same sizes; both
+    get the float Gram engine (``nn.MultiheadAttention`` through its own factor form)."""
 
     def __init__(self) -> None:
         super().__init__()

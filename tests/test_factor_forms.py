@@ -1,6 +1,7 @@
 """Each factor form of the float Gram engine against the dense float64 Jacobian on a small instance: BatchNorm in
-eval mode, LayerNorm, GroupNorm, grouped and depthwise convolutions, Embedding, a residual block and an attention
-block (functional code between the layers), and the check by one backward that refuses what the forms cannot give."""
+eval mode, LayerNorm, GroupNorm, grouped and depthwise convolutions, Embedding, LSTM, nn.MultiheadAttention (alone and
+in nn.TransformerEncoderLayer), a residual block and an attention block (functional code between the layers), and the
+check by one backward that refuses what the forms cannot give."""
 
 from __future__ import annotations
 
@@ -85,6 +86,44 @@ class LSTMClassifier(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+class EncoderLayerModel(nn.Module):
+    """Embedding, one ``nn.TransformerEncoderLayer`` (2 heads, batch first, no dropout) and a per-token Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(7, 4)
+        self.encoder = nn.TransformerEncoderLayer(4, 2, 8, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(self.tokens(ids)))
+
+
+class MaskedSelfAttention(nn.Module):
+    """A bare ``nn.MultiheadAttention`` (2 heads) over embedded tokens with a causal bool ``attn_mask`` and a
+    ``key_padding_mask`` (token 0), its per-head weights of head 0 returned beside a per-token Linear head; or, with
+    ``time_major``, sequence first with the float causal mask and ``is_causal=True`` (what nn.TransformerEncoder
+    passes) and no weights."""
+
+    def __init__(self, time_major: bool = False) -> None:
+        super().__init__()
+        self.time_major = time_major
+        self.tokens = nn.Embedding(7, 4)
+        self.attention = nn.MultiheadAttention(4, 2, batch_first=not time_major)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h, t = self.tokens(ids), ids.shape[1]
+        if self.time_major:
+            h = h.transpose(0, 1)
+            mask = nn.Transformer.generate_square_subsequent_mask(t, dtype=h.dtype)
+            y, _ = self.attention(h, h, h, attn_mask=mask, need_weights=False, is_causal=True)
+            return self.head(y.transpose(0, 1))
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        y, w = self.attention(h, h, h, key_padding_mask=ids == 0, attn_mask=causal, average_attn_weights=False)
+        return torch.cat([self.head(y), w[:, 0]], dim=-1)
+
+
 def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     torch.manual_seed(30)
     x2 = torch.randn(5, 3, generator=gen(31))
@@ -92,6 +131,8 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
     seq = torch.randn(3, 4, 3, generator=gen(33))
     ids = torch.randint(0, 7, (4, 4), generator=gen(34))
     ids[0, 1] = 0  # the padding token
+    padded = torch.randint(1, 7, (5, 4), generator=gen(40))
+    padded[0, 3], padded[1, 2:] = 0, 0  # padding at the end: every query attends to a key
     return {
         "batchnorm1d_eval": (nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2)), x2),
         "batchnorm2d_eval": (nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
@@ -110,6 +151,9 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "lstm": (LSTMClassifier(), torch.randn(30, 5, 3, generator=gen(38))),  # M = 60 < P = 154
         "lstm_more_rows_than_parameters": (LSTMClassifier(), torch.randn(100, 5, 3, generator=gen(39))),
         "attention_block": (AttentionBlock(), ids),
+        "transformer_encoder_layer": (EncoderLayerModel(), torch.randint(0, 7, (5, 4), generator=gen(41))),
+        "multihead_attention_masked": (MaskedSelfAttention(), padded),
+        "multihead_attention_time_major_causal": (MaskedSelfAttention(time_major=True), padded),
     }
 
 
@@ -120,12 +164,14 @@ def test_factor_form_matches_the_dense_jacobian(case: str) -> None:
     # rank and every singular value; the attention block has σ ~1e-7 σ_max, below the Gram's resolution. "auto" is
     # the exact engine where the network is piecewise linear (BatchNorm in eval mode, residual sums)
     exact = case in ("batchnorm1d_eval", "batchnorm2d_eval", "residual_block")
-    jac = assert_matches_dense(model, x, auto_engine="exact" if exact else "gram", clear_gap=case != "attention_block")
+    gap = case not in ("attention_block", "transformer_encoder_layer")
+    jac = assert_matches_dense(model, x, auto_engine="exact" if exact else "gram", clear_gap=gap)
     assert 0 < numpy_rank(jac) <= min(jac.shape)
 
 
 @pytest.mark.parametrize("case", ["batchnorm2d_eval", "groupnorm", "grouped_and_depthwise_conv",
-                                  "embedding_with_padding", "attention_block", "lstm"])
+                                  "embedding_with_padding", "attention_block", "lstm", "transformer_encoder_layer",
+                                  "multihead_attention_masked", "multihead_attention_time_major_causal"])
 def test_rows_from_the_factors_are_the_rows_of_the_dense_jacobian(case: str) -> None:
     """Not only the spectrum: the explicit rows of J built from each form equal the dense Jacobian's, entry by entry
     (columns mapped back to the parameters' layout)."""
@@ -217,3 +263,47 @@ def test_the_check_does_not_touch_the_global_rng_and_runs_once_per_trace() -> No
         trace.memo[("factorization", id(None))] = "cached"
         assert factorization_problem(trace, plan) == "cached"
     assert torch.equal(torch.get_rng_state(), rng)
+
+
+@pytest.mark.parametrize("measured", [("attention.in_proj_bias", "attention.out_proj.weight", "head.weight"),
+                                      ("attention.out_proj.weight", "attention.out_proj.bias")],
+                         ids=["some_of_each_projection", "out_proj_only"])
+def test_any_subset_of_the_attention_parameters_is_measured(measured: tuple[str, ...]) -> None:
+    """Each projection is its own layer: measuring part of them (the rest frozen) gives the dense Jacobian's σ."""
+    model, x = _cases()["multihead_attention_masked"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in measured)
+    jac = assert_matches_dense(model, x, auto_engine="gram")
+    assert jac.shape[1] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+class _Attention(nn.Module):
+    """``nn.MultiheadAttention`` on a Linear's output h, called as ``attention(h, key, key)``: ``cross`` uses
+    key = 2 h (another tensor), else key = h (self-attention, when the module's dimensions allow it)."""
+
+    def __init__(self, attention: nn.MultiheadAttention, cross: bool = False) -> None:
+        super().__init__()
+        self.cross, self.attention = cross, attention
+        self.embed, self.kv = nn.Linear(3, 4), nn.Linear(3, attention.kdim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        key = self.kv(x) if self.attention.kdim != 4 else 2 * h if self.cross else h
+        return self.attention(h, key, key, need_weights=False)[0]
+
+
+@pytest.mark.parametrize(
+    ("model", "reason"),
+    [
+        (_Attention(nn.MultiheadAttention(4, 2, batch_first=True), cross=True), r"'attention' .* \(cross-attention\)"),
+        (_Attention(nn.MultiheadAttention(4, 2, kdim=3, vdim=3, batch_first=True)), "kdim=3, vdim=3, embed_dim=4"),
+        (_Attention(nn.MultiheadAttention(4, 2, add_bias_kv=True, batch_first=True)), "add_bias_kv=True"),
+        (_Attention(nn.MultiheadAttention(4, 2, add_zero_attn=True, batch_first=True)), "add_zero_attn=True"),
+    ],
+    ids=["cross_attention", "kdim", "add_bias_kv", "add_zero_attn"],
+)
+def test_attention_without_a_form_is_refused_by_name(model: nn.Module, reason: str) -> None:
+    x = torch.randn(3, 5, 3, generator=gen(42))
+    with pytest.raises(NotApplicableError, match=reason):
+        batch_functional_dimension(model, x, engine="gram")
+    assert batch_functional_dimension(model, x).engine == "jacrev"

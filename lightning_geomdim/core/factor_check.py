@@ -4,7 +4,7 @@ The float Gram engine writes row (n, k) of J from the signals ∂f_k(x_n)/∂z_l
 of :mod:`lightning_geomdim.core.factor_forms`. That is exact when two things hold on the probe:
 
 1. **samples do not interact**: ∂f(x_n)/∂z_l(x_n') = 0 for n' ≠ n and every measured layer l (batch statistics,
-   attention or a mean over the batch dimension break it);
+   attention or a mean over the batch dimension break it; attention over each sample's positions does not);
 2. **the forms give the whole gradient**: no measured parameter also acts outside its module's forward (weight
    tying through functional code, a hook, a reparametrisation).
 

@@ -12,7 +12,9 @@ Each form stores u (N, T, D) and the signals g (T, M, O), rows n · K + k, and i
   An ``nn.LSTM`` (one layer, one direction, ``batch_first``) is an outer form over its T time steps: the gates
   z_t = W_ih x_t + W_hh h_{t−1} + b_ih + b_hh, so u_t = [x_t, h_{t−1}], O = 4H, and b_ih, b_hh are two copies
   of the same columns. Its fused kernel exposes no z_t, so the traced pass recomputes it step by step
-  (:func:`lstm_with_gates`, the same values) with the zero δ added to the gates;
+  (:func:`lstm_with_gates`, the same values) with the zero δ added to the gates. An ``nn.MultiheadAttention``
+  (self-attention) is two outer forms, its in-projection (O = 3E) and its out-projection, recomputed likewise
+  (:mod:`lightning_geomdim.core.attention_form`);
 * **diagonal** (``BatchNorm`` in eval mode, ``LayerNorm``, ``GroupNorm``): z_t = γ ⊙ x̂_t + β with the normalised
   input x̂ (running statistics for BatchNorm, the sample's own for LayerNorm / GroupNorm), so ∂f/∂γ = Σ_t g_t ⊙ x̂_t
   and ∂f/∂β = Σ_t g_t; u = x̂ (D = O).
@@ -130,6 +132,8 @@ def form_problem(
         isinstance(module, nn.Conv2d) and type(module)._conv_forward is not nn.Conv2d._conv_forward
     ):
         return f"{label} overrides forward"
+    if isinstance(module, nn.MultiheadAttention):
+        return _attention_problem(label, module)
     own = {n for n, _ in module.named_parameters(recurse=False)}
     if isinstance(module, nn.LSTM):
         if module.num_layers != 1 or module.bidirectional or module.proj_size or not module.batch_first:
@@ -155,6 +159,26 @@ def form_problem(
         return f"{label} has max_norm={module.max_norm} (it renormalises rows in place)"
     if isinstance(module, NORMALIZATION[:3]) and module.running_var is None:
         return f"{label} has no running statistics: it normalises with batch statistics, which mix samples"
+    return None
+
+
+def _attention_problem(label: str, module: nn.MultiheadAttention) -> str | None:
+    """Why the ``nn.MultiheadAttention`` ``module`` has no factor form (whatever its call), or None."""
+    if not module._qkv_same_embed_dim:
+        return (f"{label} has kdim={module.kdim}, vdim={module.vdim}, embed_dim={module.embed_dim}: separate q, k, v "
+                "projection weights; the factor form covers one packed in_proj_weight (kdim = vdim = embed_dim)")
+    if module.bias_k is not None or module.add_zero_attn:
+        return (f"{label} has add_bias_kv={module.bias_k is not None}, add_zero_attn={module.add_zero_attn}: the "
+                "factor form covers neither (construct it with add_bias_kv=False, add_zero_attn=False)")
+    if module.training and module.dropout > 0:
+        return f"{label} is in training mode with dropout={module.dropout} (random masks); measure in eval mode"
+    own = {n for n, _ in module.named_parameters(recurse=False)}
+    proj = module.out_proj
+    if (not own <= {"in_proj_weight", "in_proj_bias"} or [c for _, c in module.named_children()] != [proj]
+            or {n for n, _ in proj.named_parameters()} - {"weight", "bias"} or next(proj.children(), None)):
+        return f"{label} has parameters {sorted(own)} or submodules besides out_proj (a reparametrisation?)"
+    if module._forward_hooks or module._forward_pre_hooks:
+        return f"{label} has forward hooks, which may change its input or output"
     return None
 
 

@@ -26,8 +26,9 @@ Jᵀ J = Σ_chunks J_Sᵀ J_S instead, from the rows J_S of a chunk of samples a
 only the measured weights and biases contribute. Every product is accumulated in float64.
 
 Other layers (BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding, grouped convolutions, a one-layer LSTM over
-its time steps) have their own forms of u and g
-(:mod:`lightning_geomdim.core.factor_forms`); the assembly below only needs the explicit rows they give.
+its time steps, ``nn.MultiheadAttention`` self-attention as its in- and out-projections over the positions) have their
+own forms of u and g (:mod:`lightning_geomdim.core.factor_forms`, :mod:`lightning_geomdim.core.attention_form`); the
+assembly below only needs the explicit rows they give.
 
 Exactness conditions (``engine="auto"`` falls back to jacrev when one fails, ``engine="gram"`` raises
 :class:`NotApplicableError`):
@@ -37,7 +38,8 @@ Exactness conditions (``engine="auto"`` falls back to jacrev when one fails, ``e
 * checked by one backward (:mod:`lightning_geomdim.core.factor_check`): samples do not interact, and the forms give
   autograd's whole gradient (no measured parameter acts outside its module's forward).
 
-Anything may sit between the layers: residual sums, attention written with Linear layers, GELU, functional code.
+Anything may sit between the layers: residual sums, attention (the softmax between the projections of
+``nn.MultiheadAttention`` or of Linear layers), GELU, functional code.
 Frozen parameters may belong to any module (a frozen LSTM backbone under a trainable head).
 
 Peak memory (float64, d = min(M, P_used)): 16 · d² bytes (the Gram, built by blocks of rows into its lower

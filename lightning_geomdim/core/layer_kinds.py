@@ -25,8 +25,10 @@ BATCH_NORM: tuple[type[nn.Module], ...] = NORMALIZATION[:3]
 #: statistics).
 EXACT_LAYERS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *BATCH_NORM)
 #: Every parameterised layer with a factor form in the float Gram engine (embeddings: one-hot inputs; LSTM: per
-#: time step).
-FACTOR_FORMS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *NORMALIZATION, nn.Embedding, nn.LSTM)
+#: time step; multi-head self-attention: its in- and out-projections).
+FACTOR_FORMS: tuple[type[nn.Module], ...] = (
+    *FACTORED_AFFINE, *NORMALIZATION, nn.Embedding, nn.LSTM, nn.MultiheadAttention,
+)
 #: Affine layers whose output units (channels) carry a positive-rescaling symmetry when a ReLU follows.
 AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

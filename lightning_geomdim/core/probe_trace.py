@@ -10,7 +10,8 @@ what every measure reads:
 * ``input_readers``: for each leaf call, which leaf calls read its input tensor (None: code outside leaf modules),
   so that a rescaling symmetry can be recognised only where nothing else reads the tensor (:mod:`.symmetries`);
 * ``layer_inputs`` and ``deltas``: for each measured layer with a factor form (``nn.Linear``, ``nn.Conv2d``,
-  normalisations, ``nn.Embedding``: :mod:`.factor_forms`), a copy of its input and a
+  normalisations, ``nn.Embedding``: :mod:`.factor_forms`; an LSTM's gates and an ``nn.MultiheadAttention``'s two
+  projections, recomputed with the same values: :mod:`.attention_form`), a copy of its input and a
   zero δ added to its output, so that ∂f/∂δ = ∂f/∂z is the backprop signal of the Gram factors (:mod:`.gram`) even
   when a later in-place activation overwrites z;
 * ``output``: f_θ(X) after ``output_fn``, whose graph to θ gives the Jacobian rows (:mod:`.jacobian`) and the loss
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_geomdim.core.attention_form import attention_with_deltas, bind_arguments
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
 from lightning_geomdim.core.factor_forms import lstm_with_gates
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
@@ -55,6 +57,7 @@ class TracedCall:
         output: what it returned (for a measured affine layer, z + δ).
         leaf: the module has no children.
         pattern: ReLU-like modules: 1[z > 0], shape (N, units) bool, units the flattened size per sample.
+        arguments: ``nn.MultiheadAttention``: its forward's arguments by name (``input`` is the query).
     """
 
     name: str
@@ -66,6 +69,7 @@ class TracedCall:
     output: Any = None
     output_version: int = -1
     pattern: Tensor | None = None
+    arguments: dict[str, Any] | None = None
 
 
 @dataclass(eq=False)
@@ -173,10 +177,12 @@ class ProbeTrace:
         deltas: dict[str, Tensor] = {}
         numel = [sum(t.numel() for t in (*inputs.args, *inputs.kwargs.values()) if isinstance(t, Tensor))]
 
-        def pre(name: str, m: nn.Module, args: tuple[Any, ...]) -> None:
-            inp = args[0] if args else None
+        def pre(name: str, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
+            arguments = None if kwargs is None else bind_arguments(args, kwargs)  # nn.MultiheadAttention
+            inp = arguments["query"] if arguments else args[0] if args else None
             leaf = next(m.children(), None) is None
-            call = TracedCall(name, m, inp, len(args), inp._version if isinstance(inp, Tensor) else -1, leaf)
+            call = TracedCall(name, m, inp, len(args), inp._version if isinstance(inp, Tensor) else -1, leaf,
+                              arguments=arguments)
             if leaf:
                 running.append(len(calls))
             calls.append(call)
@@ -185,7 +191,10 @@ class ProbeTrace:
         def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
             call = stack.pop()
             replaced = None
-            if call.name in measured and isinstance(m, nn.LSTM) and isinstance(call.input, Tensor):
+            if call.name in measured and call.arguments is not None:  # attention: recomputed, the same values
+                out = replaced = attention_with_deltas(call.name, m, call.arguments, out,  # type: ignore[arg-type]
+                                                       layer_inputs, deltas)
+            elif call.name in measured and isinstance(m, nn.LSTM) and isinstance(call.input, Tensor):
                 n, steps = call.input.shape[:2]  # the fused kernel exposes no gates: recompute them (same values)
                 delta = call.input.new_zeros((n, steps, 4 * m.hidden_size), requires_grad=True)
                 replaced, layer_inputs[call.name] = lstm_with_gates(m, call.input, delta)
@@ -213,8 +222,9 @@ class ProbeTrace:
         try:
             for name, sub in fm.module.named_modules():
                 if next(sub.children(), None) is None or any(True for _ in sub.parameters(recurse=False)):
-                    handles.append(sub.register_forward_pre_hook(lambda m, a, _n=name: pre(_n, m, a)))
-                    handles.append(sub.register_forward_hook(post))
+                    kw = isinstance(sub, nn.MultiheadAttention)  # called with keyword arguments (masks, flags)
+                    handles.append(sub.register_forward_pre_hook(lambda m, *a, _n=name: pre(_n, m, *a), with_kwargs=kw))
+                    handles.append(sub.register_forward_hook(lambda m, a, *o: post(m, a, o[-1]), with_kwargs=kw))
             with torch.set_grad_enabled(grad), recorder:
                 out = fm(fm.params, inputs)
         except ProbeError:
@@ -378,11 +388,12 @@ def traced(
 
 def _measured_affine(fm: FunctionalModel) -> set[str]:
     """Names of the layers with a factor form and a measured weight or bias (their signals feed the Gram
-    factors, :mod:`lightning_geomdim.core.factor_forms`)."""
+    factors, :mod:`lightning_geomdim.core.factor_forms`; an attention's out_proj parameters are its own)."""
     names = set()
     for name, m in fm.module.named_modules():
         if isinstance(m, FACTOR_FORMS):
             prefix = f"{name}." if name else ""
-            if any(prefix + p in fm.params for p, _ in m.named_parameters(recurse=False)):
+            own = m.named_parameters(recurse=isinstance(m, nn.MultiheadAttention))
+            if any(prefix + p in fm.params for p, _ in own):
                 names.add(name)
     return names

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
+from lightning_geomdim.core.attention_form import OUT_PROJ, attention_call_problem, attention_layers
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of, partial_problem
 from lightning_geomdim.core.gram_plan import GramPlan
@@ -113,7 +114,8 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
     called once, on one tensor of N samples, and returns one; no parameter is shared; the measured output has N
     samples. What sits between the layers (residual sums, attention, GELU, functional code) is free: that samples
     do not interact and that the forms account for the whole gradient is checked by one backward
-    (:func:`~lightning_geomdim.core.factor_check.factorization_problem`).
+    (:func:`~lightning_geomdim.core.factor_check.factorization_problem`). An ``nn.MultiheadAttention`` owns its
+    ``out_proj`` parameters (:mod:`~lightning_geomdim.core.attention_form`) and is called as self-attention.
     """
     fm, n = trace.fm, trace.inputs.num_samples
     problem = _sharing_problem(fm.module)
@@ -121,9 +123,15 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
         return problem, None
     selected = set(fm.params)
     measured = {}
-    for name, sub in fm.module.named_modules():
+    modules = dict(fm.module.named_modules())
+    projections = {f"{name}.{OUT_PROJ}" if name else OUT_PROJ for name, sub in modules.items()
+                   if isinstance(sub, nn.MultiheadAttention)}  # read by their attention, never called
+    for name, sub in modules.items():
         prefix = f"{name}." if name else ""
-        if any(prefix + p in selected for p, _ in sub.named_parameters(recurse=False)):
+        if name in projections:
+            continue
+        recurse = isinstance(sub, nn.MultiheadAttention)
+        if any(prefix + p in selected for p, _ in sub.named_parameters(recurse=recurse)):
             problem = form_problem(name, sub) or partial_problem(name, sub, selected)
             if problem is not None:
                 return problem, None
@@ -138,6 +146,13 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
             return f"{label} is called more than once (shared weights)", None
         seen.add(call.name)
         inp, out = call.input, call.output
+        if isinstance(call.module, nn.MultiheadAttention):
+            assert call.arguments is not None  # recorded for every attention call
+            problem = attention_call_problem(label, call.module, call.arguments, n)
+            if problem is not None:
+                return problem, None
+            layers.extend(attention_layers(call.name, call.module, inp, selected))
+            continue
         if isinstance(call.module, nn.LSTM) and isinstance(out, tuple):  # (output, (h_n, c_n))
             out = out[0]
         least = 1 if isinstance(call.module, nn.Embedding) else 2  # token ids (N,) or (N, T, ...)
