@@ -266,7 +266,7 @@ def test_ddp_rank_zero_decides_what_the_time_budget_allows(tmp_path: Path) -> No
                                measures=["dimension"], max_epochs=1)
     assert proc1.returncode == 0, proc1.stderr[-3000:]
     assert json.loads((single / "rank0.json").read_text())["measured"] == []
-    assert "GeometryMonitor: skipped ['dimension'] at step 1 to stay within max_overhead=1e-09" in proc1.stderr
+    assert "GeometryMonitor: skipped ['dimension'] at step 2 to stay within max_overhead=1e-09" in proc1.stderr
 
 
 def test_ddp_on_error_raise_ends_the_whole_job(tmp_path: Path) -> None:

@@ -125,8 +125,12 @@ def test_overhead_budget_shares_the_budget_among_the_measures() -> None:
     budget.start()
     assert budget.select(["dimension", "flatness"]) == []  # first points wait for the run's length to be known
     assert budget.waiting(["dimension", "flatness"]) == ["dimension", "flatness"]
-    clock.now += 10.0
-    budget.progress = 0.2                              # 10 s of 50: each measure's share of the run is 0.1 · 50 / 2
+    clock.now = 0.5
+    budget.observe(0.01)                               # the first batch (its warm-up) anchors the pace
+    assert budget.select(["dimension"]) == [] and budget.projected_other_s() is None  # share 0.025 s so far
+    clock.now = 10.0
+    budget.observe(0.2)                                # 9.5 s for 19 %: 10 + 50 · 0.8 = 50 s in all
+    assert budget.projected_other_s() == pytest.approx(50.0)  # each measure's share of the run: 0.1 · 50 / 2
     assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]  # first points: costs unknown
     assert budget.allowance("dimension") == FIRST_POINT_SECONDS                   # 2.5 s, at most 2 s
     measure(budget, clock, "dimension", 2.0)
@@ -159,7 +163,7 @@ def test_overhead_budget_cheap_measures_do_not_starve_expensive_ones() -> None:
     points = dict.fromkeys(costs, 0)
     for epoch in range(100_000):
         clock.now += 0.013
-        budget.progress = (epoch + 1) / 100_000
+        budget.observe((epoch + 1) / 100_000)
         for name in budget.select(list(costs)):
             points[name] += 1
             measure(budget, clock, name, costs[name])
@@ -201,7 +205,10 @@ def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -
     clock = FakeTimer()
     budget = OverheadBudget(0.05, measures=("dimension",), timer=clock)
     budget.start()
-    clock.now, budget.progress = 10.0, 0.1             # projected run 100 s: share 5 s, allowance at most 2 s
+    clock.now = 5.0
+    budget.observe(0.05)
+    clock.now = 10.0
+    budget.observe(0.1)                                # projected run 100 s: share 5 s, allowance at most 2 s
     assert budget.select(["dimension"]) == ["dimension"]
     assert budget.allowance("dimension") == FIRST_POINT_SECONDS == budget.remaining("dimension")
     with pytest.raises(MeasurementOverTime), budget.measuring("dimension"), time_limit(
@@ -231,13 +238,16 @@ def test_a_first_point_waits_for_a_share_of_the_run_and_never_takes_more() -> No
     assert budget.allowance("dimension") == pytest.approx(0.0525)
     short = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
     short.start()
-    clock.now += 0.5
-    short.progress = 0.5                               # a 1-second run: share 0.025 s, never tried, not waiting
+    clock.now += 0.25
+    short.observe(0.25)
+    clock.now += 0.25
+    short.observe(0.5)                                 # a 1-second run: share 0.025 s, never tried, not waiting
     assert short.select(["flatness"]) == [] and short.waiting(["flatness"]) == []
     assert "flatness's share of the whole run is 0.03 s" in short.skip_warning(["flatness"], 3)
     clock.now += 1.5
-    short.progress = 0.5                               # 2 s of a 4-second run: share 0.05 · 4 / 2 = 0.1 s
-    assert short.select(["flatness"]) == ["flatness"] and short.allowance("flatness") == pytest.approx(0.1)
+    short.observe(0.75)                                # slower: 2 + 3.5 · 0.25 = 2.875 s, share 0.072 s
+    assert short.select(["flatness"]) == ["flatness"]
+    assert short.allowance("flatness") == pytest.approx(0.05 * 2.875 / 2)
 
 
 def test_time_limit_keeps_the_enclosing_check() -> None:

@@ -230,9 +230,10 @@ class GeometryMonitor(Callback):
         """Take the measures the schedules and the time budget allow now, probe by probe, and log them."""
         step = trainer.global_step
         scheduled = self._schedule.due(event, step, trainer.current_epoch)
+        if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
+            self._time.observe(training_progress(trainer, event, batch))
         if not scheduled or not self.probes:
             return
-        self._time.progress = training_progress(trainer, event, batch)
         # every process reaches this with the same schedule, whatever its own max_overhead: none is left alone
         due = from_rank_zero(trainer, self._time.select(scheduled))
         skipped = [m for m in scheduled if m not in due and m not in self._time.waiting(scheduled)]

@@ -9,12 +9,12 @@ those the time budget allows (all of them with ``max_overhead=None``). Nothing e
 
 **Cost**: on the monitor's default schedule (every epoch) at most about 5 % of the training's wall time is spent
 measuring (``max_overhead="auto"`` → 0.05), each measure getting an equal share. A measure's first point waits until
-the run's length is known (after the first batch, from ``max_epochs`` / ``max_steps``) and may take its share of the
-budget over the whole projected run (at most :data:`FIRST_POINT_SECONDS`); later points are taken while their cost
-(the duration of the previous measurement) fits in the share earned so far. A measure that runs past its allowance
-is stopped and logs nothing, with one warning, so a run too short for a measure never pays for it. The point at
-step 0 is therefore taken only under a written schedule (``benchmarks/bench_callback.py`` measures the MNIST
-example). **A schedule you write is the schedule that runs**: with any of ``every_n_steps``, ``every_n_epochs``,
+the run's length is known (from ``max_epochs`` / ``max_steps`` and the pace after the first batch) and may take its
+share of the budget over the whole projected run (at most :data:`FIRST_POINT_SECONDS`); later points are taken while
+their cost (the duration of the previous measurement) fits in the share earned so far. A measure that runs past its
+allowance is stopped and logs nothing, with one warning, so a run too short for a measure never pays for it. The
+point at step 0 is therefore taken only under a written schedule (``benchmarks/bench_callback.py`` measures the
+MNIST example). **A schedule you write is the schedule that runs**: with any of ``every_n_steps``, ``every_n_epochs``,
 ``log_spaced``, ``at_epochs`` or ``schedules`` given, every scheduled point is taken, unless you also pass a
 ``max_overhead`` fraction. ``max_overhead=None`` takes every scheduled point.
 
@@ -204,8 +204,10 @@ class OverheadBudget:
     scheduled measure is taken when its estimated cost, the duration of its previous measurement, still fits in
     its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``.
 
-    A first point, whose cost is unknown, is paid from the share of the whole run: ``other_s / progress`` once the
-    fraction ``progress`` of the training done is known (:func:`training_progress`), ``other_s`` while it is not.
+    A first point, whose cost is unknown, is paid from the share of the whole run, projected from the fraction of
+    the training done (:meth:`observe`, :func:`training_progress`) at the rate since the first observation (after
+    the first batch, so that the first batch's warm-up is not taken for the pace of the run), or ``other_s`` while
+    no projection exists.
     It is tried once that share, less what the measure spent, is at least :data:`MIN_POINT_SECONDS`, and may take
     it (at most :data:`FIRST_POINT_SECONDS`). A measurement that runs past its :meth:`allowance` is stopped at its
     next chunk of work and logs nothing (:meth:`overran`); it counts twice the time it ran as its cost, so it is
@@ -224,9 +226,8 @@ class OverheadBudget:
         cost_s: the duration of each measure's last measurement, in seconds: the sum of its :meth:`measuring`
             blocks since the last :meth:`select` (one block per probe, when a measure is taken probe by probe).
         timer: the time source, in seconds (``time.perf_counter``).
-        progress: the fraction of the training done, in (0, 1], when the run's length is known; set before
-            :meth:`select`. ``None`` while unknown (before the first batch, or a run without ``max_epochs`` /
-            ``max_steps``).
+        progress: the fraction of the training done, in (0, 1], when the run's length is known (:meth:`observe`);
+            ``None`` while unknown (before the first batch, or a run without ``max_epochs`` / ``max_steps``).
     """
 
     max_overhead: float | None = 0.05
@@ -237,6 +238,7 @@ class OverheadBudget:
     cost_s: dict[str, float] = field(default_factory=dict)
     timer: Callable[[], float] = time.perf_counter
     progress: float | None = None
+    _anchor: tuple[float, float] | None = field(default=None, repr=False)  # (other_s, progress) at the first
     _mark: float | None = field(default=None, repr=False)
     _taken: set[str] = field(default_factory=set, repr=False)  # the measures timed since the last select
     _limits: dict[str, float] = field(default_factory=dict, repr=False)  # deadlines of this measurement
@@ -262,13 +264,33 @@ class OverheadBudget:
         self._mark = now
         return now
 
+    @property
+    def anchored(self) -> bool:
+        """Whether the pace of the run is anchored (:meth:`observe` saw a known progress once)."""
+        return self._anchor is not None
+
+    def observe(self, progress: float | None) -> None:
+        """Record the fraction of the training done now (``None``: unknown); the first known one anchors the pace."""
+        self._advance()
+        self.progress = progress
+        if progress and self._anchor is None:
+            self._anchor = (self.other_s, progress)
+
+    def projected_other_s(self) -> float | None:
+        """The run's other seconds at its end: ``other_s`` plus the rest of the training at the pace since the
+        anchor; ``None`` until the progress has moved past the anchor."""
+        if self.progress is None or self._anchor is None or self.progress <= self._anchor[1]:
+            return None
+        pace = (self.other_s - self._anchor[0]) / (self.progress - self._anchor[1])
+        return self.other_s + pace * max(0.0, 1.0 - self.progress)
+
     def share(self, projected: bool = False) -> float:
         """Seconds each measure may have spent by now, (max_overhead · other_s − shared) / number of measures; with
-        ``projected``, over the whole run (``other_s / progress``, when :attr:`progress` is known)."""
+        ``projected``, over the whole run (:meth:`projected_other_s`, when there is one)."""
         if self.max_overhead is None:
             return math.inf
         shared = self.measuring_s - sum(self.spent_s.values())
-        other = self.other_s / self.progress if projected and self.progress else self.other_s
+        other = (self.projected_other_s() if projected else None) or self.other_s
         return (self.max_overhead * other - shared) / max(1, len(self.measures))
 
     def allowance(self, measure: str) -> float:
@@ -311,7 +333,7 @@ class OverheadBudget:
 
     def waiting(self, measures: Sequence[str]) -> list[str]:
         """Those of ``measures`` not yet tried while the run's length is unknown: they wait for it (no warning)."""
-        return [m for m in measures if m not in self.cost_s and self.progress is None]
+        return [m for m in measures if m not in self.cost_s and self.projected_other_s() is None]
 
     @contextlib.contextmanager
     def measuring(self, measure: str | None = None) -> Iterator[None]:
