@@ -229,9 +229,10 @@ class GeometryMonitor(Callback):
     def _measure(self, trainer: Trainer, pl_module: LightningModule, event: Event, batch: int | None = None) -> None:
         """Take the measures the schedules and the time budget allow now, probe by probe, and log them."""
         step = trainer.global_step
-        scheduled = self._schedule.due(event, step, trainer.current_epoch)
-        if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
-            self._time.observe(training_progress(trainer, event, batch))
+        with self._time.measuring():  # the hook's own time, at every batch, is the monitor's too
+            scheduled = self._schedule.due(event, step, trainer.current_epoch)
+            if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
+                self._time.observe(training_progress(trainer, event, batch))
         if not scheduled or not self.probes:
             return
         # every process reaches this with the same schedule, whatever its own max_overhead: none is left alone
