@@ -155,6 +155,8 @@ class MeasurementSchedule:
             self.stepped = step if self.stepped is None else self.stepped + 1
         if event in ("step", "start"):
             self._seen = step
+        if event == "step" and not any(s.every_n_steps or s.log_spaced for s in self.schedules.values()):
+            return []  # the default schedule: nothing fires between epochs (the check at every batch stays cheap)
         return [
             m for m, s in self.schedules.items() if s.due(event, step, epoch, since) and self.last_step.get(m) != step
         ]
