@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import lightning as L
@@ -286,6 +287,7 @@ class ProgressRecorder(L.Callback):
     ({"max_epochs": 10, "max_steps": 4}, [("start", None), ("step", 0.25), ("step", 0.5), ("step", 0.75),
                                           ("epoch", 0.75), ("step", 1.0), ("epoch", 1.0)]),  # max_steps ends first
     ({"max_epochs": -1, "max_steps": -1}, None),  # an endless run: no length known
+    ({"max_time": {"hours": 1}}, "timer"),  # max_time: the fraction of the hour elapsed (max_epochs is then -1)
 ])
 def test_training_progress_follows_a_real_trainer(tmp_path, limits: dict, expected: list | None) -> None:
     recorder = ProgressRecorder()
@@ -293,6 +295,11 @@ def test_training_progress_follows_a_real_trainer(tmp_path, limits: dict, expect
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[recorder], **limits)
     trainer.fit(BoringModel())
+    if expected == "timer":  # seconds of an hour: small, positive, increasing; one epoch, then stopped
+        fractions = [p for e, p in recorder.seen if e != "start"]
+        assert recorder.seen[0] == ("start", None) and len(fractions) == 4
+        assert all(0 < a < b < 1e-2 for a, b in itertools.pairwise(fractions))
+        return
     if expected is None:
         assert len(recorder.seen) == 5 and {p for _, p in recorder.seen} == {None}
         return

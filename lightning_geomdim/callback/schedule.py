@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 Event = Literal["start", "step", "epoch"]
@@ -176,9 +177,15 @@ class MeasurementSchedule:
 
 def training_progress(trainer: Any, event: Event, batch_idx: int | None = None) -> float | None:
     """The fraction of the training done at ``event`` (after batch ``batch_idx`` of the current epoch for a
-    ``"step"``), from ``max_epochs`` and ``trainer.num_training_batches``, or ``max_steps`` and ``global_step``
-    (whichever ends the run first); ``None`` at ``"start"`` or when neither bounds the run."""
+    ``"step"``), from ``max_epochs`` and ``trainer.num_training_batches``, ``max_steps`` and ``global_step``, or
+    ``max_time`` (Lightning's :class:`~lightning.pytorch.callbacks.Timer`), whichever ends the run first; ``None``
+    at ``"start"`` or when none bounds the run."""
     fractions = []
+    for timer in (c for c in trainer.callbacks if isinstance(c, Timer)):
+        remaining = timer.time_remaining()
+        if event != "start" and remaining is not None:
+            elapsed = timer.time_elapsed()
+            fractions.append(elapsed / max(elapsed + remaining, 1e-9))
     epochs, batches = trainer.max_epochs, trainer.num_training_batches
     if event != "start" and epochs is not None and epochs > 0 and 0 < batches < math.inf:
         done = trainer.current_epoch + (1.0 if event == "epoch" else min(1.0, ((batch_idx or 0) + 1) / batches))
