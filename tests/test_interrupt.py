@@ -90,3 +90,37 @@ def test_sigterm_during_a_measurement_ends_the_run_at_the_next_chunk(tmp_path: P
     logged = {k for f in files for row in csv.DictReader(f.open()) for k, v in row.items() if v} if files else set()
     assert not any(k.startswith("geometry/") for k in logged), logged  # nothing measured after the signal
     print(f"run ended {elapsed:.2f} s after fit started")
+
+
+def test_a_step_that_would_overrun_the_time_limit_is_not_begun() -> None:
+    """checkpoint(flops=...) under a time limit stops before an uninterruptible step estimated to end past the
+    limit (at this machine's measured rate), saying how long it would take; small steps, SIGTERM-only checks and no
+    check at all are unaffected."""
+    from lightning_geomdim.core.errors import MeasurementOverTime
+    from lightning_geomdim.core.interrupt import eigh_flops, machine_flops, time_limit
+
+    rate = machine_flops()
+    assert 1e7 < rate < 1e13  # flops per second of a 256 × 256 eigendecomposition on a CPU
+    checkpoint(flops=1e18)  # no check installed: nothing happens
+    with interruptible(lambda: False):
+        checkpoint(flops=1e18)  # a check without a time limit does not look ahead
+    with time_limit(3600.0):
+        checkpoint(flops=1e7)  # below AHEAD_MIN_FLOPS, and within an hour anyway
+        with pytest.raises(MeasurementOverTime, match="cannot be interrupted, estimated at") as err:
+            checkpoint(flops=eigh_flops(10**6))  # a 10⁶ × 10⁶ eigendecomposition: years
+    assert err.value.needed is not None and err.value.needed > 3600.0
+
+
+def test_a_gram_too_large_for_its_allowance_stops_before_its_eigendecomposition() -> None:
+    """The Gram engine under a time limit shorter than its eigendecomposition's estimate stops before it."""
+    from lightning_geomdim.core.errors import MeasurementOverTime
+    from lightning_geomdim.core.interrupt import eigh_flops, machine_flops, time_limit
+
+    x, _ = data(64)
+    model = nn.Sequential(nn.Linear(6, 48), nn.Tanh(), nn.Linear(48, 40))  # M = 2,560 rows, P = 2,296: d = 2,296
+    torch.manual_seed(0)
+    limit = 0.5 * eigh_flops(2296) / machine_flops()  # half the estimate of the eigendecomposition alone
+    start = time.perf_counter()
+    with time_limit(limit), pytest.raises(MeasurementOverTime, match="cannot be interrupted"):
+        batch_functional_dimension(model, x, engine="gram")
+    assert time.perf_counter() - start < limit + 5.0  # it did not run the estimated step

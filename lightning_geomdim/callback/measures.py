@@ -186,7 +186,7 @@ def _measure(
                 body()
         except MeasurementOverTime as err:
             out.scalars[measure], out.spectra = kept, spectra  # nothing of a stopped measure on this probe
-            budget.overran(measure)
+            budget.overran(measure, err.needed)
             stopped = str(err)
             policy.warn_once(("over time", measure), lambda: (
                 f"GeometryMonitor: {measure} was {stopped} (max_overhead={budget.max_overhead}: a measure's first "

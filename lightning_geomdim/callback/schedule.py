@@ -320,11 +320,13 @@ class OverheadBudget:
             self._limits[measure] = self.timer() + self.allowance(measure)
         return self._limits[measure] - self.timer()
 
-    def overran(self, measure: str) -> None:
+    def overran(self, measure: str, needed: float | None = None) -> None:
         """``measure`` was stopped at its allowance: count twice the time it ran as its cost, so that it is retried
         once the budget allows that much (the allowance doubles until a point completes; the time lost stays
-        within the budget). Its other probes are left out of this measurement."""
-        self.cost_s[measure] = 2 * self.cost_s.get(measure, FIRST_POINT_SECONDS)
+        within the budget), or ``needed``, the least it would take, when known (stopped before a step estimated
+        to overrun). Its other probes are left out of this measurement."""
+        ran = self.cost_s.get(measure, FIRST_POINT_SECONDS)
+        self.cost_s[measure] = 2 * ran if needed is None else max(needed, 2 * ran)
         self.stopped.add(measure)
 
     def select(self, due: Sequence[str]) -> list[str]:

@@ -66,7 +66,16 @@ class MeasurementInterrupted(GeometryError):
 
 class MeasurementOverTime(MeasurementInterrupted):
     """A measurement stopped between two chunks of work because it used up its time allowance
-    (:func:`~lightning_geomdim.core.interrupt.time_limit`)."""
+    (:func:`~lightning_geomdim.core.interrupt.time_limit`), or before a step that would have overrun it.
+
+    Attributes:
+        needed: seconds the measurement would have taken at least (what it ran plus the step's estimate), when
+            known; ``None`` when it was stopped at the allowance.
+    """
+
+    def __init__(self, message: str, needed: float | None = None) -> None:
+        super().__init__(message)
+        self.needed = needed
 
 
 class NotApplicableError(GeometryError, ValueError):

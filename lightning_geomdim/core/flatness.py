@@ -36,6 +36,7 @@ from lightning_geomdim.core.hessian import (
     convert_targets,
     use_dense_hessian,
 )
+from lightning_geomdim.core.interrupt import checkpoint, eigh_flops
 from lightning_geomdim.core.lanczos import default_basis_size, default_tolerance, lanczos, one_thread
 from lightning_geomdim.core.memory import check_memory, memory_budget
 from lightning_geomdim.core.probe_trace import ProbeTrace, traced
@@ -299,6 +300,7 @@ def _flatness(
     vectors = None
     if resolved == "dense":
         h = op.dense(budget=budget)
+        checkpoint(flops=eigh_flops(h.shape[0]))  # one LAPACK call: under a time limit, not begun if it would overrun
         with one_thread() if h.device.type == "cpu" else contextlib.nullcontext():  # P ≤ 2048: see one_thread
             if return_eigenvectors:
                 eigenvalues, basis = torch.linalg.eigh(h)

@@ -68,7 +68,7 @@ from lightning_geomdim.core.factor_check import factorization_problem
 from lightning_geomdim.core.factor_forms import LayerFactors, jacobian_rows, per_sample_gradients, position_sum
 from lightning_geomdim.core.finite_field import PrimeField
 from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, GramPlan, explicit_cost, gram_bytes, kernel_cost
-from lightning_geomdim.core.interrupt import checkpoint
+from lightning_geomdim.core.interrupt import checkpoint, eigh_flops
 from lightning_geomdim.core.layer_factors import layer_factors
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -266,6 +266,7 @@ def gram_matrix(
 def _singular_values(gram: Tensor, total: int) -> Tensor:
     """σ = √max(λ, 0) of the Gram's eigenvalues (lower triangle read), descending, padded with zeros to ``total``
     (columns of parameters that never ran)."""
+    checkpoint(flops=eigh_flops(gram.shape[0]))  # one LAPACK call: under a time limit, not begun if it would overrun
     eig = torch.linalg.eigvalsh(gram, UPLO="L") if gram.numel() else gram.new_zeros(0)
     sv = eig.clamp_min(0).sqrt().flip(0)
     return torch.cat([sv, sv.new_zeros(total - sv.numel())]) if sv.numel() < total else sv

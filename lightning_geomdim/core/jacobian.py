@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from lightning_geomdim.core.errors import Remedy
-from lightning_geomdim.core.interrupt import checkpoint
+from lightning_geomdim.core.interrupt import checkpoint, svd_flops
 from lightning_geomdim.core.memory import VJP_BYTES_PER_ACTIVATION, rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
@@ -92,6 +92,7 @@ def jacobian_spectra(
                   Remedy("a subset of parameters via {arg}=[...]", "params")),
     )
     jac = jacobian_matrix(trace, chunk_size=chunk)
+    checkpoint(flops=svd_flops(*jac.shape))  # one LAPACK call: under a time limit, not begun if it would overrun
     whole = Spectrum(torch.linalg.svdvals(jac).to(torch.float64), fm.dtype, from_gram=False)
     offsets, start = {}, 0
     for name, p in fm.params.items():
@@ -100,6 +101,7 @@ def jacobian_spectra(
     parts = {}
     for block, names in (blocks or {}).items():
         columns = torch.cat([torch.arange(*offsets[n], device=jac.device) for n in names])
+        checkpoint(flops=svd_flops(jac.shape[0], columns.numel()))
         parts[block] = Spectrum(torch.linalg.svdvals(jac[:, columns]).to(torch.float64), fm.dtype, from_gram=False)
     del jac
     return whole, parts
