@@ -94,7 +94,9 @@ class GeometryMonitor(Callback):
             effective rank, histogram); ``False`` halves the cost of the dimension.
         blocks: with the spectrum, J's numerical rank per block of parameters (:mod:`~lightning_geomdim.core.blocks`).
         distributed_gram: under DDP, share the Gram engine's accumulation among the processes (one all-reduce);
-            values then equal a single process to the Gram's resolution rather than bit for bit.
+            values then equal a single process to the Gram's resolution rather than bit for bit. Known limit: a
+            process that fails inside the measurement (out of memory) before the all-reduce leaves the others
+            waiting in it until the process group's timeout; the default (``False``) has no collective.
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
         rtol: relative tolerance of the numerical rank; default the engine's resolution.
         max_memory_bytes: memory budget of a measure, in bytes; default half the available memory. A measure over
