@@ -307,3 +307,23 @@ def test_attention_without_a_form_is_refused_by_name(model: nn.Module, reason: s
     with pytest.raises(NotApplicableError, match=reason):
         batch_functional_dimension(model, x, engine="gram")
     assert batch_functional_dimension(model, x).engine == "jacrev"
+
+
+def test_the_traced_pass_counts_attention_scores_and_weights() -> None:
+    """An nn.MultiheadAttention's q, k, v, scores and weights are the outputs of no leaf module: the memory estimate
+    (activation_numel, from one sample) counts them, 2 · H · L² for the scores and weights alone."""
+    from lightning_geomdim.core.probe_trace import ProbeTrace
+
+    class Attend(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed, self.attn = nn.Embedding(20, 8), nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            h = self.embed(ids)
+            return self.head(self.attn(h, h, h, need_weights=False)[0])
+
+    ids = torch.randint(0, 20, (1, 64), generator=torch.Generator().manual_seed(0))
+    one = ProbeTrace.of(Attend(), ids, grad=False)
+    assert one.activation_numel >= 2 * 2 * 64 * 64 + 4 * 64 * 8

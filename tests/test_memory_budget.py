@@ -290,3 +290,91 @@ def _csv(root: Path) -> list[dict[str, str]]:
 
     with open(next(root.rglob("metrics.csv"))) as f:
         return list(csv.DictReader(f))
+
+
+def test_a_default_size_probe_of_many_outputs_per_sample_keeps_within_the_row_budget(tmp_path: Path) -> None:
+    """600 outputs per sample (a language model's per-token outputs in miniature): the default probe keeps
+    4096 // 600 = 6 samples, with one warning; ``probe_size=64`` given keeps all 64."""
+    import warnings
+
+    import lightning as L
+    import torch
+    from lightning.pytorch.loggers import CSVLogger
+    from torch import nn
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from lightning_geomdim import GeometryMonitor
+    from lightning_geomdim.callback.probe_spec import DEFAULT_MAX_ROWS
+
+    class Wide(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 600))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(128, 6, generator=g), torch.randint(0, 600, (128,), generator=g))
+    kept = {}
+    for name, size in (("default", None), ("given", 64)):
+        monitor = GeometryMonitor(probes=["train"], probe_size=size, measures=["alignment"], max_overhead=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            L.Trainer(max_steps=1, logger=CSVLogger(str(tmp_path / name)), enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[monitor]).fit(Wide(), DataLoader(data, batch_size=32))
+        notes = [str(w.message) for w in caught if "keeps its first" in str(w.message)]
+        kept[name] = (monitor.probes["train"].num_samples, notes)
+    assert DEFAULT_MAX_ROWS // 600 == 6
+    assert kept["default"][0] == 6 and len(kept["default"][1]) == 1
+    assert "each sample has 600 outputs" in kept["default"][1][0] and "4,096 rows of J" in kept["default"][1][0]
+    assert kept["given"] == (64, [])
+
+
+def test_a_default_size_probe_is_fitted_once_to_every_measure_planned_on_it(tmp_path: Path) -> None:
+    """Flatness at every step, the dimension at every 3rd, a budget that 32 samples fit for the dimension: the
+    probe shrinks once, at the first measurement, for both measures (not again when the dimension comes due)."""
+    import warnings
+
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    from lightning_geomdim import GeometryMonitor
+    from lightning_geomdim.core.preflight import dimension_bytes, trace_bytes
+    from lightning_geomdim.core.probe_trace import ProbeTrace
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from count_passes import Classifier
+
+    x = next(iter(Classifier().train_dataloader().dataset.tensors))
+    one = ProbeTrace.of(Classifier(), x[:1], grad=False)
+
+    def need(n: int) -> int:
+        return max(trace_bytes(one, n, factors=True),
+                   dimension_bytes(one, n, engine="auto", spectrum=True, logit_differences=True))
+
+    sizes: list[int] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            sizes.append(monitor.probes["train"].num_samples)
+
+    L.seed_everything(0)
+    monitor = GeometryMonitor(probes=["train"], measures=["dimension", "flatness"], max_overhead=None,
+                              at_start=False, max_memory_bytes=(need(32) + need(33)) // 2, tensorboard_extras=False,
+                              schedules={"dimension": {"every_n_steps": 3, "every_n_epochs": None},
+                                         "flatness": {"every_n_steps": 1, "every_n_epochs": None}})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        L.Trainer(max_steps=4, logger=CSVLogger(str(tmp_path)), enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[monitor, Spy()]).fit(Classifier())
+    shrinks = [str(w.message) for w in caught if "keeps its first" in str(w.message)]
+    assert len(shrinks) == 1 and sizes == [32, 32, 32, 32], (shrinks, sizes)

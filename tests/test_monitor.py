@@ -288,7 +288,8 @@ def test_time_budget_takes_what_fits_and_no_first_point_beyond_it(tmp_path: Path
         assert "pass max_overhead=None to take every scheduled point" in skips[0]
     else:
         assert set(state["cost_s"]) == {"dimension", "flatness"}
-        assert steps(acc, "geometry/train/batch_functional_dimension") == [0, 1, 2, 3, 4, 5, 6]
+        # step 0 is not scheduled under a budget (it cannot pay for a point before the run's length is known)
+        assert steps(acc, "geometry/train/batch_functional_dimension") == [1, 2, 3, 4, 5, 6]
         assert steps(acc, "geometry/flatness/max_eigenvalue") == [3, 6]
         assert skips == []
 
@@ -897,3 +898,68 @@ def test_a_first_point_over_its_time_allowance_is_stopped_and_retried(tmp_path: 
     assert 0 not in dimension and dimension, dimension  # stopped at step 0, measured once the budget allowed
     for key, value in plain.state_dict().items():
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+class ManualAccumulation(Classifier):
+    """Manual optimisation accumulating over 2 batches by hand: the optimizer steps at every 2nd batch, and
+    Lightning logs ``self.log`` values at every batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch: Any, batch_idx: int) -> None:
+        opt = self.optimizers()
+        loss = self._loss(batch)
+        self.manual_backward(loss / 2)
+        if (batch_idx + 1) % 2 == 0:
+            opt.step()
+            opt.zero_grad()
+        self.log("loss", loss)
+
+
+def test_manual_accumulation_logs_on_the_loss_axis(tmp_path: Path) -> None:
+    """global_step advances at every 2nd of 8 batches; values are logged on Lightning's axis, which counts every
+    batch under manual optimisation: the weights after 2, 4, 6, 8 batches at 2, 4, 6, 8."""
+    L.seed_everything(0)
+    monitor = GeometryMonitor(every_n_steps=1, every_n_epochs=None, at_start=False, probes=["train"], probe_size=4,
+                              measures=["dimension"], tensorboard_extras=False)
+    tr = trainer(tmp_path, monitor, max_epochs=1)
+    tr.fit(ManualAccumulation(), **loaders(train=8, val=None, batch=1))
+    acc = events(tr)
+    assert tr.global_step == 4 and steps(acc, "loss") == list(range(8))
+    assert steps(acc, "geometry/train/batch_functional_dimension") == [2, 4, 6, 8]
+
+
+def test_one_monitor_fitted_in_two_trainers_logs_each_run_from_its_start(tmp_path: Path) -> None:
+    """Nothing of the first fit (logging step, last measured steps, the run's pace) carries into the second."""
+    monitor = GeometryMonitor(every_n_steps=2, every_n_epochs=None, at_start=False, probes=["train"], probe_size=4,
+                              measures=["dimension"], tensorboard_extras=False)
+    logged = []
+    for run in range(2):
+        L.seed_everything(0)
+        tr = trainer(tmp_path / str(run), monitor, max_epochs=1)
+        tr.fit(Classifier(), **loaders(train=8, val=None, batch=1))
+        logged.append(steps(events(tr), "geometry/train/batch_functional_dimension"))
+    assert logged == [[2, 4, 6, 8], [2, 4, 6, 8]]
+
+
+def test_step_zero_asked_for_under_a_budget_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    """A budget cannot pay for a point before the run's length is known: at_start=True with max_overhead gives no
+    step 0 and says so once; without at_start, a budget schedules no step 0 (and no warning about it)."""
+    for at_start in (True, None):
+        L.seed_everything(0)
+        monitor = GeometryMonitor(every_n_steps=4, at_start=at_start, max_overhead=0.9, probes=["train"],
+                                  probe_size=4, measures=["dimension"], tensorboard_extras=False)
+        tr = trainer(tmp_path / str(at_start), monitor, max_epochs=1)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            tr.fit(Classifier(), **loaders(train=8, val=None, batch=1))
+        skips = [str(w.message) for w in caught if "to stay within max_overhead" in str(w.message)]
+        acc, key = events(tr), "geometry/train/batch_functional_dimension"
+        assert key not in acc.Tags()["scalars"] or 0 not in steps(acc, key)
+        if at_start:
+            assert len(skips) == 1 and skips[0].startswith("GeometryMonitor: skipped ['dimension'] at step 0")
+            assert "no share before the run's length is known" in skips[0]
+        else:
+            assert not [m for m in skips if " at step 0 " in m]

@@ -60,7 +60,10 @@ class GeometryMonitor(Callback):
         every_n_epochs: at the end of every n-th training epoch; default 1 when none of ``every_n_steps``,
             ``log_spaced``, ``at_epochs`` is given, else ``None`` (disabled).
         log_spaced: also at log-spaced global steps, this many per decade (1, 2, 3, …, 10, 13, 16, … for 10).
-        at_start: measure at global step 0, before training (not again when resuming).
+        at_start: measure at global step 0, before training (not again when resuming); default ``True`` unless a
+            time budget applies (the default schedule's, or a ``max_overhead`` you give), which cannot pay for a
+            point before the run's length is known. Giving it writes a schedule: ``at_start=True`` alone measures at
+            step 0 and every epoch without a budget; with ``max_overhead`` too, step 0 is skipped with a warning.
         at_epochs: also at the end of these epochs, counted from 1 (e.g. the paper's [40, 80, 280, 680]).
         max_overhead: the most time spent measuring, as a fraction of the rest of the run's wall time: a scheduled
             point is skipped (one warning) when its last cost would exceed the measure's equal share, and stopped
@@ -127,7 +130,7 @@ class GeometryMonitor(Callback):
 
     def __init__(
         self, every_n_steps: int | None = None, every_n_epochs: int | None = None, log_spaced: int | None = None,
-        at_start: bool = True, at_epochs: Sequence[int] | None = None,
+        at_start: bool | None = None, at_epochs: Sequence[int] | None = None,
         max_overhead: float | Literal["auto"] | None = "auto",
         schedules: Mapping[str, Mapping[str, Any]] | None = None,
         probes: Sequence[str | Mapping[str, Any]] | None = None, probe_size: int | None = None,
@@ -214,6 +217,10 @@ class GeometryMonitor(Callback):
                 self.measures = tuple(m for m in self.measures if m != "flatness")
                 self._schedule.schedules.pop("flatness", None)
                 self._time.measures = self.measures
+            for probe, planned in plan(self.probes, self.measures, flatness_probe(self.probes, self.flatness_probe),
+                                       alignment_probe(self.probes, self.alignment_probe)):
+                if probe is not None:
+                    probe.planned = tuple(planned)
             if self.tensorboard_extras:
                 log_layout(trainer, list(self.probes), self.measures, measured_module(pl_module, self.module))
         self._measure(trainer, pl_module, "start")
@@ -232,14 +239,16 @@ class GeometryMonitor(Callback):
         """Take the measures the schedules and the time budget allow now, probe by probe, and log them."""
         step = trainer.global_step
         with self._time.measuring():  # the hook's own time, at every batch, is the monitor's too
-            scheduled = self._schedule.due(event, step, trainer.current_epoch)
+            scheduled = self._schedule.due(event, step, trainer.current_epoch, not pl_module.automatic_optimization)
             if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
                 self._time.observe(training_progress(trainer, event, batch))
         if not scheduled or not self.probes:
             return
         # every process reaches this with the same schedule, whatever its own max_overhead: none is left alone
         due = from_rank_zero(trainer, self._time.select(scheduled))
-        skipped = [m for m in scheduled if m not in due and m not in self._time.waiting(scheduled)]
+        # a point waiting for the run's length comes later, except one at step 0, which never comes back
+        waiting = [] if event == "start" else self._time.waiting(scheduled)
+        skipped = [m for m in scheduled if m not in due and m not in waiting]
         if skipped:
             self._errors.warn_once("overhead", lambda: self._time.skip_warning(skipped, step))
         if not due:

@@ -4,7 +4,7 @@ that pass (:mod:`lightning_geomdim.core.preflight`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -12,6 +12,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import nn
 
+from lightning_geomdim.callback.probe_spec import DEFAULT_MAX_ROWS
 from lightning_geomdim.callback.probes import Probe
 from lightning_geomdim.core.errors import MemoryBudgetError, Remedy
 from lightning_geomdim.core.memory import check_memory, format_bytes, largest_fitting, memory_budget
@@ -97,28 +98,12 @@ class ProbeData:
         return trace
 
     def _preflight(self, one: ProbeTrace, n: int) -> None:
-        """From a one-sample trace: refuse the pass over the whole probe, or the measures, that would not fit."""
-        s, due = self.settings, self.measures
-        budget = memory_budget(one.fm.device, s.max_memory_bytes)
-        factors = "dimension" in due or ("flatness" in due and s.flatness_flat_dimension)
-        by_n = {"the traced pass": lambda m: trace_bytes(one, m, factors=factors)}
-        if "dimension" in due:
-            by_n["dimension"] = lambda m: dimension_bytes(one, m, engine=s.engine, spectrum=s.spectrum if (
-                self.probe is None or self.probe.spectrum is None) else self.probe.spectrum,
-                logit_differences=self.probe is None or self.probe.logit_differences)
-        if "flatness" in due:
-            by_n["flatness"] = lambda m: flatness_bytes(one, m, top_k=s.flatness_top_k,
-                                                        trace_samples=s.flatness_trace_samples, fit_within=budget)
-        over = {what: need for what, need in by_n.items() if need(n) > budget}
-        fits = min((largest_fitting(n, need, budget) for need in over.values()), default=n)
-        if self.probe is not None and self.probe.fit_memory and over and fits >= 1:
-            needs = ", ".join(f"{what} {format_bytes(need(n))}" for what, need in over.items())
-            raise _Shrink(fits, (
-                f"GeometryMonitor: probe {self.probe.name!r} keeps its first {fits:,} of {n:,} samples for the rest "
-                f"of the run, the most that fit the memory budget of {format_bytes(budget)} (on {n:,}: {needs}, "
-                "estimated from one sample). Pass probe_size=... or a probe 'size' to choose (a size you give is "
-                "kept, and what does not fit is refused), or max_memory_bytes=..."))
-        for what, need in by_n.items():
+        """From a one-sample trace: refuse the pass over the whole probe, or the measures, that would not fit; a probe
+        of the default size first keeps the samples that every measure planned on it fits (:meth:`_fit`)."""
+        budget = memory_budget(one.fm.device, self.settings.max_memory_bytes)
+        if self.probe is not None and self.probe.fit_memory:
+            self._fit(one, n, budget)
+        for what, need in self._needs(one, self.measures, budget).items():
             try:
                 check_memory(need(n), budget, what=f"{what} on {n:,} samples (estimated from one sample)",
                              remedies=PREFLIGHT_REMEDIES.get(what, ()), by_samples=(n, need))
@@ -126,6 +111,48 @@ class ProbeData:
                 if what == "the traced pass":
                     raise
                 self.refused[what] = err
+
+    def _needs(self, one: ProbeTrace, measures: Sequence[str], budget: int) -> dict[str, Callable[[int], int]]:
+        """Bytes the traced pass and each of ``measures`` need on m samples like ``one``'s."""
+        s = self.settings
+        factors = "dimension" in measures or ("flatness" in measures and s.flatness_flat_dimension)
+        by_n = {"the traced pass": lambda m: trace_bytes(one, m, factors=factors)}
+        if "dimension" in measures:
+            by_n["dimension"] = lambda m: dimension_bytes(one, m, engine=s.engine, spectrum=s.spectrum if (
+                self.probe is None or self.probe.spectrum is None) else self.probe.spectrum,
+                logit_differences=self.probe is None or self.probe.logit_differences)
+        if "flatness" in measures:
+            by_n["flatness"] = lambda m: flatness_bytes(one, m, top_k=s.flatness_top_k,
+                                                        trace_samples=s.flatness_trace_samples, fit_within=budget)
+        return by_n
+
+    def _fit(self, one: ProbeTrace, n: int, budget: int) -> None:
+        """Shrink a default-size probe, once for the run, to the rows and the memory of every measure planned on it
+        (not only those due now, so that the probe does not change again when another measure comes due)."""
+        assert self.probe is not None
+        self._fit_rows(one, n)
+        over = {what: need for what, need in self._needs(one, self.probe.planned or self.measures, budget).items()
+                if need(n) > budget}
+        fits = min((largest_fitting(n, need, budget) for need in over.values()), default=n)
+        if over and fits >= 1:
+            needs = ", ".join(f"{what} {format_bytes(need(n))}" for what, need in over.items())
+            raise _Shrink(fits, (
+                f"GeometryMonitor: probe {self.probe.name!r} keeps its first {fits:,} of {n:,} samples for the rest "
+                f"of the run, the most that fit the memory budget of {format_bytes(budget)} (on {n:,}: {needs}, "
+                "estimated from one sample). Pass probe_size=... or a probe 'size' to choose (a size you give is "
+                "kept, and what does not fit is refused), or max_memory_bytes=..."))
+
+    def _fit_rows(self, one: ProbeTrace, n: int) -> None:
+        """A default-size probe keeps at most :data:`DEFAULT_MAX_ROWS` rows of J (per-token outputs: 512 rows per
+        sequence of the benchmark's GPT), the most samples within them, at least one."""
+        rows = one.output.numel() if isinstance(one.output, torch.Tensor) else 0
+        keep = max(1, DEFAULT_MAX_ROWS // max(rows, 1))
+        if rows and keep < n:
+            raise _Shrink(keep, (
+                f"GeometryMonitor: probe {self.probe.name!r} keeps its first {keep:,} of {n:,} samples for the rest "
+                f"of the run: each sample has {rows:,} outputs, and a default-size probe keeps within "
+                f"{DEFAULT_MAX_ROWS:,} rows of J (a Gram of that order costs seconds; its time grows with the cube of "
+                "the rows). Pass probe_size=... or a probe 'size' to choose"))
 
     def release(self) -> None:
         if self._trace is not None:

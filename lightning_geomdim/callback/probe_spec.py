@@ -18,6 +18,9 @@ _NAME = re.compile(r"^[A-Za-z0-9_.\-]+$")
 #: Samples per probe when neither ``probe_size`` nor the probe's ``size`` is given: fewer when a measure on this
 #: many would not fit the memory budget (``ProbeSpec.fit_memory``).
 DEFAULT_PROBE_SIZE = 64
+#: Most rows of J (samples × outputs per sample) a probe of the default size keeps: fewer samples when each has many
+#: outputs (per-token outputs of a language model, 1,000 classes), so that a point costs seconds, not hours.
+DEFAULT_MAX_ROWS = 4096
 
 
 @dataclass(frozen=True)
@@ -41,8 +44,9 @@ class ProbeSpec:
         spectrum: log the floating-point spectrum on this probe (``numerical_rank`` ...); ``None``: the monitor's
             ``spectrum`` argument. ``False`` on a large probe saves a float Gram eigendecomposition.
         fit_memory: ``size`` is the default (:data:`DEFAULT_PROBE_SIZE`, neither ``probe_size`` nor ``size`` given):
-            when the traced pass or a measure on it would not fit the memory budget, the probe keeps its first
-            samples, the most that fit (one warning), instead of the measure being refused.
+            the probe keeps its first samples, the most within :data:`DEFAULT_MAX_ROWS` rows of J and the most on
+            which the traced pass and the measures fit the memory budget (one warning), instead of the measure being
+            refused.
     """
 
     name: str

@@ -125,6 +125,8 @@ class Probe:
         state: what reproduces the probe: ``indices`` (dataset probes) or ``seed``/``shape`` (random).
         logit_differences, spectrum: how the dimension is measured on it, as in :class:`ProbeSpec`.
         fit_memory: the default size, which may shrink to fit the memory budget (:class:`ProbeSpec`).
+        planned: the measures the monitor takes on this probe during the run (set at train start): a default-size
+            probe is fitted to all of them at once.
     """
 
     name: str
@@ -135,6 +137,7 @@ class Probe:
     logit_differences: bool = True
     spectrum: bool | None = None
     fit_memory: bool = False
+    planned: tuple[str, ...] = ()
 
     @property
     def num_samples(self) -> int:

@@ -136,23 +136,29 @@ class MeasurementSchedule:
     """The schedule of each measure, the last global step at which each was taken and the logging step
     (checkpointed).
 
-    ``stepped`` counts the training batches that advanced ``global_step`` (stepped the optimizers), as Lightning
-    counts the step it logs ``self.log`` values at: one per batch however many optimizers step, none for batches
-    that accumulate gradients. Values are logged at it, so that they line up with the loss under two optimizers or
-    manual optimisation, where ``global_step`` counts every optimizer's steps. A run resumed from a checkpoint
-    without it starts from ``global_step``.
+    ``stepped`` counts training batches as Lightning counts the step it logs ``self.log`` values at: under automatic
+    optimisation the batches that advanced ``global_step`` (one per batch however many optimizers step, none for
+    batches that accumulate gradients), under manual optimisation every batch (``every_batch``). Values are logged at
+    it, so that they line up with the loss, where ``global_step`` counts every optimizer's steps. A run starts it
+    from ``global_step`` unless it was restored from a checkpoint (:meth:`load_state_dict`): a monitor fitted again
+    in a new Trainer starts afresh.
     """
 
     schedules: dict[str, Schedule]
     last_step: dict[str, int] = field(default_factory=dict)
     stepped: int | None = None
     _seen: int | None = field(default=None, repr=False)  # global step of the previous "step"/"start" event
+    _restored: bool = field(default=False, repr=False)  # state loaded from a checkpoint since the last start
 
-    def due(self, event: Event, step: int, epoch: int) -> list[str]:
+    def due(self, event: Event, step: int, epoch: int, every_batch: bool = False) -> list[str]:
         """Measures to take now: their schedule fires and they were not yet taken at this global step. Scheduled
-        steps that ``global_step`` jumped over since the previous step event fire now (see :meth:`Schedule.due`)."""
+        steps that ``global_step`` jumped over since the previous step event fire now (see :meth:`Schedule.due`).
+        ``every_batch``: manual optimisation, where Lightning's logging step counts every batch."""
+        if event == "start" and not self._restored:  # a new run, not a resumed one: nothing of a previous fit
+            self.last_step, self.stepped, self._seen = {}, None, None
+        self._restored = self._restored and event != "start"
         since = self._seen if event == "step" and self._seen is not None and self._seen < step else None
-        if self.stepped is None or (event == "step" and since is not None):
+        if self.stepped is None or (event == "step" and (since is not None or every_batch)):
             self.stepped = step if self.stepped is None else self.stepped + 1
         if event in ("step", "start"):
             self._seen = step
@@ -173,6 +179,7 @@ class MeasurementSchedule:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.last_step = {str(k): int(v) for k, v in state.get("last_step", {}).items()}
         self.stepped = None if state.get("stepped") is None else int(state["stepped"])
+        self._restored = True
 
 
 def training_progress(trainer: Any, event: Event, batch_idx: int | None = None) -> float | None:
@@ -263,8 +270,10 @@ class OverheadBudget:
             )
 
     def start(self) -> None:
-        """Start counting the run's time (at train start; a resumed run adds to the checkpointed totals)."""
+        """Start counting the run's time (at train start; a resumed run adds to the checkpointed totals); the pace
+        of the run is measured afresh."""
         self._mark = self.timer()
+        self.progress, self._anchor = None, None
 
     def _advance(self) -> float:
         now = self.timer()
@@ -366,6 +375,7 @@ class OverheadBudget:
         whole = self.share(projected=True)
         costs = ", ".join(
             f"{m} took {self.cost_s[m]:.2f} s last time" if m in self.cost_s else
+            f"{m} has no share before the run's length is known" if self.projected_other_s() is None else
             f"{m}'s share of the whole run is {max(0.0, whole - self.spent_s.get(m, 0.0)):.2f} s, too little to try a "
             "point" for m in skipped)
         return (

@@ -38,17 +38,20 @@ def schedules_and_budget(
 ) -> tuple[MeasurementSchedule, OverheadBudget]:
     """The schedule of each measure (the rules ``every_n_steps`` … ``at_epochs``, overridden per measure by
     ``schedules``) and the time budget; ``max_overhead="auto"`` budgets the default schedule only."""
-    written = any(rules[k] is not None for k in ("every_n_steps", "every_n_epochs", "log_spaced", "at_epochs"))
-    base = Schedule(**{**rules, "every_n_epochs": rules["every_n_epochs"] if written else 1})  # default: every epoch
+    written = any(rules[k] is not None for k in ("every_n_steps", "every_n_epochs", "log_spaced", "at_epochs",
+                                                  "at_start"))
     schedules = dict(schedules or {})
+    if max_overhead == "auto":  # the budget governs the default schedule; a schedule the user wrote runs as written
+        max_overhead = None if written or schedules else DEFAULT_MAX_OVERHEAD
+    # step 0 unless a budget applies: it cannot pay for a point before the run's length is known
+    base = Schedule(**{**rules, "every_n_epochs": rules["every_n_epochs"] if written else 1,
+                       "at_start": max_overhead is None if rules["at_start"] is None else rules["at_start"]})
     stray = sorted(set(schedules) - set(measures))
     if stray:
         raise MisconfigurationException(
             f"schedules has entries for {stray}, which are not measured: use keys among {list(measures)}"
         )
     schedule = MeasurementSchedule({m: Schedule.from_config(schedules.get(m, {}), base) for m in measures})
-    if max_overhead == "auto":  # the budget governs the default schedule; a schedule the user wrote runs as written
-        max_overhead = None if written or schedules else DEFAULT_MAX_OVERHEAD
     return schedule, OverheadBudget(max_overhead, measures=tuple(measures))
 
 

@@ -48,6 +48,17 @@ def bind_arguments(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> dict[str
     return {k: v for k, v in bound.arguments.items() if k != "self"}
 
 
+def attention_numel(module: nn.MultiheadAttention, arguments: Mapping[str, Any]) -> int:
+    """Values one call holds that no leaf module outputs: q, k, v and the attention output (4 · N · L · E at
+    most) and the scores and weights of every head (2 · N · H · L · S), for the traced pass's memory estimate."""
+    query, key = arguments.get("query"), arguments.get("key")
+    if not isinstance(query, Tensor) or not isinstance(key, Tensor) or query.dim() != 3 or key.dim() != 3:
+        return 0
+    other = 1 - _sample_dim(module)
+    n, length, source = query.shape[_sample_dim(module)], query.shape[other], key.shape[other]
+    return 4 * n * length * module.embed_dim + 2 * n * module.num_heads * length * source
+
+
 def _sample_dim(module: nn.MultiheadAttention) -> int:
     return 0 if module.batch_first else 1
 

@@ -11,16 +11,16 @@ what every measure reads:
   so that a rescaling symmetry can be recognised only where nothing else reads the tensor (:mod:`.symmetries`);
 * ``layer_inputs`` and ``deltas``: for each measured layer with a factor form (``nn.Linear``, ``nn.Conv2d``,
   normalisations, ``nn.Embedding``: :mod:`.factor_forms`; an LSTM's gates and an ``nn.MultiheadAttention``'s two
-  projections, recomputed with the same values: :mod:`.attention_form`), a copy of its input and a
-  zero δ added to its output, so that ∂f/∂δ = ∂f/∂z is the backprop signal of the Gram factors (:mod:`.gram`) even
-  when a later in-place activation overwrites z;
+  projections, recomputed with the same values: :mod:`.attention_form`), a copy of its input and a zero δ added to
+  its output, so that ∂f/∂δ = ∂f/∂z is the Gram factors' backprop signal (:mod:`.gram`) even when a later in-place
+  activation overwrites z;
 * ``output``: f_θ(X) after ``output_fn``, whose graph to θ gives the Jacobian rows (:mod:`.jacobian`) and the loss
   gradient whose derivatives are the Hessian-vector products (:mod:`.hessian`).
 
 The dimension (every engine), the linear regions, the alignment and the flatness all read one trace, so a
 measurement step costs one forward pass over the probe and one float64 copy of the parameters (counted by
-``benchmarks/count_passes.py`` and a test). Memory: the forward's activations with their autograd graph, plus the
-measured layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.release`.
+``benchmarks/count_passes.py`` and a test). Memory: the forward's activations with their graph, plus the measured
+layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.release`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lightning_geomdim.core.attention_form import attention_with_deltas, bind_arguments
+from lightning_geomdim.core.attention_form import attention_numel, attention_with_deltas, bind_arguments
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
 from lightning_geomdim.core.factor_forms import lstm_with_gates
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
@@ -87,14 +87,14 @@ class ProbeTrace:
         deltas: measured affine call name → the zero δ added to its output (requires grad).
         output: f_θ(X), with its graph to ``theta``.
         probe_version: the version of the probe tensor before the pass.
-        activation_numel: A, entries of the inputs and of every leaf call's tensor outputs.
+        activation_numel: A, entries of the inputs, of every leaf call's tensor outputs and of attention's internals.
         trainable: False when the model has no trainable parameter and ``theta`` holds all of them (patterns and
             alignment only; the dimension and flatness then refuse as for any model without trainable parameters).
         grad: the pass was recorded with autograd (``theta`` requires grad): what the dimension and flatness need;
             without it (patterns, alignment) it keeps no graph.
         factors: ``layer_inputs`` and ``deltas`` were recorded (the Gram engine's factors; 2 A more values).
         functions: the torch functions called outside every leaf module, in call order (functional code between
-            modules, e.g. a residual ``out += identity``), for the exact engine's program.
+            modules, e.g. ``out += identity``), for the exact engine's program.
         memo: results computed once per trace by the measures that share it (e.g. the factor forms' check).
     """
 
@@ -209,6 +209,8 @@ class ProbeTrace:
                 call.pattern = (call.input > 0).reshape(call.input.shape[0], -1)
             call.output = out
             call.output_version = out._version if isinstance(out, Tensor) else -1
+            if call.arguments is not None:  # attention's q, k, v, scores and weights: outputs of no leaf module
+                numel[0] += attention_numel(m, call.arguments)  # type: ignore[arg-type]
             if call.leaf:
                 running.pop()
                 outs = out if isinstance(out, (tuple, list)) else (out.values() if isinstance(out, dict) else (out,))
