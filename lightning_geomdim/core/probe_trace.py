@@ -26,7 +26,6 @@ layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.release`.
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,11 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lightning_geomdim.core import backward
 from lightning_geomdim.core.attention_form import attention_numel, attention_with_deltas, bind_arguments
 from lightning_geomdim.core.errors import NonFiniteError, ProbeError
 from lightning_geomdim.core.factor_forms import lstm_with_gates
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
-from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, RELU_LIKE
 from lightning_geomdim.core.memory import is_out_of_memory
 from lightning_geomdim.core.tracing import FunctionCall, UseRecorder, call_keys
@@ -261,35 +260,9 @@ class ProbeTrace:
 
     def vjp(self, out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor) -> list[Tensor]:
         """∂⟨c, out⟩/∂inputs for each cotangent c of ``cotangents`` (B, *out.shape): a list of (B, *input.shape)
-        tensors (zeros for an input ``out`` does not reach), keeping the graph.
-
-        One batched backward (``is_grads_batched``). When the model's backward cannot be batched (an op without a
-        batching rule, an old-style ``autograd.Function``), it warns once and uses one backward per cotangent from
-        then on for this trace: same values, slower. Out of memory is raised as it is.
-        """
-        grads: Sequence[Tensor | None]
-        if not self.memo.get("unbatchable"):
-            try:
-                grads = torch.autograd.grad(out, inputs, cotangents, retain_graph=True, is_grads_batched=True,
-                                            allow_unused=True)
-                return [torch.zeros((len(cotangents), *x.shape), dtype=cotangents.dtype, device=cotangents.device)
-                        if g is None else g for g, x in zip(grads, inputs, strict=True)]
-            except RuntimeError as err:
-                if is_out_of_memory(err):  # out of memory is out of memory: B backward passes would not help
-                    raise
-                self.memo["unbatchable"] = True
-                warnings.warn(
-                    f"could not batch the backward of {type(self.fm.module).__name__} "
-                    f"({str(err).splitlines()[0][:160]}); backpropagating one output coordinate at a time instead "
-                    "(one torch.autograd.grad call per output, slower)", RuntimeWarning, stacklevel=3,
-                )
-        rows = []
-        for c in cotangents:
-            checkpoint()
-            grads = torch.autograd.grad(out, inputs, c, retain_graph=True, allow_unused=True)
-            rows.append([torch.zeros_like(x, dtype=c.dtype) if g is None else g
-                         for g, x in zip(grads, inputs, strict=True)])
-        return [torch.stack(column) for column in zip(*rows, strict=True)]
+        tensors (zeros for an input ``out`` does not reach), keeping the graph; batched or one backward at a time,
+        whichever is faster for this trace (:func:`~lightning_geomdim.core.backward.vjp`)."""
+        return backward.vjp(out, inputs, cotangents, memo=self.memo, model=type(self.fm.module).__name__)
 
     def leaf_calls(self) -> list[TracedCall]:
         """The calls of leaf modules, in call order (positions as in ``input_readers``)."""
