@@ -124,3 +124,22 @@ def test_a_gram_too_large_for_its_allowance_stops_before_its_eigendecomposition(
     with time_limit(limit), pytest.raises(MeasurementOverTime, match="cannot be interrupted"):
         batch_functional_dimension(model, x, engine="gram")
     assert time.perf_counter() - start < limit + 5.0  # it did not run the estimated step
+
+
+def test_the_traced_pass_stops_between_modules_and_leaves_the_model_as_it_was() -> None:
+    """A time limit reached inside the probe's forward pass stops it at the next module (not after the whole pass):
+    the model's hooks, mode and parameters are as before, and a later pass works."""
+    from lightning_geomdim.core.errors import MeasurementOverTime
+    from lightning_geomdim.core.interrupt import time_limit
+    from lightning_geomdim.core.probe_trace import ProbeTrace
+
+    model = nn.Sequential(*[nn.Linear(16, 16) for _ in range(20)]).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    calls = []
+    model[5].register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(MeasurementOverTime), time_limit(0.0):
+        ProbeTrace.of(model, torch.randn(8, 16))
+    assert calls == [] and model.training  # stopped at the first module, mode restored
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert len(model[0]._forward_hooks) == 0 and len(model[5]._forward_hooks) == 1  # only the user's hook is left
+    assert ProbeTrace.of(model, torch.randn(8, 16)).output.shape == (8, 16)

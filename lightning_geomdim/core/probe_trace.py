@@ -35,9 +35,10 @@ from torch import Tensor, nn
 
 from lightning_geomdim.core import backward
 from lightning_geomdim.core.attention_form import attention_numel, attention_with_deltas, bind_arguments
-from lightning_geomdim.core.errors import NonFiniteError, ProbeError
+from lightning_geomdim.core.errors import MeasurementInterrupted, NonFiniteError, ProbeError
 from lightning_geomdim.core.factor_forms import lstm_with_gates
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
+from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, RELU_LIKE
 from lightning_geomdim.core.memory import is_out_of_memory
 from lightning_geomdim.core.tracing import FunctionCall, UseRecorder, call_keys
@@ -188,6 +189,7 @@ class ProbeTrace:
             stack.append(call)
 
         def post(m: nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+            checkpoint()  # the pass stops between modules when the caller asks (a time limit, SIGTERM)
             call = stack.pop()
             replaced = None
             if call.name in measured and call.arguments is not None:  # attention: recomputed, the same values
@@ -228,7 +230,7 @@ class ProbeTrace:
                     handles.append(sub.register_forward_hook(lambda m, a, *o: post(m, a, o[-1]), with_kwargs=kw))
             with torch.set_grad_enabled(grad), recorder:
                 out = fm(fm.params, inputs)
-        except ProbeError:
+        except (ProbeError, MeasurementInterrupted):
             raise
         except Exception as err:
             if is_out_of_memory(err):  # out of memory is not a bad probe
