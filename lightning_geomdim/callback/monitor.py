@@ -242,6 +242,8 @@ class GeometryMonitor(Callback):
             scheduled = self._schedule.due(event, step, trainer.current_epoch, not pl_module.automatic_optimization)
             if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
                 self._time.observe(training_progress(trainer, event, batch))
+        if event == "start":  # step 0 is scheduled by the budget's presence, which may differ between processes
+            scheduled = from_rank_zero(trainer, scheduled)
         if not scheduled or not self.probes:
             return
         # every process reaches this with the same schedule, whatever its own max_overhead: none is left alone
