@@ -14,10 +14,35 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 BUDGET = 300 * 1024**2
+
+
+def SequentialClassifier(*layers: Any) -> Any:
+    """A LightningModule around ``nn.Sequential(*layers)``: cross-entropy, SGD (lr 0.1)."""
+    import lightning as L
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(*layers)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+            return F.cross_entropy(self(batch[0]), batch[1])
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Classifier()
 
 SCRIPT = textwrap.dedent(
     """
@@ -107,26 +132,14 @@ def test_a_refusal_names_only_remedies_the_monitor_accepts(tmp_path: Path) -> No
     import torch
     from lightning.pytorch.loggers import CSVLogger
     from torch import nn
-    from torch.nn import functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_geomdim import GeometryMonitor, batch_functional_dimension
     from lightning_geomdim.core.errors import MemoryBudgetError
 
-    class Net(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            # PReLU's slopes have no factor form: the dense Jacobian, whose remedies must not suggest the Gram engine
-            self.net = nn.Sequential(nn.Linear(6, 256), nn.PReLU(256), nn.ReLU(), nn.Linear(256, 3))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    def Net() -> L.LightningModule:
+        # PReLU's slopes have no factor form: the dense Jacobian, whose remedies must not suggest the Gram engine
+        return SequentialClassifier(nn.Linear(6, 256), nn.PReLU(256), nn.ReLU(), nn.Linear(256, 3))
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(32, 6, generator=g), torch.randint(0, 3, (32,), generator=g))
@@ -301,25 +314,13 @@ def test_a_default_size_probe_of_many_outputs_per_sample_keeps_within_the_row_bu
     import torch
     from lightning.pytorch.loggers import CSVLogger
     from torch import nn
-    from torch.nn import functional as F
     from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_geomdim import GeometryMonitor
     from lightning_geomdim.callback.probe_spec import DEFAULT_MAX_ROWS
 
-    class Wide(L.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 600))
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.net(x)
-
-        def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
-            return F.cross_entropy(self(batch[0]), batch[1])
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
+    def Wide() -> L.LightningModule:
+        return SequentialClassifier(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 600))
 
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.randn(128, 6, generator=g), torch.randint(0, 600, (128,), generator=g))
