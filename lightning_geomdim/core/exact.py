@@ -157,6 +157,7 @@ def _draw(
     x0 = field.from_float(program.probe)
     measured_layers = {layer.name for layer in program.plan.layers}
     for i, step in enumerate(steps):
+        checkpoint()  # between layers: a layer of ResNet-18 over GF(p) takes a fraction of a second
         xs = [x0 if src < 0 else values[src] for src in program.sources[i]]
         if step is None:
             continue
@@ -177,6 +178,7 @@ def _draw(
         if program.measured >= 0:
             grads[program.measured] = chunk[:, None].expand(chunk.shape[0], n, *chunk.shape[1:])
         for i in reversed(range(len(steps))):
+            checkpoint()
             g = grads.pop(i, None)
             step = steps[i]
             if i in inputs:
@@ -194,6 +196,7 @@ def _draw(
     by_name = {steps[i].name: i for i in inputs}  # type: ignore[union-attr]
     factors = []
     for layer in program.plan.layers:
+        checkpoint()
         i = by_name[layer.name]
         factors.append(factors_of(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k, normalized=True))
     return gram_from_factors(factors, program.plan, lower_only=True, field=field)
