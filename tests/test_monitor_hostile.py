@@ -99,6 +99,9 @@ def test_gelu_dimension_is_logged_and_regions_alignment_are_not_applicable_once(
     assert len(messages(record, "not applicable")) == 2
     assert messages(record, r"linear_regions is not applicable.*no nn.ReLU / nn.LeakyReLU module")
     assert messages(record, r"alignment is not applicable.*no nn.ReLU / nn.LeakyReLU module")
+    # alignment is dropped after its first attempt: no longer scheduled, its share of a budget goes to the others
+    assert monitor.measures == ("dimension", "flatness") and set(monitor._schedule.schedules) == set(monitor.measures)
+    assert tuple(monitor._time.measures) == monitor.measures
     acc = EventAccumulator(trainer.logger.log_dir, size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     tags = acc.Tags()["scalars"]

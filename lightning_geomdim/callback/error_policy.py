@@ -51,6 +51,7 @@ class ErrorPolicy:
             them: their tracebacks hold the measurement's tensors alive).
         known_keys: the keys each ``(measure, probe)`` logged when it last succeeded: those logged as NaN on failure.
         warned: the causes already warned about.
+        not_applicable: the measures found not applicable to the model (a property of its modules).
     """
 
     def __init__(self, on_error: OnError = "warn") -> None:
@@ -58,6 +59,7 @@ class ErrorPolicy:
         self.failures: dict[tuple[str, str], Exception] = {}
         self.known_keys: dict[tuple[str, str], set[str]] = {}
         self.warned: set[Hashable] = set()
+        self.not_applicable: set[str] = set()
 
     def clear(self) -> None:
         self.failures = {}
@@ -79,6 +81,7 @@ class ErrorPolicy:
             raise
         except NotApplicableError as err:
             # a property of the model: one warning, whatever the probe
+            self.not_applicable.add(measure)
             self.warn_once(("not applicable", measure),
                            f"GeometryMonitor: {measure} is not applicable, so it is not logged: {err}")
             return {}

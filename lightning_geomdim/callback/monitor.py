@@ -214,9 +214,7 @@ class GeometryMonitor(Callback):
             if "flatness" in self.measures and not can_measure_flatness(
                 self.probes, self.flatness_probe, self._default_measures
             ):
-                self.measures = tuple(m for m in self.measures if m != "flatness")
-                self._schedule.schedules.pop("flatness", None)
-                self._time.measures = self.measures
+                self._drop("flatness")
             for probe, planned in plan(self.probes, self.measures, flatness_probe(self.probes, self.flatness_probe),
                                        alignment_probe(self.probes, self.alignment_probe)):
                 if probe is not None:
@@ -234,6 +232,12 @@ class GeometryMonitor(Callback):
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._measure(trainer, pl_module, "epoch")
+
+    def _drop(self, measure: str) -> None:
+        """Stop scheduling ``measure`` for this run (it cannot be measured on this model) and share its budget."""
+        self.measures = tuple(m for m in self.measures if m != measure)
+        self._schedule.schedules.pop(measure, None)
+        self._time.measures = self.measures
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule, event: Event, batch: int | None = None) -> None:
         """Take the measures the schedules and the time budget allow now, probe by probe, and log them."""
@@ -265,6 +269,8 @@ class GeometryMonitor(Callback):
         try:
             with observing(pl_module):  # stops at the next chunk of work on SIGTERM, keeping what was measured
                 measure_probes(module, steps, settings, self._errors, self._time, out, lambda: trainer.received_sigterm)
+            if "alignment" in self._errors.not_applicable:  # no ReLU modules: its share goes to the others
+                self._drop("alignment")
             with self._time.measuring():
                 log_measurement(trainer, out, self._schedule.stepped or 0, extras=self.tensorboard_extras)
         finally:
