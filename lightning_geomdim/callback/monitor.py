@@ -256,7 +256,8 @@ class GeometryMonitor(Callback):
         waiting = [] if event == "start" else self._time.waiting(scheduled)
         skipped = [m for m in scheduled if m not in due and m not in waiting]
         if skipped:
-            self._errors.warn_once("overhead", lambda: self._time.skip_warning(skipped, step))
+            logged = self._schedule.stepped or 0  # the step of the charts (global_step counts every optimizer)
+            self._errors.warn_once("overhead", lambda: self._time.skip_warning(skipped, logged))
         if not due:
             return
         self._schedule.mark(due, step)
