@@ -180,8 +180,13 @@ def _measure(
         if measure in budget.stopped:
             return
         kept, spectra = dict(out.scalars[measure]), dict(out.spectra)
+        # the processes of a distributed Gram meet in its all-reduce: one stopped by its own clock would leave the
+        # others waiting there, so such a measurement runs to its end (the budget still decides what is taken)
+        dist = torch.distributed
+        shared = settings.distributed_gram and dist.is_available() and dist.is_initialized()
+        shared = shared and dist.get_world_size() > 1
         try:
-            with budget.measuring(measure), time_limit(budget.remaining(measure)):
+            with budget.measuring(measure), time_limit(math.inf if shared else budget.remaining(measure)):
                 checkpoint()  # an allowance spent on earlier probes stops before this probe's traced pass
                 body()
         except MeasurementOverTime as err:

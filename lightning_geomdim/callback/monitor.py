@@ -99,7 +99,9 @@ class GeometryMonitor(Callback):
         distributed_gram: under DDP, share the Gram engine's accumulation among the processes (one all-reduce);
             values then equal a single process to the Gram's resolution rather than bit for bit. Known limit: a
             process that fails inside the measurement (out of memory) before the all-reduce leaves the others
-            waiting in it until the process group's timeout; the default (``False``) has no collective.
+            waiting in it until the process group's timeout; the default (``False``) has no collective. A measure
+            that uses it is not stopped at its time allowance (each process's clock would stop it at a different
+            place): the budget still decides which points are taken.
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
         rtol: relative tolerance of the numerical rank; default the engine's resolution.
         max_memory_bytes: memory budget of a measure, in bytes; default half the available memory. A measure over
