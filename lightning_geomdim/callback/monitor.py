@@ -241,17 +241,16 @@ class GeometryMonitor(Callback):
         self._schedule.schedules.pop(measure, None)
         self._time.measures = self.measures
 
-    def _measure(self, trainer: Trainer, pl_module: LightningModule, event: Event, batch: int | None = None) -> None:
-        """Take the measures the schedules and the time budget allow now, probe by probe, and log them."""
+    def _due(self, trainer: Trainer, pl_module: LightningModule, event: Event, batch: int | None) -> list[str]:
+        """The measures the schedules ask for now and the time budget allows (rank 0's choice); warns of skips."""
         step = trainer.global_step
-        with self._time.measuring():  # the hook's own time, at every batch, is the monitor's too
-            scheduled = self._schedule.due(event, step, trainer.current_epoch, not pl_module.automatic_optimization)
-            if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
-                self._time.observe(training_progress(trainer, event, batch))
+        scheduled = self._schedule.due(event, step, trainer.current_epoch, not pl_module.automatic_optimization)
+        if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
+            self._time.observe(training_progress(trainer, event, batch))
         if event == "start":  # step 0 is scheduled by the budget's presence, which may differ between processes
             scheduled = from_rank_zero(trainer, scheduled)
         if not scheduled or not self.probes:
-            return
+            return []
         # every process reaches this with the same schedule, whatever its own max_overhead: none is left alone
         due = from_rank_zero(trainer, self._time.select(scheduled))
         # a point waiting for the run's length comes later, except one at step 0, which never comes back
@@ -260,6 +259,13 @@ class GeometryMonitor(Callback):
         if skipped:
             logged = self._schedule.stepped or 0  # the step of the charts (global_step counts every optimizer)
             self._errors.warn_once("overhead", lambda: self._time.skip_warning(skipped, logged))
+        return due
+
+    def _measure(self, trainer: Trainer, pl_module: LightningModule, event: Event, batch: int | None = None) -> None:
+        """Take the measures the schedules and the time budget allow now, probe by probe, and log them."""
+        step = trainer.global_step
+        with self._time.measuring():  # the hook's own time, at every batch, is the monitor's too
+            due = self._due(trainer, pl_module, event, batch)
         if not due:
             return
         self._schedule.mark(due, step)
