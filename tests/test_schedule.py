@@ -10,6 +10,7 @@ import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_geomdim.callback.progress import training_progress
 from lightning_geomdim.callback.schedule import (
     FIRST_POINT_SECONDS,
     MeasurementSchedule,
@@ -17,7 +18,6 @@ from lightning_geomdim.callback.schedule import (
     Schedule,
     is_log_spaced,
     log_spaced_steps,
-    training_progress,
 )
 from lightning_geomdim.core.errors import MeasurementInterrupted, MeasurementOverTime
 from lightning_geomdim.core.interrupt import checkpoint, interruptible, time_limit
@@ -304,3 +304,19 @@ def test_training_progress_follows_a_real_trainer(tmp_path, limits: dict, expect
         assert len(recorder.seen) == 5 and {p for _, p in recorder.seen} == {None}
         return
     assert [(e, pytest.approx(p) if p else p) for e, p in recorder.seen] == expected
+
+
+def test_a_first_points_share_counts_the_shared_time_still_to_come() -> None:
+    """The hooks of every batch to come are measuring time too: the whole-run share subtracts the shared seconds
+    projected at their pace since the anchor, as the other seconds are projected."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.1, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    clock.now = 1.0
+    budget.observe(0.1)                  # anchor: 1 s of training, no shared time yet
+    measure(budget, clock, None, 0.02)   # 0.02 s of hooks over the next 10 % of the run
+    clock.now = 1.82
+    budget.observe(0.2)
+    assert budget.projected_other_s() == pytest.approx(1.8 + 8.0 * 0.8)  # 8.2 s of training in all
+    # shared: 0.02 s so far + 0.2 s per unit of progress x 0.8 to come = 0.18 s
+    assert budget.share(projected=True) == pytest.approx((0.1 * 8.2 - 0.18) / 2)

@@ -25,7 +25,8 @@ from lightning_geomdim.callback.measures import DefaultOutput, Measurement, Meas
 from lightning_geomdim.callback.observer import observing
 from lightning_geomdim.callback.probe_set import alignment_probe, build_probes, can_measure_flatness, flatness_probe
 from lightning_geomdim.callback.probes import Probe, default_input_fn, default_target_fn
-from lightning_geomdim.callback.schedule import Event, training_progress
+from lightning_geomdim.callback.progress import training_progress
+from lightning_geomdim.callback.schedule import Event
 from lightning_geomdim.callback.validation import (
     check_measures,
     check_probes,

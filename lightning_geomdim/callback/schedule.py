@@ -30,7 +30,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from lightning.pytorch.callbacks import Timer
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 Event = Literal["start", "step", "epoch"]
@@ -182,26 +181,6 @@ class MeasurementSchedule:
         self._restored = True
 
 
-def training_progress(trainer: Any, event: Event, batch_idx: int | None = None) -> float | None:
-    """The fraction of the training done at ``event`` (after batch ``batch_idx`` of the current epoch for a
-    ``"step"``), from ``max_epochs`` and ``trainer.num_training_batches``, ``max_steps`` and ``global_step``, or
-    ``max_time`` (Lightning's :class:`~lightning.pytorch.callbacks.Timer`), whichever ends the run first; ``None``
-    at ``"start"`` or when none bounds the run."""
-    fractions = []
-    for timer in (c for c in trainer.callbacks if isinstance(c, Timer)):
-        remaining = timer.time_remaining()
-        if event != "start" and remaining is not None:
-            elapsed = timer.time_elapsed()
-            fractions.append(elapsed / max(elapsed + remaining, 1e-9))
-    epochs, batches = trainer.max_epochs, trainer.num_training_batches
-    if event != "start" and epochs is not None and epochs > 0 and 0 < batches < math.inf:
-        done = trainer.current_epoch + (1.0 if event == "epoch" else min(1.0, ((batch_idx or 0) + 1) / batches))
-        fractions.append(done / epochs)
-    if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step > 0:
-        fractions.append(trainer.global_step / trainer.max_steps)
-    return min(1.0, max(fractions)) if fractions else None
-
-
 #: Most seconds a measure's first point may take (its cost is unknown then): a projection of the run's length made
 #: early can be wrong (early stopping, a slow first epoch), so the point borrows at most this much from the future.
 FIRST_POINT_SECONDS = 2.0
@@ -221,9 +200,9 @@ class OverheadBudget:
     its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``.
 
     A first point, whose cost is unknown, is paid from the share of the whole run, projected from the fraction of
-    the training done (:meth:`observe`, :func:`training_progress`) at the rate since the first observation (after
-    the first batch, so that the first batch's warm-up is not taken for the pace of the run), or ``other_s`` while
-    no projection exists.
+    the training done (:meth:`observe`, :func:`.progress.training_progress`) at the pace since the first observation
+    (after the first batch, so that its warm-up is not taken for the pace of the run), the shared seconds projected
+    alike, or from ``other_s`` while no projection exists.
     It is tried once that share, less what the measure spent, is at least :data:`MIN_POINT_SECONDS`, and may take
     it (at most :data:`FIRST_POINT_SECONDS`). A measurement that runs past its :meth:`allowance` is stopped at its
     next chunk of work and logs nothing (:meth:`overran`); it counts twice the time it ran as its cost, so it is
@@ -254,7 +233,7 @@ class OverheadBudget:
     cost_s: dict[str, float] = field(default_factory=dict)
     timer: Callable[[], float] = time.perf_counter
     progress: float | None = None
-    _anchor: tuple[float, float] | None = field(default=None, repr=False)  # (other_s, progress) at the first
+    _anchor: tuple[float, float, float] | None = field(default=None, repr=False)  # other_s, progress, shared
     _mark: float | None = field(default=None, repr=False)
     _taken: set[str] = field(default_factory=set, repr=False)  # the measures timed since the last select
     _limits: dict[str, float] = field(default_factory=dict, repr=False)  # deadlines of this measurement
@@ -292,7 +271,7 @@ class OverheadBudget:
         self._advance()
         self.progress = progress
         if progress and self._anchor is None:
-            self._anchor = (self.other_s, progress)
+            self._anchor = (self.other_s, progress, self._shared())
 
     def projected_other_s(self) -> float | None:
         """The run's other seconds at its end: ``other_s`` plus the rest of the training at the pace since the
@@ -302,13 +281,21 @@ class OverheadBudget:
         pace = (self.other_s - self._anchor[0]) / (self.progress - self._anchor[1])
         return self.other_s + pace * max(0.0, 1.0 - self.progress)
 
+    def _shared(self) -> float:
+        """Measuring seconds of no measure: probes, hooks, logs."""
+        return self.measuring_s - sum(self.spent_s.values())
+
     def share(self, projected: bool = False) -> float:
         """Seconds each measure may have spent by now, (max_overhead · other_s − shared) / number of measures; with
-        ``projected``, over the whole run (:meth:`projected_other_s`, when there is one)."""
+        ``projected``, over the whole run (:meth:`projected_other_s`, when there is one), the shared seconds also
+        projected at their pace since the anchor (the hooks of every batch to come)."""
         if self.max_overhead is None:
             return math.inf
-        shared = self.measuring_s - sum(self.spent_s.values())
-        other = (self.projected_other_s() if projected else None) or self.other_s
+        shared, other = self._shared(), self.other_s
+        whole = self.projected_other_s() if projected else None
+        if whole is not None and self._anchor is not None and self.progress is not None:
+            shared += max(0.0, (shared - self._anchor[2]) / (self.progress - self._anchor[1])) * (1.0 - self.progress)
+            other = whole
         return (self.max_overhead * other - shared) / max(1, len(self.measures))
 
     def allowance(self, measure: str) -> float:
