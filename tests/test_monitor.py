@@ -873,21 +873,31 @@ def test_a_probe_too_small_for_its_dimension_to_move_is_flagged_once(tmp_path: P
 
 
 def test_a_first_point_over_its_time_allowance_is_stopped_and_retried(tmp_path: Path, monkeypatch: Any) -> None:
-    """At defaults a measure's first point may take FIRST_POINT_SECONDS (here 0.1 ms): past it the measure stops at its
-    next chunk of work, logs nothing, warns once, and is retried with twice the time once the run earned it; the
-    training and its weights are as without the monitor."""
+    """A measure's first point may take FIRST_POINT_SECONDS (here 0.1 ms) beyond what the run has earned: past it the
+    measure stops at its next chunk of work, logs nothing, warns once, and is retried with twice the time once the run
+    earned it; the training and its weights are as without the monitor."""
     from lightning_geomdim.callback import schedule
 
     monkeypatch.setattr(schedule, "FIRST_POINT_SECONDS", 1e-4)
+
+    class StopAfter(L.Callback):  # a run planned for 200 epochs, ended after 12 (early stopping's way)
+        def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+            trainer.should_stop = trainer.should_stop or trainer.current_epoch >= 11
+
     L.seed_everything(0)
     plain = Classifier()
-    trainer(tmp_path / "plain", None, max_epochs=6).fit(plain, **loaders(train=64, val=None))
+    tr = trainer(tmp_path / "plain", None, max_epochs=200)
+    tr.callbacks.append(StopAfter())
+    tr.fit(plain, **loaders(train=64, val=None))
     L.seed_everything(0)
     model = Classifier()
-    # a budget ten times the training time: the doubling allowance soon covers a point of this tiny model
-    monitor = GeometryMonitor(every_n_steps=1, max_overhead=10.0, probes=["train"], probe_size=8,
+    # a budget as large as the training time: the projected run (200 epochs) gives each first point a share, what the
+    # run has earned at its first steps (a few ms) is less than a point, and the doubling allowance covers one of
+    # this tiny model within 12 epochs
+    monitor = GeometryMonitor(every_n_steps=1, max_overhead=1.0, probes=["train"], probe_size=8,
                               measures=["dimension", "flatness"])
-    tr = trainer(tmp_path / "watched", monitor, max_epochs=6)
+    tr = trainer(tmp_path / "watched", monitor, max_epochs=200)
+    tr.callbacks.append(StopAfter())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tr.fit(model, **loaders(train=64, val=None))

@@ -320,3 +320,24 @@ def test_a_first_points_share_counts_the_shared_time_still_to_come() -> None:
     assert budget.projected_other_s() == pytest.approx(1.8 + 8.0 * 0.8)  # 8.2 s of training in all
     # shared: 0.02 s so far + 0.2 s per unit of progress x 0.8 to come = 0.18 s
     assert budget.share(projected=True) == pytest.approx((0.1 * 8.2 - 0.18) / 2)
+
+
+def test_a_first_point_at_the_end_of_a_run_may_take_its_whole_share() -> None:
+    """A first point borrows at most FIRST_POINT_SECONDS beyond what the run has earned: early in a long run that is
+    2 s, at the end of a one-epoch run (the only event) its whole share."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    clock.now = 10.0
+    budget.observe(0.01)                  # the first batch anchors the pace
+    clock.now = 3600.0
+    budget.observe(1.0)                   # the end of the only epoch of an hour: share 0.05 · 3600 / 2 = 90 s
+    assert budget.select(["dimension"]) == ["dimension"]
+    assert budget.allowance("dimension") == pytest.approx(90.0)
+    early = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
+    early.start()
+    clock.now += 10.0
+    early.observe(0.01)
+    clock.now += 36.0
+    early.observe(0.02)                   # 1 % more in 36 s: an hour in all, 0.9 s earned so far
+    assert early.allowance("dimension") == FIRST_POINT_SECONDS

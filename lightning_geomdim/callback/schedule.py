@@ -10,13 +10,14 @@ those the time budget allows (all of them with ``max_overhead=None``). Nothing e
 **Cost**: on the monitor's default schedule (every epoch) at most about 5 % of the training's wall time is spent
 measuring (``max_overhead="auto"`` → 0.05), each measure getting an equal share. A measure's first point waits until
 the run's length is known (from ``max_epochs`` / ``max_steps`` and the pace after the first batch) and may take its
-share of the budget over the whole projected run (at most :data:`FIRST_POINT_SECONDS`); later points are taken while
-their cost (the duration of the previous measurement) fits in the share earned so far. A measure that runs past its
-allowance is stopped and logs nothing, with one warning, so a run too short for a measure never pays for it. The
-point at step 0 is therefore taken only under a written schedule (``benchmarks/bench_callback.py`` measures the
-MNIST example). **A schedule you write is the schedule that runs**: with any of ``every_n_steps``, ``every_n_epochs``,
-``log_spaced``, ``at_epochs`` or ``schedules`` given, every scheduled point is taken, unless you also pass a
-``max_overhead`` fraction. ``max_overhead=None`` takes every scheduled point.
+share of the budget over the whole projected run (at most :data:`FIRST_POINT_SECONDS` more than the run has earned);
+later points are taken while their cost (the duration of the previous measurement) fits in the share earned so far.
+A measure that runs past its allowance is stopped and logs nothing, with one warning, so a run too short for a
+measure never pays for it. The point at step 0 is therefore taken only without a budget (a written schedule, or
+``max_overhead=None``; ``benchmarks/bench_callback.py`` measures the MNIST example). **A schedule you write is the
+schedule that runs**: with any of ``every_n_steps``, ``every_n_epochs``, ``log_spaced``, ``at_epochs`` or
+``schedules`` given, every scheduled point is taken, unless you also pass a ``max_overhead`` fraction.
+``max_overhead=None`` takes every scheduled point.
 
 Part of the Lightning layer: Lightning gives ``MisconfigurationException``, the error of a bad schedule.
 """
@@ -202,15 +203,14 @@ class OverheadBudget:
     A first point, whose cost is unknown, is paid from the share of the whole run, projected from the fraction of
     the training done (:meth:`observe`, :func:`.progress.training_progress`) at the pace since the first observation
     (after the first batch, so that its warm-up is not taken for the pace of the run), the shared seconds projected
-    alike, or from ``other_s`` while no projection exists.
-    It is tried once that share, less what the measure spent, is at least :data:`MIN_POINT_SECONDS`, and may take
-    it (at most :data:`FIRST_POINT_SECONDS`). A measurement that runs past its :meth:`allowance` is stopped at its
-    next chunk of work and logs nothing (:meth:`overran`); it counts twice the time it ran as its cost, so it is
-    retried only once the share earned covers that. So a run of T seconds spends at most about
-    ``max_overhead · T`` measuring, and each measure gets points in inverse proportion to its cost (none, with a
-    warning, when one point costs more than its share of the run: ResNet-18 on 2 CPU cores in a 2-minute run).
-    With ``max_overhead=None`` every scheduled measure is taken, without time limit. The account is checkpointed,
-    so a resumed run keeps it.
+    alike, or from ``other_s`` while no projection exists. It is tried once that share, less what the measure spent,
+    is at least :data:`MIN_POINT_SECONDS`, and may take it (at most :data:`FIRST_POINT_SECONDS` more than the run
+    has earned so far). A measurement that runs past its :meth:`allowance` is stopped at its next chunk of work and
+    logs nothing (:meth:`overran`); it counts twice the time it ran as its cost, so it is retried only once the
+    share earned covers that. So a run of T seconds spends at most about ``max_overhead · T`` measuring, and each
+    measure gets points in inverse proportion to its cost (none, with a warning, when one point costs more than its
+    share of the run: ResNet-18 on 2 CPU cores in a 2-minute run). With ``max_overhead=None`` every scheduled
+    measure is taken, without time limit. The account is checkpointed, so a resumed run keeps it.
 
     Attributes:
         max_overhead: largest ratio of measuring time to the other wall time, > 0; ``None`` for no limit.
@@ -301,13 +301,14 @@ class OverheadBudget:
     def allowance(self, measure: str) -> float:
         """Seconds ``measure`` may still run at this measurement before it is stopped (:func:`.time_limit`): its
         share less what it spent (which :meth:`select` checked covers its counted cost); for a first point, its
-        share of the projected run less what it spent, at most :data:`FIRST_POINT_SECONDS`; no limit without
-        ``max_overhead``."""
+        share of the projected run less what it spent, of which it borrows at most :data:`FIRST_POINT_SECONDS`
+        beyond what the run has earned so far (so a first point at the end of a run may take its whole share); no
+        limit without ``max_overhead``."""
         if self.max_overhead is None:
             return math.inf
         spent = self.spent_s.get(measure, 0.0)
         if measure not in self.cost_s:
-            return min(FIRST_POINT_SECONDS, self.share(projected=True) - spent)
+            return min(self.share(projected=True) - spent, max(FIRST_POINT_SECONDS, self.share() - spent))
         return max(self.share() - spent, self.cost_s[measure])
 
     def remaining(self, measure: str) -> float:
