@@ -115,6 +115,16 @@ class FakeTimer:
         return self.now
 
 
+def paced(clock: FakeTimer, *observed: tuple[float, float], max_overhead: float = 0.05) -> OverheadBudget:
+    """A budget of two measures started now, then observing each (seconds later, fraction of the run done)."""
+    budget = OverheadBudget(max_overhead, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    for seconds, progress in observed:
+        clock.now += seconds
+        budget.observe(progress)
+    return budget
+
+
 def measure(budget: OverheadBudget, clock: FakeTimer, name: str | None, seconds: float) -> None:
     with budget.measuring(name):
         clock.now += seconds
@@ -237,12 +247,7 @@ def test_a_first_point_waits_for_a_share_of_the_run_and_never_takes_more() -> No
     clock.now = 2.1                                    # share 0.0525 ≥ 0.05: tried with what the run has earned
     assert budget.select(["dimension"]) == ["dimension"]
     assert budget.allowance("dimension") == pytest.approx(0.0525)
-    short = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
-    short.start()
-    clock.now += 0.25
-    short.observe(0.25)
-    clock.now += 0.25
-    short.observe(0.5)                                 # a 1-second run: share 0.025 s, never tried, not waiting
+    short = paced(clock, (0.25, 0.25), (0.25, 0.5))    # a 1-second run: share 0.025 s, never tried, not waiting
     assert short.select(["flatness"]) == [] and short.waiting(["flatness"]) == []
     assert "flatness's share of the whole run is 0.03 s" in short.skip_warning(["flatness"], 3)
     clock.now += 1.5
@@ -326,18 +331,9 @@ def test_a_first_point_at_the_end_of_a_run_may_take_its_whole_share() -> None:
     """A first point borrows at most FIRST_POINT_SECONDS beyond what the run has earned: early in a long run that is
     2 s, at the end of a one-epoch run (the only event) its whole share."""
     clock = FakeTimer()
-    budget = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
-    budget.start()
-    clock.now = 10.0
-    budget.observe(0.01)                  # the first batch anchors the pace
-    clock.now = 3600.0
-    budget.observe(1.0)                   # the end of the only epoch of an hour: share 0.05 · 3600 / 2 = 90 s
+    # the first batch anchors the pace; the end of the only epoch of an hour: share 0.05 · 3600 / 2 = 90 s
+    budget = paced(clock, (10.0, 0.01), (3590.0, 1.0))
     assert budget.select(["dimension"]) == ["dimension"]
     assert budget.allowance("dimension") == pytest.approx(90.0)
-    early = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
-    early.start()
-    clock.now += 10.0
-    early.observe(0.01)
-    clock.now += 36.0
-    early.observe(0.02)                   # 1 % more in 36 s: an hour in all, 0.9 s earned so far
+    early = paced(clock, (10.0, 0.01), (36.0, 0.02))  # 1 % more in 36 s: an hour in all, 0.9 s earned so far
     assert early.allowance("dimension") == FIRST_POINT_SECONDS
