@@ -42,18 +42,18 @@ from lightning_geomdim.core.flatness import DEFAULT_TRACE_SAMPLES
 class GeometryMonitor(Callback):
     r"""Measure the local geometry of the network on fixed probe batches while it trains, and log it.
 
-    Add it to any ``Trainer`` (the LightningModule needs no change): the values are logged through every logger
-    at Lightning's logging step (the training batches that stepped the optimizers: ``trainer.global_step`` with one
+    Add it to any ``Trainer`` (the LightningModule needs no change): the values are logged through every logger at
+    Lightning's logging step (the training batches that stepped the optimizers: ``trainer.global_step`` with one
     optimizer; :class:`~.schedule.MeasurementSchedule`), under the keys listed in
     :mod:`lightning_geomdim.callback.log` (the batch functional dimension and its bounds and spectrum per probe,
-    flatness, alignment per layer); a
-    ``TensorBoardLogger`` also gets a custom-scalars layout, singular-value histograms and cosine heatmaps.
-    Probes are fixed for the run and saved in checkpoints with the schedule (:mod:`.probes`), so a resumed run
-    measures the same probes at the same steps. The default schedule costs about 5 % of the run's wall time; a
-    schedule you write runs as written (:mod:`.schedule`). Any differentiable model is measured (linear regions and
-    alignment need ``nn.ReLU`` / ``nn.LeakyReLU`` modules), in eval mode, as an observer: the trained weights are
-    bit-identical with or without the monitor (:mod:`.observer`). A failing measure warns and logs NaN
-    (:mod:`.error_policy`). Single device and DDP; sharded strategies are refused (:mod:`.distributed`).
+    flatness, alignment per layer); a ``TensorBoardLogger`` also gets a custom-scalars layout, singular-value
+    histograms and cosine heatmaps. Probes are fixed for the run and saved in checkpoints with the schedule
+    (:mod:`.probes`), so a resumed run measures the same probes at the same steps. The default schedule costs about
+    5 % of the run's wall time; a schedule you write runs as written (:mod:`.schedule`). Any differentiable model is
+    measured (linear regions and alignment need ``nn.ReLU`` / ``nn.LeakyReLU`` modules), in eval mode, as an
+    observer: the trained weights are bit-identical with or without the monitor (:mod:`.observer`). A failing
+    measure warns and logs NaN (:mod:`.error_policy`). Single device and DDP; sharded strategies are refused
+    (:mod:`.distributed`).
 
     Args:
         every_n_steps: measure after every n-th optimizer step (``trainer.global_step``; a multiple the counter
@@ -70,8 +70,8 @@ class GeometryMonitor(Callback):
             point is skipped (one warning) when its last cost would exceed the measure's equal share, and stopped
             past its allowance; a first point waits for the run's length and may take the measure's share of the
             whole run, at most 2 s more than the run has earned (:class:`~.schedule.OverheadBudget`). ``None``:
-            every point, any cost.
-            ``"auto"`` (default): 0.05 on the default schedule (no point at step 0), ``None`` on one you wrote.
+            every point, any cost. ``"auto"`` (default): 0.05 on the default schedule (no point at step 0), ``None``
+            on one you wrote.
         schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.
         probes: ``"train"``, ``"val"``, ``"random"``, dicts (:class:`~.probe_spec.ProbeSpec`) or, from Python,
             ``{"name": ..., "x": tensor, "y": tensor}``; default ``["train", "val", "random"]`` ("val" left out
@@ -280,7 +280,8 @@ class GeometryMonitor(Callback):
         try:
             with observing(pl_module):  # stops at the next chunk of work on SIGTERM, keeping what was measured
                 measure_probes(module, steps, settings, self._errors, self._time, out, lambda: trainer.received_sigterm)
-            if "alignment" in self._errors.not_applicable:  # no ReLU modules: its share goes to the others
+            if "alignment" in self._errors.not_applicable and "alignment" in self.measures:
+                # no ReLU modules: its share of the budget goes to the others
                 self._drop("alignment")
             with self._time.measuring():
                 log_measurement(trainer, out, self._schedule.stepped or 0, extras=self.tensorboard_extras)

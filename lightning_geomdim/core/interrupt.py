@@ -85,8 +85,8 @@ def time_limit(seconds: float, timer: Callable[[], float] = time.perf_counter) -
         now = timer()
         if now > end:
             raise MeasurementOverTime(f"stopped after {seconds:.3g} s, its time allowance")
-        if flops >= AHEAD_MIN_FLOPS and now + flops / machine_flops() > end:
-            ahead = flops / machine_flops()
+        ahead = flops / machine_flops() if flops >= AHEAD_MIN_FLOPS else 0.0
+        if now + ahead > end:
             raise MeasurementOverTime(
                 f"stopped before a step that cannot be interrupted, estimated at {ahead:.3g} s ({flops:.3g} flops at "
                 f"this machine's rate), which would end past its time allowance of {seconds:.3g} s",
