@@ -225,6 +225,29 @@ def test_cosine_heatmap_colours() -> None:
     assert pixel == {(0, 0): [1, 0, 0], (0, 1): [1, 1, 1], (1, 0): [0, 0, 1], (1, 1): [0.5, 0.5, 0.5]}
 
 
+def test_the_images_of_a_measure_count_as_its_time(tmp_path: Path) -> None:
+    """Writing the heatmaps is the alignment's time, the spectra the dimension's, the scalars no measure's: the
+    budget then counts a point's whole cost (on the MNIST example the heatmaps cost as much as the alignment)."""
+    from lightning_geomdim.callback.log import log_measurement
+    from lightning_geomdim.callback.measures import Measurement
+    from lightning_geomdim.callback.schedule import OverheadBudget
+
+    trainer = L.Trainer(logger=TensorBoardLogger(tmp_path), enable_progress_bar=False)
+    out = Measurement(spectra={"train": torch.tensor([3.0, 1.0])}, cosines={"net.1": torch.eye(3)})
+    out.scalars["alignment"]["geometry/alignment/num_clusters"] = 3.0
+    budget = OverheadBudget(0.05, measures=("dimension", "alignment"))
+    budget.start()
+    budget.select(["dimension", "alignment"])
+    log_measurement(trainer, out, 7, extras=True, charge=budget.measuring)
+    assert set(budget.spent_s) == {"dimension", "alignment"} and budget.cost_s == budget.spent_s
+    assert budget.measuring_s > sum(budget.spent_s.values())  # the scalars: shared
+    trainer.logger.experiment.flush()
+    acc = EventAccumulator(trainer.logger.log_dir)
+    acc.Reload()
+    assert acc.Tags()["images"] == ["geometry/alignment/net.1/cosine_similarity"]
+    assert acc.Tags()["histograms"] == ["geometry/train/log10_singular_values"]
+
+
 @pytest.mark.parametrize(
     ("schedule", "epochs", "batches", "expected"),
     [

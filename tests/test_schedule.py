@@ -236,6 +236,26 @@ def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -
     assert OverheadBudget(None).allowance("dimension") == math.inf
 
 
+def test_a_measure_past_its_share_leaves_the_others_less() -> None:
+    """A point runs to its next chunk of work past its allowance: the run as a whole still keeps to max_overhead,
+    because the others are taken only from what all measures together have left (their headroom)."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.1, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    budget.select(["dimension", "flatness"])
+    measure(budget, clock, "flatness", 2.0)
+    measure(budget, clock, "dimension", 8.0)         # ran far past its share, e.g. an uninterruptible step
+    clock.now += 100.0                               # other 100 s: shares 5 s each, 10 s in all, 10 s spent
+    budget.observe(None)
+    assert budget.share() == pytest.approx(5.0) and budget.headroom() == pytest.approx(0.0)
+    assert budget.select(["flatness"]) == []         # its own share has room (2 + 2 ≤ 5), the run has none
+    clock.now += 20.0                                # shares 6 s: 12 s in all, 2 s left
+    assert budget.select(["flatness", "dimension"]) == ["flatness"]
+    measure(budget, clock, "flatness", 2.0)
+    assert budget.measuring_s <= 0.1 * budget.other_s
+    assert OverheadBudget(None).headroom() == math.inf
+
+
 def test_a_first_point_waits_for_a_share_of_the_run_and_never_takes_more() -> None:
     """Without the run's length a first point waits until the share earned reaches MIN_POINT_SECONDS; with it, a
     share of the whole run below that is never tried (the warning's case), and a small one bounds the allowance."""

@@ -69,7 +69,9 @@ without ReLU modules) logs nothing (see :mod:`.error_policy`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
 
 from lightning.pytorch import Trainer
 from torch import nn
@@ -87,15 +89,27 @@ def log_layout(trainer: Trainer, probes: list[str], measures: Iterable[str], mod
             tb.write_layout(logger, probes, measures, regions=has_relu)
 
 
-def log_measurement(trainer: Trainer, measurement: Measurement, step: int, *, extras: bool) -> None:
-    """The scalars through every logger at ``step``; with ``extras``, the TensorBoard histograms and heatmaps."""
+def log_measurement(
+    trainer: Trainer, measurement: Measurement, step: int, *, extras: bool,
+    charge: Callable[[str | None], AbstractContextManager[None]] = lambda measure: contextlib.nullcontext(),
+) -> None:
+    """The scalars through every logger at ``step``; with ``extras``, the TensorBoard histograms and heatmaps.
+
+    ``charge(measure)`` times each part as that measure's (the monitor's :meth:`.OverheadBudget.measuring`): the
+    spectra are the dimension's, the heatmaps the alignment's, the scalars no measure's (``None``).
+    """
     metrics = measurement.metrics()
     if metrics:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
+        with charge(None):
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
     if extras and trainer.is_global_zero:
         for logger in tb.tensorboard_loggers(trainer.loggers):
-            for name, sv in measurement.spectra.items():
-                tb.log_spectrum(logger, name, sv, step)
-            for layer, cos in measurement.cosines.items():
-                tb.log_heatmap(logger, layer, cos, step)
+            if measurement.spectra:
+                with charge("dimension"):
+                    for name, sv in measurement.spectra.items():
+                        tb.log_spectrum(logger, name, sv, step)
+            if measurement.cosines:
+                with charge("alignment"):
+                    for layer, cos in measurement.cosines.items():
+                        tb.log_heatmap(logger, layer, cos, step)

@@ -283,7 +283,7 @@ class GeometryMonitor(Callback):
             if "alignment" in self._errors.not_applicable and "alignment" in self.measures:
                 # no ReLU modules: its share of the budget goes to the others
                 self._drop("alignment")
-            with self._time.measuring():
-                log_measurement(trainer, out, self._schedule.stepped or 0, extras=self.tensorboard_extras)
+            log_measurement(trainer, out, self._schedule.stepped or 0, extras=self.tensorboard_extras,
+                            charge=self._time.measuring)
         finally:
             self._errors.clear()  # their tracebacks hold the measurement's tensors (Grams, factors) alive

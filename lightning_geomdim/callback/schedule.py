@@ -196,9 +196,11 @@ class OverheadBudget:
     The run's wall time is split in two: seconds spent measuring (inside :meth:`measuring`) and every other
     second since :meth:`start` (training steps, validation, data loading, other callbacks). The budget,
     ``max_overhead · other_s`` less the measuring time that belongs to no measure (building probes, writing
-    logs), is shared equally among the ``measures``, so that a cheap measure cannot starve an expensive one: a
-    scheduled measure is taken when its estimated cost, the duration of its previous measurement, still fits in
-    its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead · other_s − shared) / len(measures)``.
+    scalars; a measure's TensorBoard images are its own), is shared equally among the ``measures``, so that a
+    cheap measure cannot starve an expensive one: a scheduled measure is taken when its estimated cost, the
+    duration of its previous measurement, still fits in its share, ``spent_s[m] + cost_s[m] ≤ (max_overhead ·
+    other_s − shared) / len(measures)``, and in what all measures together have left (:meth:`headroom`), so that
+    one that ran past its share (to its next chunk of work) leaves the others less.
 
     A first point, whose cost is unknown, is paid from the share of the whole run, projected from the fraction of
     the training done (:meth:`observe`, :func:`.progress.training_progress`) at the pace since the first observation
@@ -298,6 +300,15 @@ class OverheadBudget:
             other = whole
         return (self.max_overhead * other - shared) / max(1, len(self.measures))
 
+    def headroom(self, projected: bool = False) -> float:
+        """Seconds all measures together may still spend, by now (or over the whole run, with ``projected``):
+        their shares less what they spent. A measure that ran past its share (a stopped point runs to its next
+        chunk of work) leaves the others less, so the run as a whole keeps to ``max_overhead``."""
+        if self.max_overhead is None:
+            return math.inf
+        return self.share(projected) * max(1, len(self.measures)) - sum(
+            v for m, v in self.spent_s.items() if m in self.measures)
+
     def allowance(self, measure: str) -> float:
         """Seconds ``measure`` may still run at this measurement before it is stopped (:func:`.time_limit`): its
         share less what it spent (which :meth:`select` checked covers its counted cost); for a first point, its
@@ -308,7 +319,8 @@ class OverheadBudget:
             return math.inf
         spent = self.spent_s.get(measure, 0.0)
         if measure not in self.cost_s:
-            return min(self.share(projected=True) - spent, max(FIRST_POINT_SECONDS, self.share() - spent))
+            return min(self.share(projected=True) - spent, max(FIRST_POINT_SECONDS, self.share() - spent),
+                       self.headroom(projected=True))
         return max(self.share() - spent, self.cost_s[measure])
 
     def remaining(self, measure: str) -> float:
@@ -330,14 +342,19 @@ class OverheadBudget:
         """The measures of ``due`` (in order) that fit in their share of the budget now; starts a measurement."""
         self._advance()
         self._taken, self._limits, self.stopped = set(), {}, set()
+        if self.max_overhead is None:
+            return list(due)
         share, whole = self.share(), self.share(projected=True)
-        return [m for m in due if self._fits(m, share, whole)]
-
-    def _fits(self, measure: str, share: float, whole: float) -> bool:
-        spent = self.spent_s.get(measure, 0.0)
-        if measure in self.cost_s:
-            return spent + self.cost_s[measure] <= share
-        return whole - spent >= MIN_POINT_SECONDS
+        room, whole_room = self.headroom(), self.headroom(projected=True)
+        chosen = []
+        for m in due:
+            spent, cost = self.spent_s.get(m, 0.0), self.cost_s.get(m)
+            if cost is not None and spent + cost <= share and cost <= room:
+                chosen.append(m)
+                room -= cost
+            elif cost is None and min(whole - spent, whole_room) >= MIN_POINT_SECONDS:
+                chosen.append(m)
+        return chosen
 
     def waiting(self, measures: Sequence[str]) -> list[str]:
         """Those of ``measures`` not yet tried while the run's length is unknown: they wait for it (no warning)."""
