@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from conftest import gen, mlp, small_cnn, spawn_and_join
 
-from lightning_geomdim import batch_functional_dimension
+from lightning_geomdim import GeometryError, batch_functional_dimension
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
 from lightning_geomdim.core.gram import _balanced_share, gram_from_factors
 from lightning_geomdim.core.layer_factors import layer_factors
@@ -84,3 +84,34 @@ def test_two_processes_all_reduce_to_the_single_process_result(tmp_path: Path) -
             torch.testing.assert_close(sv, single.spectrum.singular_values, rtol=1e-9, atol=single.spectrum.tolerance)
             torch.testing.assert_close(sv[:rank], single.spectrum.singular_values[:rank], rtol=1e-9, atol=0)
         torch.testing.assert_close(per_rank[0][name][1], per_rank[1][name][1], rtol=0, atol=0)  # same everywhere
+
+
+def _worker_one_fails(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank 1 alone has a memory budget too small for the Gram: it refuses before the all-reduce."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        make_model, make_x = CASES["mlp_outputs_side"]
+        budget = 1 if rank == 1 else None
+        try:
+            batch_functional_dimension(make_model(), make_x(), engine="gram", distributed=True,
+                                       max_memory_bytes=budget)
+            outcome = "measured"
+        except GeometryError as err:
+            outcome = f"{type(err).__name__}: {err}"
+        # the group still works afterwards: both processes meet in the next collective
+        after = torch.tensor([float(rank)])
+        dist.all_reduce(after)
+        (Path(out_dir) / f"rank{rank}.txt").write_text(f"{outcome}\n{after.item()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_process_that_fails_before_the_all_reduce_leaves_none_waiting(tmp_path: Path) -> None:
+    """One process refuses (its memory budget) before the distributed Gram's all-reduce: every process learns it
+    at one agreed point and raises, instead of waiting forever in the all-reduce (the spawn fails after 120 s)."""
+    spawn_and_join(_worker_one_fails, (2, _free_port(), str(tmp_path)), timeout_s=120.0)
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text().split("\n") for r in range(2))
+    assert rank1[0].startswith("MemoryBudgetError") and "memory budget" in rank1[0]
+    assert rank0[0].startswith("GeometryError: another process of the group failed"), rank0[0]
+    assert rank0[1] == rank1[1] == "1.0"

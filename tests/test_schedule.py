@@ -184,6 +184,28 @@ def test_overhead_budget_cheap_measures_do_not_starve_expensive_ones() -> None:
     assert budget.measuring_s <= 0.05 * budget.other_s + sum(costs.values())
 
 
+def test_quiet_means_select_would_choose_nothing() -> None:
+    """After a selection that chose nothing, the budget knows without selecting until when nothing can fit (the
+    monitor's check at every epoch is then one comparison); it is never quiet when a measure would fit."""
+    clock, costs = FakeTimer(), {"dimension": 0.06, "flatness": 0.39, "alignment": 0.01}
+    budget = OverheadBudget(0.05, measures=tuple(costs), timer=clock)
+    budget.start()
+    quiet = 0
+    for epoch in range(20_000):
+        clock.now += 0.013
+        budget.observe((epoch + 1) / 20_000)
+        with budget.measuring():
+            clock.now += 0.0001                          # the hook's own time: shared seconds grow
+            was_quiet = budget.quiet()
+            chosen = budget.select(list(costs))
+        assert not (was_quiet and chosen), epoch
+        quiet += was_quiet
+        for name in chosen:
+            measure(budget, clock, name, costs[name])
+    assert quiet > 15_000                                # most epochs: nothing fits, and it is known at once
+    assert not OverheadBudget(0.05, measures=("dimension",)).quiet()  # no cost yet: a first point to come
+
+
 def test_overhead_budget_none_takes_everything_and_bad_values_are_refused() -> None:
     budget = OverheadBudget(None, cost_s={"dimension": 1e9})
     budget.start()

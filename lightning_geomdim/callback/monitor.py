@@ -247,6 +247,8 @@ class GeometryMonitor(Callback):
         """The measures the schedules ask for now and the time budget allows (rank 0's choice); warns of skips."""
         step = trainer.global_step
         scheduled = self._schedule.due(event, step, trainer.current_epoch, not pl_module.automatic_optimization)
+        if scheduled and trainer.world_size == 1 and self._time.quiet():  # (each process would decide by its clock)
+            return []
         if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
             self._time.observe(training_progress(trainer, event, batch))
         if event == "start":  # step 0 is scheduled by the budget's presence, which may differ between processes

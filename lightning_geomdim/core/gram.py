@@ -57,13 +57,14 @@ spectral gap shows singular values between those two levels.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from lightning_geomdim.core.errors import NotApplicableError
+from lightning_geomdim.core.errors import GeometryError, NotApplicableError
 from lightning_geomdim.core.factor_check import factorization_problem
 from lightning_geomdim.core.factor_forms import LayerFactors, jacobian_rows, per_sample_gradients, position_sum
 from lightning_geomdim.core.finite_field import PrimeField
@@ -74,6 +75,8 @@ from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
 from lightning_geomdim.core.structure import _gram_refusal, gram_plan
+
+_T = TypeVar("_T")
 
 #: Entries of the scratch block used to accumulate Gram rows (16 MiB in float64): large enough for efficient
 #: matrix products, small enough to stay in cache and to never allocate a second d × d matrix.
@@ -231,13 +234,44 @@ def planned_factors(
     return plan, layer_factors(trace, plan, chunk_size=chunk)
 
 
-def _assembled(factors: Sequence[LayerFactors], plan: GramPlan, distributed: bool) -> Tensor:
-    """The lower triangle of ``plan``'s Gram, each process of a group computing its share (:func:`gram_matrix`)."""
-    share = _process_share(distributed)
-    gram = gram_from_factors(factors, plan, lower_only=True, share=share)
-    if share[1] > 1:
+def _local_gram(factors: Sequence[LayerFactors], plan: GramPlan, distributed: bool) -> Tensor:
+    """This process's share of the lower triangle of ``plan``'s Gram (:func:`gram_from_factors`)."""
+    return gram_from_factors(factors, plan, lower_only=True, share=_process_share(distributed))
+
+
+def _reduced(gram: Tensor, distributed: bool) -> Tensor:
+    """The sum of every process's share (one ``all_reduce``), or ``gram`` alone without a process group."""
+    if _process_share(distributed)[1] > 1:
         torch.distributed.all_reduce(gram, op=torch.distributed.ReduceOp.SUM)
     return gram
+
+
+def _agreed(work: Callable[[], _T], distributed: bool, device: torch.device) -> _T:
+    """``work()``, the local part of a collective. In a process group (``distributed``) every process then learns
+    whether any failed (one ``all_reduce`` of a flag), so that none is left waiting in the all-reduce that follows
+    for one that raised (a memory budget refused on one process only, an out-of-memory error, a stop).
+
+    Raises:
+        GeometryError: on the processes that did not fail, when another one did (its own error says why).
+    """
+    if _process_share(distributed)[1] == 1:
+        return work()
+    failure: Exception | None = None
+    try:
+        result = work()
+    except Exception as err:  # re-raised below, once the others know
+        failure = err
+    flag = torch.tensor([float(failure is not None)], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    if failure is not None:
+        raise failure
+    if flag.item():
+        raise GeometryError(
+            "another process of the group failed before the distributed Gram's all-reduce (its own error says why): "
+            "nothing is measured on any process this time; pass distributed=False (GeometryMonitor: "
+            "distributed_gram=False) to measure each process on its own"
+        )
+    return result
 
 
 def gram_matrix(
@@ -258,8 +292,12 @@ def gram_matrix(
         NotApplicableError: the engine is not exact for this model (:mod:`.structure`, :mod:`.factor_check`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
-    plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
-    gram = _assembled(factors, plan, distributed)
+    def local() -> tuple[GramPlan, Tensor]:
+        plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
+        return plan, _local_gram(factors, plan, distributed)
+
+    plan, gram = _agreed(local, distributed, trace.fm.device)
+    gram = _reduced(gram, distributed)
     return (gram if lower_only else gram + gram.tril(-1).T), plan
 
 
@@ -283,14 +321,19 @@ def gram_spectra(
         NotApplicableError: the engine is not exact for this model (:mod:`.structure`, :mod:`.factor_check`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
-    plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
-    if num_outputs != plan.num_outputs:
-        raise NotApplicableError(
-            f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"
-        )
+    def local() -> tuple[GramPlan, list[LayerFactors], Tensor]:
+        plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
+        if num_outputs != plan.num_outputs:
+            raise NotApplicableError(
+                f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"
+            )
+        return plan, factors, _local_gram(factors, plan, distributed)
+
+    device = trace.fm.device
+    plan, factors, gram = _agreed(local, distributed, device)
     sizes = {name: p.numel() for name, p in trace.fm.params.items()}
-    whole = Spectrum(_singular_values(_assembled(factors, plan, distributed), min(num_outputs, sum(sizes.values())))
-                     .cpu(), trace.fm.dtype, from_gram=True)
+    whole = Spectrum(_singular_values(_reduced(gram, distributed), min(num_outputs, sum(sizes.values()))).cpu(),
+                     trace.fm.dtype, from_gram=True)
     parts = {}
     for name, names in (blocks or {}).items():
         members = set(names)
@@ -300,8 +343,9 @@ def gram_spectra(
             parts[name] = Spectrum(torch.zeros(total, dtype=torch.float64), trace.fm.dtype, from_gram=True)
             continue
         sub = replace(plan, layers=tuple(f.layer for f in mine), forced_side=None)
-        parts[name] = Spectrum(_singular_values(_assembled(mine, sub, distributed), total).cpu(), trace.fm.dtype,
-                               from_gram=True)
+        local_part = _agreed(lambda mine=mine, sub=sub: _local_gram(mine, sub, distributed), distributed, device)
+        part = _reduced(local_part, distributed)
+        parts[name] = Spectrum(_singular_values(part, total).cpu(), trace.fm.dtype, from_gram=True)
     return whole, parts
 
 
