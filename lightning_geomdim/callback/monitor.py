@@ -99,9 +99,11 @@ class GeometryMonitor(Callback):
             effective rank, histogram); ``False`` halves the cost of the dimension.
         blocks: with the spectrum, J's numerical rank per block of parameters (:mod:`~lightning_geomdim.core.blocks`).
         distributed_gram: under DDP, share the Gram engine's accumulation among the processes (one all-reduce);
-            values then equal a single process to the Gram's resolution rather than bit for bit. Known limit: a
-            process that fails inside the measurement (out of memory) before the all-reduce leaves the others
-            waiting in it until the process group's timeout; the default (``False``) has no collective. A measure
+            values then equal a single process to the Gram's resolution rather than bit for bit. A process that
+            fails in the Gram engine before the all-reduce (its memory budget, out of memory) tells the others at
+            one agreed point, and all log NaN for that point; one that fails earlier, in the traced pass, or is
+            killed leaves the others waiting until the process group's timeout (the default, ``False``, has no
+            collective). A measure
             that uses it is not stopped at its time allowance (each process's clock would stop it at a different
             place): the budget still decides which points are taken.
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
