@@ -101,11 +101,10 @@ class GeometryMonitor(Callback):
         distributed_gram: under DDP, share the Gram engine's accumulation among the processes (one all-reduce);
             values then equal a single process to the Gram's resolution rather than bit for bit. A process that
             fails in the Gram engine before the all-reduce (its memory budget, out of memory) tells the others at
-            one agreed point, and none measures that point (a warning on each); one that fails earlier, in the traced pass, or is
-            killed leaves the others waiting until the process group's timeout (the default, ``False``, has no
-            collective). A measure
-            that uses it is not stopped at its time allowance (each process's clock would stop it at a different
-            place): the budget still decides which points are taken.
+            one agreed point, and none measures that point (a warning on each); one that fails earlier, in the
+            traced pass, or is killed leaves the others waiting until the process group's timeout (the default,
+            ``False``, has no collective). A measure that uses it is not stopped at its time allowance (each
+            process's clock would stop it at a different place): the budget still decides which points are taken.
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
         rtol: relative tolerance of the numerical rank; default the engine's resolution.
         max_memory_bytes: memory budget of a measure, in bytes; default half the available memory. A measure over
