@@ -1,7 +1,7 @@
 """Each factor form of the float Gram engine against the dense float64 Jacobian on a small instance: BatchNorm in
-eval mode, LayerNorm, GroupNorm, grouped and depthwise convolutions, Embedding, LSTM, nn.MultiheadAttention (alone and
-in nn.TransformerEncoderLayer), a residual block and an attention block (functional code between the layers), and the
-check by one backward that refuses what the forms cannot give."""
+eval mode, LayerNorm, GroupNorm, grouped and depthwise convolutions, Embedding, LSTM and GRU (stacked, bidirectional,
+time first), nn.MultiheadAttention (alone and in nn.TransformerEncoderLayer), a residual block and an attention block
+(functional code between the layers), and the check by one backward that refuses what the forms cannot give."""
 
 from __future__ import annotations
 
@@ -86,6 +86,25 @@ class LSTMClassifier(nn.Module):
         return self.head(self.lstm(x)[0][:, -1])
 
 
+class RecurrentClassifier(nn.Module):
+    """An ``nn.LSTM`` or ``nn.GRU`` over (N, T, 3) sequences (fed time first when ``batch_first=False``): its last
+    output step and its final states h_n (and c_n), samples first, through a Linear head."""
+
+    def __init__(self, kind: type[nn.LSTM | nn.GRU], hidden: int = 3, **options: object) -> None:
+        super().__init__()
+        self.rnn = kind(3, hidden, **{"batch_first": True, **options})
+        directions, layers = 1 + self.rnn.bidirectional, self.rnn.num_layers
+        states = (2 if kind is nn.LSTM else 1) * layers * directions * hidden
+        self.head = nn.Linear(directions * hidden + states, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.rnn.batch_first
+        out, state = self.rnn(x if first else x.transpose(0, 1))
+        last = out[:, -1] if first else out[-1]
+        states = state if isinstance(state, tuple) else (state,)  # (L · D, N, H) whatever batch_first is
+        return self.head(torch.cat([last, *(s.transpose(0, 1).flatten(1) for s in states)], dim=1))
+
+
 class EncoderLayerModel(nn.Module):
     """Embedding, one ``nn.TransformerEncoderLayer`` (2 heads, batch first, no dropout) and a per-token Linear head."""
 
@@ -150,6 +169,20 @@ def _cases() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "residual_block": (ResidualBlock(), img),
         "lstm": (LSTMClassifier(), torch.randn(30, 5, 3, generator=gen(38))),  # M = 60 < P = 154
         "lstm_more_rows_than_parameters": (LSTMClassifier(), torch.randn(100, 5, 3, generator=gen(39))),
+        "gru": (RecurrentClassifier(nn.GRU, 4), torch.randn(20, 5, 3, generator=gen(43))),  # M = 40 < P = 126
+        "gru_more_rows_than_parameters": (RecurrentClassifier(nn.GRU, 4), torch.randn(100, 5, 3, generator=gen(44))),
+        "gru_time_major": (RecurrentClassifier(nn.GRU, batch_first=False), torch.randn(20, 5, 3, generator=gen(45))),
+        "gru_bidirectional": (RecurrentClassifier(nn.GRU, bidirectional=True),
+                              torch.randn(20, 5, 3, generator=gen(46))),
+        "gru_two_layers_bidirectional_time_major": (
+            RecurrentClassifier(nn.GRU, 2, num_layers=2, bidirectional=True, batch_first=False),
+            torch.randn(30, 4, 3, generator=gen(47))),  # M = 60 < P = 206
+        "lstm_two_layers": (RecurrentClassifier(nn.LSTM, num_layers=2), torch.randn(20, 5, 3, generator=gen(48))),
+        "lstm_bidirectional_time_major": (RecurrentClassifier(nn.LSTM, bidirectional=True, batch_first=False),
+                                          torch.randn(20, 5, 3, generator=gen(49))),
+        "lstm_two_layers_bidirectional_more_rows_than_parameters": (
+            RecurrentClassifier(nn.LSTM, 2, num_layers=2, bidirectional=True),
+            torch.randn(150, 4, 3, generator=gen(50))),
         "attention_block": (AttentionBlock(), ids),
         "transformer_encoder_layer": (EncoderLayerModel(), torch.randint(0, 7, (5, 4), generator=gen(41))),
         "multihead_attention_masked": (MaskedSelfAttention(), padded),
@@ -171,7 +204,9 @@ def test_factor_form_matches_the_dense_jacobian(case: str) -> None:
 
 @pytest.mark.parametrize("case", ["batchnorm2d_eval", "groupnorm", "grouped_and_depthwise_conv",
                                   "embedding_with_padding", "attention_block", "lstm", "transformer_encoder_layer",
-                                  "multihead_attention_masked", "multihead_attention_time_major_causal"])
+                                  "multihead_attention_masked", "multihead_attention_time_major_causal", "gru",
+                                  "gru_two_layers_bidirectional_time_major", "lstm_two_layers",
+                                  "lstm_bidirectional_time_major"])
 def test_rows_from_the_factors_are_the_rows_of_the_dense_jacobian(case: str) -> None:
     """Not only the spectrum: the explicit rows of J built from each form equal the dense Jacobian's, entry by entry
     (columns mapped back to the parameters' layout)."""
@@ -226,21 +261,86 @@ def test_frozen_backbone_of_any_kind_with_a_trainable_head_uses_the_gram_engine(
     assert res.engine == "gram" and res.rank == numpy_rank(dense_jacobian(model, x)) == 10
 
 
+class _WithState(nn.Module):
+    """An LSTM called with an initial state ``hx=(h0, c0)`` (no factor form: it starts from zero)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm, self.head = nn.LSTM(3, 4, batch_first=True), nn.Linear(4, 2)
+        self.register_buffer("h0", torch.randn(1, 1, 4, generator=gen(51)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h0 = self.h0.expand(1, x.shape[0], 4).contiguous()
+        return self.head(self.lstm(x, hx=(h0, torch.tanh(h0)))[0][:, -1])
+
+
 @pytest.mark.parametrize(
     ("model", "x", "reason"),
     [
-        (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2, num_layers=2, batch_first=True)), torch.randn(3, 5, 3),
-         r"'1' \(LSTM\) has num_layers=2"),
-        (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2)), torch.randn(3, 5, 3), "batch_first=False"),
+        (nn.Sequential(nn.Linear(3, 4), nn.LSTM(4, 2, proj_size=1, batch_first=True)), torch.randn(3, 5, 3),
+         r"'1' \(LSTM\) has proj_size=1"),
+        # time first, the (3, 5, 4) input has 5 samples, not 3: the recurrence would run over the probe's samples
+        (nn.Sequential(nn.Linear(3, 4), nn.GRU(4, 2)), torch.randn(3, 5, 3), r"\(T, N, I\) tensor of 3 samples"),
+        (_WithState(), torch.randn(3, 5, 3), r"'lstm' \(LSTM\) is called with 2 arguments \(an initial state hx"),
         (nn.Sequential(nn.Embedding(5, 2, max_norm=1.0), nn.Flatten(), nn.Linear(6, 2)),
          torch.randint(0, 5, (3, 3)), "max_norm"),
     ],
-    ids=["lstm_two_layers", "lstm_time_major", "embedding_max_norm"],
+    ids=["lstm_projection", "gru_time_major_on_samples", "lstm_initial_state", "embedding_max_norm"],
 )
 def test_layers_without_a_form_are_refused_by_name(model: nn.Module, x: torch.Tensor, reason: str) -> None:
     with pytest.raises(NotApplicableError, match=reason):
         batch_functional_dimension(model, x, engine="gram", output_fn=lambda out: out[0] if isinstance(out, tuple)
                                    else out)
+
+
+def test_a_refused_recurrent_call_is_measured_as_called() -> None:
+    """The traced pass recomputes only the calls with a factor form: an LSTM started from a state hx keeps
+    the fused kernel's output, and engine='auto' (jacrev) matches the dense Jacobian (it measured the zero-state
+    recurrence before)."""
+    model, x = _WithState(), torch.randn(12, 5, 3, generator=gen(52))
+    res = batch_functional_dimension(model, x, spectrum=True)
+    sv = torch.linalg.svdvals(dense_jacobian(model, x))
+    assert res.engine == "jacrev"
+    torch.testing.assert_close(res.spectrum.singular_values, sv, rtol=0, atol=1e-9 * float(sv[0]))
+
+
+def test_recurrent_dropout_in_training_mode_is_refused_by_name() -> None:
+    """Dropout between the layers draws random masks in training mode (the measures run in eval mode, where the
+    stacked GRU's form holds: the cases above)."""
+    from lightning_geomdim.core.factor_forms import form_problem
+
+    gru = nn.GRU(3, 2, num_layers=2, dropout=0.5)
+    assert form_problem("gru", gru.eval()) is None
+    assert "training mode with dropout=0.5" in str(form_problem("gru", gru.train()))
+
+
+def test_each_recurrent_parameter_belongs_to_exactly_one_layer() -> None:
+    """A two-layer bidirectional GRU is two layers per layer and direction (ih, hh), an LSTM one; the layers' weight
+    and bias names cover every parameter once (their widths: the forms of recurrent_form)."""
+    for kind, names in ((nn.GRU, ["ih_l0", "hh_l0", "ih_l0_reverse", "hh_l0_reverse", "ih_l1", "hh_l1",
+                                  "ih_l1_reverse", "hh_l1_reverse"]),
+                        (nn.LSTM, ["l0", "l0_reverse", "l1", "l1_reverse"])):
+        model = RecurrentClassifier(kind, 2, num_layers=2, bidirectional=True)
+        with measurement_mode(model):
+            plan = gram_plan(ProbeTrace.of(model, torch.randn(3, 4, 3, generator=gen(53))))
+        rnn = [lay for lay in plan.layers if lay.module is model.rnn]
+        assert [lay.name for lay in rnn] == [f"rnn.{n}" for n in names]
+        owned = [p for lay in rnn for p in (*lay.weight_names, *lay.bias_names)]
+        assert sorted(owned) == sorted(f"rnn.{n}" for n, _ in model.rnn.named_parameters())
+        assert sum(lay.num_params for lay in rnn) == sum(p.numel() for p in model.rnn.parameters())
+
+
+@pytest.mark.parametrize("measured", [("rnn.weight_hh_l0", "rnn.bias_ih_l0", "head.weight"),
+                                      ("rnn.bias_hh_l0",), ("rnn.weight_ih_l0_reverse", "rnn.bias_hh_l0")],
+                         ids=["some_of_each_form", "one_bias", "across_directions"])
+def test_any_subset_of_the_gru_parameters_is_measured(measured: tuple[str, ...]) -> None:
+    """Each GRU parameter is in one form of its own: measuring some of them (the rest frozen) gives the dense
+    Jacobian's σ."""
+    model, x = _cases()["gru_bidirectional"]
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in measured)
+    jac = assert_matches_dense(model, x, auto_engine="gram")
+    assert jac.shape[1] == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def test_lstm_biases_are_two_copies_of_the_same_columns() -> None:
@@ -327,3 +427,13 @@ def test_the_traced_pass_counts_attention_scores_and_weights() -> None:
     ids = torch.randint(0, 20, (1, 64), generator=torch.Generator().manual_seed(0))
     one = ProbeTrace.of(Attend(), ids, grad=False)
     assert one.activation_numel >= 2 * 2 * 64 * 64 + 4 * 64 * 8
+
+
+def test_the_traced_pass_counts_the_recurrent_cells() -> None:
+    """The gates and cells of every step of an LSTM or GRU are the outputs of no leaf module (recomputed, or inside
+    the fused kernel): the memory estimate (activation_numel, from one sample) counts them, ≥ 18 H per step, layer
+    and direction, far above the input and output sequences (T · (I + 2 H))."""
+    for kind in (nn.GRU, nn.LSTM):
+        model = nn.Sequential(kind(8, 16, num_layers=2, bidirectional=True, batch_first=True))
+        one = ProbeTrace.of(model, torch.randn(1, 50, 8, generator=gen(54)), grad=False, output_fn=lambda o: o[0])
+        assert one.activation_numel >= 50 * 2 * 2 * 18 * 16

@@ -134,7 +134,7 @@ def compute_spectrum(
     if engine == "gram":
         return gram_spectra(trace, num_rows, chunk_size=chunk_size, budget=budget, distributed=distributed,
                             blocks=blocks)
-    # suggest the Gram engine only where it runs (not for GRUs, stacked LSTMs, cross-attention, ...)
+    # suggest the Gram engine only where it runs (not for cross-attention, an LSTM with a projection, ...)
     gram = () if gram_unsupported_reason(trace) else (Remedy("{arg}='gram' (it applies to this model)", "engine"),)
     return jacobian_spectra(trace, num_rows, chunk_size=chunk_size, budget=budget, alternatives=gram, blocks=blocks)
 

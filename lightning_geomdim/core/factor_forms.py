@@ -9,10 +9,9 @@ Each form stores u (N, T, D) and the signals g (T, M, O), rows n · K + k, and i
   (O × D) and ∂f/∂b = Σ_t g_t. Linear: u_t the input at position t; Conv2d: the patch read by output pixel t
   (``F.unfold``, D = C_in · kh · kw); Embedding: z_t = Eᵀ e_{token_t}, the one-hot vector of the token over the
   D vocabulary entries the probe uses (other rows of E have zero columns), O = embedding_dim;
-  An ``nn.LSTM`` (one layer, one direction, ``batch_first``) is an outer form over its T time steps: the gates
-  z_t = W_ih x_t + W_hh h_{t−1} + b_ih + b_hh, so u_t = [x_t, h_{t−1}], O = 4H, and b_ih, b_hh are two copies
-  of the same columns. Its fused kernel exposes no z_t, so the traced pass recomputes it step by step
-  (:func:`lstm_with_gates`, the same values) with the zero δ added to the gates. An ``nn.MultiheadAttention``
+  An ``nn.LSTM`` or ``nn.GRU`` is one outer form per layer and direction (an LSTM's gates, u_t = [x_t, h_{t−1}],
+  O = 4H) or two (a GRU's W_ih x_t + b_ih and W_hh h_{t−1} + b_hh, O = 3H) over its T time steps, recomputed by the
+  traced pass step by step (:mod:`lightning_geomdim.core.recurrent_form`). An ``nn.MultiheadAttention``
   (self-attention) is two outer forms, its in-projection (O = 3E) and its out-projection, recomputed likewise
   (:mod:`lightning_geomdim.core.attention_form`);
 * **diagonal** (``BatchNorm`` in eval mode, ``LayerNorm``, ``GroupNorm``): z_t = γ ⊙ x̂_t + β with the normalised
@@ -29,14 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_geomdim.core.finite_field import PrimeField
-from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, FACTORED_AFFINE, NORMALIZATION
+from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, FACTORED_AFFINE, NORMALIZATION, RECURRENT
 
 
 @dataclass(frozen=True)
@@ -44,13 +42,16 @@ class GramLayer:
     """A measured parameterised layer as the factored engines see it.
 
     Attributes:
-        name: module name in ``named_modules()`` ("" for the root).
-        module: the layer (one of :data:`~lightning_geomdim.core.layer_kinds.FACTOR_FORMS`).
+        name: module name in ``named_modules()`` ("" for the root); a recurrent module's layers are named after its
+            parameters, e.g. ``<name>.l0`` (LSTM) or ``<name>.ih_l0`` (GRU) (:mod:`.recurrent_form`).
+        module: the layer (one of :data:`~lightning_geomdim.core.layer_kinds.FACTOR_FORMS`; an LSTM or GRU for
+            each of its layers).
         weight_names, bias_names: the measured parameters behind the weight columns and the bias columns
-            (``<name>.weight`` / ``<name>.bias``, or none; an LSTM's weight is [W_ih | W_hh] and its two biases b_ih,
-            b_hh are two copies of the same columns).
+            (``<name>.weight`` / ``<name>.bias``, or none; an LSTM layer's weight is [W_ih | W_hh] and its two biases
+            b_ih, b_hh are two copies of the same columns).
         positions: T, positions the layer is applied at per sample (Linear / LayerNorm / Embedding: product of the
-            middle dimensions, 1 for (N, features) inputs; Conv2d / BatchNorm / GroupNorm: the spatial size).
+            middle dimensions, 1 for (N, features) inputs; Conv2d / BatchNorm / GroupNorm: the spatial size; LSTM /
+            GRU: the time steps).
         features: length of a weight row: in_features; C_in / groups · kh · kw; the probe's vocabulary size for an
             Embedding; 1 for a diagonal layer, whose weight has one entry per unit.
         units: O, out_features, out_channels, embedding_dim, or the entries of a normalisation's weight.
@@ -134,14 +135,11 @@ def form_problem(
         return f"{label} overrides forward"
     if isinstance(module, nn.MultiheadAttention):
         return _attention_problem(label, module)
+    if isinstance(module, RECURRENT):
+        from lightning_geomdim.core.recurrent_form import recurrent_problem  # it imports GramLayer from here
+
+        return recurrent_problem(label, module)  # type: ignore[arg-type]
     own = {n for n, _ in module.named_parameters(recurse=False)}
-    if isinstance(module, nn.LSTM):
-        if module.num_layers != 1 or module.bidirectional or module.proj_size or not module.batch_first:
-            return (f"{label} has num_layers={module.num_layers}, bidirectional={module.bidirectional}, "
-                    f"proj_size={module.proj_size}, batch_first={module.batch_first}: the factor form covers one "
-                    "layer, one direction, no projection, batch_first=True")
-        own -= {"weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"}
-        own |= {"weight"}
     if not own <= {"weight", "bias"} or next(module.children(), None) is not None:
         return f"{label} has parameters {sorted(own)} or submodules (a reparametrisation?)"
     if isinstance(module, FACTORED_AFFINE) and "weight" not in own:
@@ -182,50 +180,9 @@ def _attention_problem(label: str, module: nn.MultiheadAttention) -> str | None:
     return None
 
 
-def partial_problem(name: str, module: nn.Module, selected: set[str]) -> str | None:
-    """Why the measured parameters of ``module`` do not fit its form (an LSTM's two weights, or its two biases,
-    measured without the other), or None."""
-    if not isinstance(module, nn.LSTM):
-        return None
-    prefix = f"{name}." if name else ""
-    for pair in (("weight_ih_l0", "weight_hh_l0"), ("bias_ih_l0", "bias_hh_l0")):
-        if sum(prefix + p in selected for p in pair) == 1:
-            return f"module {name or '<root>'!r} (LSTM): measure both or neither of {pair}"
-    return None
-
-
-def lstm_with_gates(module: nn.LSTM, x: Tensor, delta: Tensor) -> tuple[Any, Tensor]:
-    """``module(x)`` recomputed step by step, the same values as its fused kernel, with ``delta`` (N, T, 4H) added
-    to the gate pre-activations; returns its output (``(out, (h_n, c_n))``) and u = [x_t, h_{t−1}] (N, T, I + H),
-    detached."""
-    n, steps, _ = x.shape
-    hidden = module.hidden_size
-    w = torch.cat([module.weight_ih_l0, module.weight_hh_l0], dim=1)
-    b = module.bias_ih_l0 + module.bias_hh_l0 if module.bias else None
-    h = x.new_zeros(n, hidden)
-    c = x.new_zeros(n, hidden)
-    outs, inputs = [], []
-    for t in range(steps):
-        u = torch.cat([x[:, t], h], dim=1)
-        inputs.append(u.detach())
-        z = F.linear(u, w, b) + delta[:, t]
-        i, f, g, o = z.chunk(4, dim=1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
-        outs.append(h)
-    return (torch.stack(outs, dim=1), (h[None], c[None])), torch.stack(inputs, dim=1)
-
-
 def layer_of(name: str, module: nn.Module, inp: Tensor, out: Tensor, selected: set[str]) -> GramLayer | None:
     """The layer as the engines see it, from one call's input and output; None when no parameter is measured."""
     prefix = f"{name}." if name else ""
-    if isinstance(module, nn.LSTM):
-        weights = tuple(prefix + p for p in ("weight_ih_l0", "weight_hh_l0") if prefix + p in selected)
-        biases = tuple(prefix + p for p in ("bias_ih_l0", "bias_hh_l0") if prefix + p in selected)
-        if not (weights or biases):
-            return None
-        return GramLayer(name, module, weights, biases, inp.shape[1], module.input_size + module.hidden_size,
-                         4 * module.hidden_size)
     weight = (prefix + "weight",) if prefix + "weight" in selected else ()
     bias = (prefix + "bias",) if getattr(module, "bias", None) is not None and prefix + "bias" in selected else ()
     if not (weight or bias):

@@ -25,10 +25,11 @@ Jᵀ J = Σ_chunks J_Sᵀ J_S instead, from the rows J_S of a chunk of samples a
 (the column order does not matter for the spectrum). Parameters outside ``fm.params`` have no columns:
 only the measured weights and biases contribute. Every product is accumulated in float64.
 
-Other layers (BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding, grouped convolutions, a one-layer LSTM over
-its time steps, ``nn.MultiheadAttention`` self-attention as its in- and out-projections over the positions) have their
-own forms of u and g (:mod:`lightning_geomdim.core.factor_forms`, :mod:`lightning_geomdim.core.attention_form`); the
-assembly below only needs the explicit rows they give.
+Other layers (BatchNorm in eval mode, LayerNorm, GroupNorm, Embedding, grouped convolutions, an LSTM or GRU — any
+number of layers, either direction — over its time steps, ``nn.MultiheadAttention`` self-attention as its in- and
+out-projections over the positions) have their own forms of u and g (:mod:`lightning_geomdim.core.factor_forms`,
+:mod:`lightning_geomdim.core.recurrent_form`, :mod:`lightning_geomdim.core.attention_form`); the assembly below only
+needs the explicit rows they give.
 
 Exactness conditions (``engine="auto"`` falls back to jacrev when one fails, ``engine="gram"`` raises
 :class:`NotApplicableError`):
@@ -125,7 +126,7 @@ def _add_output_gram(
     """gram (M × M, rows n·K + k) += this layer's block J_l J_lᵀ (formulas in the module docstring)."""
     lay, u, sig = f.layer, f.inputs, f.signals
     m = n * k
-    copies = len(lay.bias_names)  # an LSTM's two biases are two copies of the same columns
+    copies = len(lay.bias_names)  # an LSTM layer's b_ih and b_hh: two copies of the same columns (a GRU's: 1 each)
     if not lay.weight:  # bias only: s sᵀ with s = Σ_t g_t
         s = position_sum(sig, field)
         _accumulate(gram, s, s * copies, group=k, lower=lower, field=field)

@@ -24,10 +24,12 @@ BATCH_NORM: tuple[type[nn.Module], ...] = NORMALIZATION[:3]
 #: Parameterised layers the exact engine re-runs over GF(p): affine maps (BatchNorm in eval mode with constant
 #: statistics).
 EXACT_LAYERS: tuple[type[nn.Module], ...] = (*FACTORED_AFFINE, *BATCH_NORM)
-#: Every parameterised layer with a factor form in the float Gram engine (embeddings: one-hot inputs; LSTM: per
-#: time step; multi-head self-attention: its in- and out-projections).
+#: Recurrent layers the float Gram engine recomputes step by step (:mod:`lightning_geomdim.core.recurrent_form`).
+RECURRENT: tuple[type[nn.Module], ...] = (nn.LSTM, nn.GRU)
+#: Every parameterised layer with a factor form in the float Gram engine (embeddings: one-hot inputs; LSTM, GRU: per
+#: layer and direction over the time steps; multi-head self-attention: its in- and out-projections).
 FACTOR_FORMS: tuple[type[nn.Module], ...] = (
-    *FACTORED_AFFINE, *NORMALIZATION, nn.Embedding, nn.LSTM, nn.MultiheadAttention,
+    *FACTORED_AFFINE, *NORMALIZATION, nn.Embedding, *RECURRENT, nn.MultiheadAttention,
 )
 #: Affine layers whose output units (channels) carry a positive-rescaling symmetry when a ReLU follows.
 AFFINE: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)

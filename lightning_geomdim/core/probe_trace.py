@@ -10,10 +10,10 @@ what every measure reads:
 * ``input_readers``: for each leaf call, which leaf calls read its input tensor (None: code outside leaf modules),
   so that a rescaling symmetry can be recognised only where nothing else reads the tensor (:mod:`.symmetries`);
 * ``layer_inputs`` and ``deltas``: for each measured layer with a factor form (``nn.Linear``, ``nn.Conv2d``,
-  normalisations, ``nn.Embedding``: :mod:`.factor_forms`; an LSTM's gates and an ``nn.MultiheadAttention``'s two
-  projections, recomputed with the same values: :mod:`.attention_form`), a copy of its input and a zero δ added to
-  its output, so that ∂f/∂δ = ∂f/∂z is the Gram factors' backprop signal (:mod:`.gram`) even when a later in-place
-  activation overwrites z;
+  normalisations, ``nn.Embedding``: :mod:`.factor_forms`; the gates of an LSTM or GRU and the two projections of an
+  ``nn.MultiheadAttention``, recomputed with the same values: :mod:`.recurrent_form`, :mod:`.attention_form`), a
+  copy of its input and a zero δ added to its output, so that ∂f/∂δ = ∂f/∂z is the Gram factors' backprop signal
+  (:mod:`.gram`) even when a later in-place activation overwrites z;
 * ``output``: f_θ(X) after ``output_fn``, whose graph to θ gives the Jacobian rows (:mod:`.jacobian`) and the loss
   gradient whose derivatives are the Hessian-vector products (:mod:`.hessian`).
 
@@ -36,11 +36,11 @@ from torch import Tensor, nn
 from lightning_geomdim.core import backward
 from lightning_geomdim.core.attention_form import attention_numel, attention_with_deltas, bind_arguments
 from lightning_geomdim.core.errors import MeasurementInterrupted, NonFiniteError, ProbeError
-from lightning_geomdim.core.factor_forms import lstm_with_gates
 from lightning_geomdim.core.functional_model import FunctionalModel, OutputFn, ProbeInputs, measurement_mode
 from lightning_geomdim.core.interrupt import checkpoint
-from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, RELU_LIKE
+from lightning_geomdim.core.layer_kinds import FACTOR_FORMS, RECURRENT, RELU_LIKE
 from lightning_geomdim.core.memory import is_out_of_memory
+from lightning_geomdim.core.recurrent_form import has_form, recurrent_numel, recurrent_with_deltas
 from lightning_geomdim.core.tracing import FunctionCall, UseRecorder, call_keys
 
 
@@ -51,7 +51,8 @@ class TracedCall:
     Attributes:
         name: qualified module name ("" for the root).
         module: the module.
-        input: its first positional argument (None without one); ``num_args`` says how many it got.
+        input: its first positional argument (None without one); ``num_args`` says how many it got (an LSTM or GRU:
+            how many positional and keyword arguments that are not None, an ``hx`` included).
         input_version / output_version: the tensors' versions when the call started / returned (an in-place
             change between modules shows as a version mismatch).
         output: what it returned (for a measured affine layer, z + δ).
@@ -87,7 +88,8 @@ class ProbeTrace:
         deltas: measured affine call name → the zero δ added to its output (requires grad).
         output: f_θ(X), with its graph to ``theta``.
         probe_version: the version of the probe tensor before the pass.
-        activation_numel: A, entries of the inputs, of every leaf call's tensor outputs and of attention's internals.
+        activation_numel: A, entries of the inputs, of every leaf call's tensor outputs and of attention's and
+            recurrent modules' internals.
         trainable: False when the model has no trainable parameter and ``theta`` holds all of them (patterns and
             alignment only; the dimension and flatness then refuse as for any model without trainable parameters).
         grad: the pass was recorded with autograd (``theta`` requires grad): what the dimension and flatness need;
@@ -178,10 +180,14 @@ class ProbeTrace:
         numel = [sum(t.numel() for t in (*inputs.args, *inputs.kwargs.values()) if isinstance(t, Tensor))]
 
         def pre(name: str, m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any] | None = None) -> None:
-            arguments = None if kwargs is None else bind_arguments(args, kwargs)  # nn.MultiheadAttention
+            attention = isinstance(m, nn.MultiheadAttention) and kwargs is not None
+            arguments = bind_arguments(args, kwargs) if attention else None  # type: ignore[arg-type]
             inp = arguments["query"] if arguments else args[0] if args else None
             leaf = next(m.children(), None) is None
-            call = TracedCall(name, m, inp, len(args), inp._version if isinstance(inp, Tensor) else -1, leaf,
+            num_args = len(args)
+            if isinstance(m, RECURRENT):  # an initial state, positional or hx=..., is an argument; None is not
+                num_args = sum(a is not None for a in (*args, *(kwargs or {}).values()))
+            call = TracedCall(name, m, inp, num_args, inp._version if isinstance(inp, Tensor) else -1, leaf,
                               arguments=arguments)
             if leaf:
                 running.append(len(calls))
@@ -195,12 +201,9 @@ class ProbeTrace:
             if call.name in measured and call.arguments is not None:  # attention: recomputed, the same values
                 out = replaced = attention_with_deltas(call.name, m, call.arguments, out,  # type: ignore[arg-type]
                                                        layer_inputs, deltas)
-            elif call.name in measured and isinstance(m, nn.LSTM) and isinstance(call.input, Tensor):
-                n, steps = call.input.shape[:2]  # the fused kernel exposes no gates: recompute them (same values)
-                delta = call.input.new_zeros((n, steps, 4 * m.hidden_size), requires_grad=True)
-                replaced, layer_inputs[call.name] = lstm_with_gates(m, call.input, delta)
-                out = replaced
-                deltas[call.name] = delta
+            elif call.name in measured and isinstance(m, RECURRENT):  # the fused kernel exposes no gates
+                if has_form(m, call.input, call.num_args, inputs.num_samples):  # type: ignore[arg-type]
+                    out = replaced = recurrent_with_deltas(call.name, m, call.input, layer_inputs, deltas)
             elif call.name in measured and isinstance(out, Tensor) and isinstance(call.input, Tensor):
                 layer_inputs[call.name] = call.input.detach().clone()  # a later in-place op must not change it
                 delta = torch.zeros_like(out, requires_grad=True)
@@ -212,6 +215,8 @@ class ProbeTrace:
             call.output_version = out._version if isinstance(out, Tensor) else -1
             if call.arguments is not None:  # attention's q, k, v, scores and weights: outputs of no leaf module
                 numel[0] += attention_numel(m, call.arguments)  # type: ignore[arg-type]
+            elif isinstance(m, RECURRENT):  # the gates and cells of every step, recomputed or in the fused kernel
+                numel[0] += recurrent_numel(m, call.input)
             if call.leaf:
                 running.pop()
                 outs = out if isinstance(out, (tuple, list)) else (out.values() if isinstance(out, dict) else (out,))
@@ -225,7 +230,7 @@ class ProbeTrace:
         try:
             for name, sub in fm.module.named_modules():
                 if next(sub.children(), None) is None or any(True for _ in sub.parameters(recurse=False)):
-                    kw = isinstance(sub, nn.MultiheadAttention)  # called with keyword arguments (masks, flags)
+                    kw = isinstance(sub, (nn.MultiheadAttention, *RECURRENT))  # keyword arguments: masks, hx
                     handles.append(sub.register_forward_pre_hook(lambda m, *a, _n=name: pre(_n, m, *a), with_kwargs=kw))
                     handles.append(sub.register_forward_hook(lambda m, a, *o: post(m, a, o[-1]), with_kwargs=kw))
             with torch.set_grad_enabled(grad), recorder:

@@ -25,10 +25,19 @@ from torch import Tensor, nn
 
 from lightning_geomdim.core.attention_form import OUT_PROJ, attention_call_problem, attention_layers
 from lightning_geomdim.core.errors import NotApplicableError
-from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of, partial_problem
+from lightning_geomdim.core.factor_forms import GramLayer, conv_padding, form_problem, layer_of
 from lightning_geomdim.core.gram_plan import GramPlan
-from lightning_geomdim.core.layer_kinds import ALONG_DIM, BATCH_NORM, DROPOUT, EXACT_LAYERS, PER_SAMPLE, POOLING
+from lightning_geomdim.core.layer_kinds import (
+    ALONG_DIM,
+    BATCH_NORM,
+    DROPOUT,
+    EXACT_LAYERS,
+    PER_SAMPLE,
+    POOLING,
+    RECURRENT,
+)
 from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall
+from lightning_geomdim.core.recurrent_form import partial_problem, recurrent_call_problem, recurrent_layers
 from lightning_geomdim.core.tracing import FunctionCall
 
 __all__ = ["TracedGraph", "check_structure", "conv_padding", "factored_plan", "gram_plan", "gram_unsupported_reason"]
@@ -115,7 +124,9 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
     samples. What sits between the layers (residual sums, attention, GELU, functional code) is free: that samples
     do not interact and that the forms account for the whole gradient is checked by one backward
     (:func:`~lightning_geomdim.core.factor_check.factorization_problem`). An ``nn.MultiheadAttention`` owns its
-    ``out_proj`` parameters (:mod:`~lightning_geomdim.core.attention_form`) and is called as self-attention.
+    ``out_proj`` parameters (:mod:`~lightning_geomdim.core.attention_form`) and is called as self-attention; an
+    ``nn.LSTM`` / ``nn.GRU`` is called on one sequence of N samples without an initial state, and each of its layers
+    and directions is one or two layers of the plan (:mod:`~lightning_geomdim.core.recurrent_form`).
     """
     fm, n = trace.fm, trace.inputs.num_samples
     problem = _sharing_problem(fm.module)
@@ -153,8 +164,12 @@ def factored_plan(trace: ProbeTrace) -> tuple[str | None, GramPlan | None]:
                 return problem, None
             layers.extend(attention_layers(call.name, call.module, inp, selected))
             continue
-        if isinstance(call.module, nn.LSTM) and isinstance(out, tuple):  # (output, (h_n, c_n))
-            out = out[0]
+        if isinstance(call.module, RECURRENT):  # recomputed by the traced pass exactly when this accepts the call
+            problem = recurrent_call_problem(label, call.module, inp, call.num_args, n)
+            if problem is not None:
+                return problem, None
+            layers.extend(recurrent_layers(call.name, call.module, inp, selected))
+            continue
         least = 1 if isinstance(call.module, nn.Embedding) else 2  # token ids (N,) or (N, T, ...)
         if call.num_args != 1 or not isinstance(inp, Tensor) or inp.dim() < least or inp.shape[0] != n:
             return f"{label} is not called on one tensor of {n} samples", None
