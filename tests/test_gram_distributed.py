@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 from conftest import gen, mlp, small_cnn, spawn_and_join
 
-from lightning_geomdim import GeometryError, batch_functional_dimension
+from lightning_geomdim import DimensionResult, GeometryError, batch_functional_dimension
+from lightning_geomdim.core.errors import MeasurementInterrupted
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
 from lightning_geomdim.core.gram import _balanced_share, gram_from_factors
 from lightning_geomdim.core.layer_factors import layer_factors
@@ -115,3 +116,66 @@ def test_a_process_that_fails_before_the_all_reduce_leaves_none_waiting(tmp_path
     assert rank1[0].startswith("MemoryBudgetError") and "memory budget" in rank1[0]
     assert rank0[0].startswith("GeometryError: another process of the group failed"), rank0[0]
     assert rank0[1] == rank1[1] == "1.0"
+
+
+def _summary(res: DimensionResult) -> str:
+    return f"measured {res.rank} {sorted((k, b.spectrum.numerical_rank) for k, b in res.blocks.items())}"
+
+
+def _worker_failures_between_collectives(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Three probes in a row, as the monitor measures them, each with two blocks (four all-reduce'd Grams): on rank
+    1 the first probe's whole-Gram eigendecomposition runs out of memory, the second's local work is stopped (a
+    SIGTERM), the third runs; a plain all-reduce follows."""
+    import lightning_geomdim.core.gram as gram_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        faults = {"eigvalsh": rank == 1, "local": False}
+        eigvalsh, local_gram = torch.linalg.eigvalsh, gram_module.gram_from_factors
+
+        def failing_eigvalsh(*args: object, **kwargs: object) -> torch.Tensor:
+            if faults["eigvalsh"]:
+                faults["eigvalsh"] = False
+                raise torch.OutOfMemoryError("injected: out of memory in eigvalsh")
+            return eigvalsh(*args, **kwargs)
+
+        def stopped_local_gram(*args: object, **kwargs: object) -> torch.Tensor:
+            if faults["local"]:
+                faults["local"] = False
+                raise MeasurementInterrupted("injected: the caller asked to stop")
+            return local_gram(*args, **kwargs)
+
+        torch.linalg.eigvalsh, gram_module.gram_from_factors = failing_eigvalsh, stopped_local_gram
+        make_model, make_x = CASES["mlp_outputs_side"]
+        outcomes = []
+        for probe in range(3):
+            faults["local"] = rank == 1 and probe == 1
+            try:
+                res = batch_functional_dimension(make_model(), make_x(), engine="gram", distributed=True,
+                                                 blocks={"a": ["0"], "b": ["2", "4"]})
+                outcomes.append(_summary(res))
+            except (GeometryError, RuntimeError) as err:
+                outcomes.append(f"{type(err).__name__}: {err}")
+        after = torch.tensor([float(rank)])
+        dist.all_reduce(after)
+        torch.save({"outcomes": outcomes, "after": after.item()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_failure_between_two_collectives_keeps_the_processes_in_step(tmp_path: Path) -> None:
+    """Every piece of local work between two collectives is agreed: a process that runs out of memory in an
+    eigendecomposition, or is stopped, does not pair its next collective with another Gram's (which summed one
+    probe's block with another probe's Gram and logged wrong ranks without an error)."""
+    spawn_and_join(_worker_failures_between_collectives, (2, _free_port(), str(tmp_path)), timeout_s=120.0)
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    single = batch_functional_dimension(*(f() for f in CASES["mlp_outputs_side"]), engine="gram",
+                                        blocks={"a": ["0"], "b": ["2", "4"]})
+    expected = _summary(single)
+    assert rank1["outcomes"][0].startswith("OutOfMemoryError: injected")
+    assert rank0["outcomes"][0].startswith("GeometryError: another process of the group failed")
+    for outcome in (rank0["outcomes"][1], rank1["outcomes"][1]):  # a stop on one process stops all of them
+        assert outcome.startswith("MeasurementInterrupted"), outcome
+    assert rank0["outcomes"][2] == rank1["outcomes"][2] == expected
+    assert rank0["after"] == rank1["after"] == 1.0

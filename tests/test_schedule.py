@@ -273,8 +273,11 @@ def test_a_measure_past_its_share_leaves_the_others_less() -> None:
     assert budget.select(["flatness"]) == []         # its own share has room (2 + 2 ≤ 5), the run has none
     clock.now += 20.0                                # shares 6 s: 12 s in all, 2 s left
     assert budget.select(["flatness", "dimension"]) == ["flatness"]
+    assert budget.allowance("flatness") == pytest.approx(2.0)  # its share has 6 − 2 left, the run only 2
     measure(budget, clock, "flatness", 2.0)
     assert budget.measuring_s <= 0.1 * budget.other_s
+    budget.share_among(["flatness"])                 # dimension dropped: its 8 s still count
+    assert budget.headroom() == pytest.approx(0.1 * budget.other_s - budget.measuring_s)
     assert OverheadBudget(None).headroom() == math.inf
 
 

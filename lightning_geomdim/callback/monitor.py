@@ -100,11 +100,12 @@ class GeometryMonitor(Callback):
         blocks: with the spectrum, J's numerical rank per block of parameters (:mod:`~lightning_geomdim.core.blocks`).
         distributed_gram: under DDP, share the Gram engine's accumulation among the processes (one all-reduce);
             values then equal a single process to the Gram's resolution rather than bit for bit. A process that
-            fails in the Gram engine before the all-reduce (its memory budget, out of memory) tells the others at
-            one agreed point, and none measures that point (a warning on each); one that fails earlier, in the
-            traced pass, or is killed leaves the others waiting until the process group's timeout (the default,
-            ``False``, has no collective). A measure that uses it is not stopped at its time allowance (each
-            process's clock would stop it at a different place): the budget still decides which points are taken.
+            fails in the exact or the Gram engine (its memory budget, out of memory) tells the others at the next
+            agreed point (:mod:`~lightning_geomdim.core.agreement`), and none measures that point (a warning on
+            each); a stop (SIGTERM) stops all. One that fails earlier, in the traced pass, or is killed leaves
+            the others waiting until the process group's timeout (the default, ``False``, has no collective). A
+            measure that uses it is not stopped at its time allowance (each process's clock would stop it at a
+            different place): the budget still decides which points are taken.
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.
         rtol: relative tolerance of the numerical rank; default the engine's resolution.
         max_memory_bytes: memory budget of a measure, in bytes; default half the available memory. A measure over
@@ -242,7 +243,7 @@ class GeometryMonitor(Callback):
         """Stop scheduling ``measure`` for this run (it cannot be measured on this model) and share its budget."""
         self.measures = tuple(m for m in self.measures if m != measure)
         self._schedule.schedules.pop(measure, None)
-        self._time.measures = self.measures
+        self._time.share_among(self.measures)
 
     def _due(self, trainer: Trainer, pl_module: LightningModule, event: Event, batch: int | None) -> list[str]:
         """The measures the schedules ask for now and the time budget allows (rank 0's choice); warns of skips."""

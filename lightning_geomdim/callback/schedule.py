@@ -304,25 +304,29 @@ class OverheadBudget:
     def headroom(self, projected: bool = False) -> float:
         """Seconds all measures together may still spend, by now (or over the whole run, with ``projected``):
         their shares less what they spent. A measure that ran past its share (a stopped point runs to its next
-        chunk of work) leaves the others less, so the run as a whole keeps to ``max_overhead``."""
+        chunk of work) leaves the others less, so the run as a whole keeps to ``max_overhead`` (give or take the
+        point in progress). A dropped measure's seconds still count."""
         if self.max_overhead is None:
             return math.inf
-        return self.share(projected) * max(1, len(self.measures)) - sum(
-            v for m, v in self.spent_s.items() if m in self.measures)
+        return self.share(projected) * max(1, len(self.measures)) - sum(self.spent_s.values())
 
     def allowance(self, measure: str) -> float:
         """Seconds ``measure`` may still run at this measurement before it is stopped (:func:`.time_limit`): its
-        share less what it spent (which :meth:`select` checked covers its counted cost); for a first point, its
-        share of the projected run less what it spent, of which it borrows at most :data:`FIRST_POINT_SECONDS`
-        beyond what the run has earned so far (so a first point at the end of a run may take its whole share); no
-        limit without ``max_overhead``."""
+        share less what it spent, at most the :meth:`headroom` (:meth:`select` checked both cover its counted cost,
+        which it may always take); for a first point, its share of the projected run less what it spent, at most the
+        projected headroom, of which it borrows at most :data:`FIRST_POINT_SECONDS` beyond what the run has earned so
+        far (so a first point at the end of a run may take its whole share); no limit without ``max_overhead``."""
         if self.max_overhead is None:
             return math.inf
         spent = self.spent_s.get(measure, 0.0)
         if measure not in self.cost_s:
-            return min(self.share(projected=True) - spent, max(FIRST_POINT_SECONDS, self.share() - spent),
-                       self.headroom(projected=True))
-        return max(self.share() - spent, self.cost_s[measure])
+            return max(0.0, min(self.share(projected=True) - spent, max(FIRST_POINT_SECONDS, self.share() - spent),
+                                self.headroom(projected=True)))
+        return max(min(self.share() - spent, self.headroom()), self.cost_s[measure])
+
+    def share_among(self, measures: Sequence[str]) -> None:
+        """Share the budget among ``measures`` from now on (one was dropped: its spent seconds still count)."""
+        self.measures, self._quiet_until = tuple(measures), None
 
     def remaining(self, measure: str) -> float:
         """Seconds left of ``measure``'s :meth:`allowance` at this measurement (all its probes together)."""
@@ -363,7 +367,7 @@ class OverheadBudget:
         seconds only grow, so none fits before); ``None`` when one has none (a first point to come)."""
         if self.max_overhead is None or not self.measures or any(m not in self.cost_s for m in self.measures):
             return None
-        shared, spent, n = self._shared(), sum(self.spent_s.get(m, 0.0) for m in self.measures), len(self.measures)
+        shared, spent, n = self._shared(), sum(self.spent_s.values()), len(self.measures)
         return min(max(n * (self.spent_s.get(m, 0.0) + self.cost_s[m]), self.cost_s[m] + spent) + shared
                    for m in self.measures) / self.max_overhead
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from lightning_geomdim.core.agreement import agreed
 from lightning_geomdim.core.blocks import Blocks, BlockSpectrum, resolve_blocks
 from lightning_geomdim.core.errors import NotApplicableError, Remedy
 from lightning_geomdim.core.exact import exact_rank
@@ -258,9 +259,10 @@ def batch_functional_dimension(
             budget = memory_budget(fm.device, max_memory_bytes)
             resolved, program = select_engine(engine, trace)
             exact = None
-            if program is not None:
-                exact = exact_rank(trace, upper_bound=upper_bound, program=program, seed=seed, draws=draws,
-                                   chunk_size=chunk_size, budget=budget)
+            if program is not None:  # agreed: a distributed Gram may follow (:mod:`.agreement`)
+                exact = agreed(lambda: exact_rank(trace, upper_bound=upper_bound, program=program, seed=seed,
+                                                  draws=draws, chunk_size=chunk_size, budget=budget),
+                               distributed, fm.device)
                 del program
             numerical, parts = None, {}
             if spectrum or exact is None:

@@ -58,14 +58,14 @@ spectral gap shows singular values between those two levels.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from typing import TypeVar
 
 import torch
 from torch import Tensor
 
-from lightning_geomdim.core.errors import GeometryError, NotApplicableError
+from lightning_geomdim.core.agreement import agreed, process_share
+from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.factor_check import factorization_problem
 from lightning_geomdim.core.factor_forms import LayerFactors, jacobian_rows, per_sample_gradients, position_sum
 from lightning_geomdim.core.finite_field import PrimeField
@@ -76,8 +76,6 @@ from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.rank import Spectrum
 from lightning_geomdim.core.structure import _gram_refusal, gram_plan
-
-_T = TypeVar("_T")
 
 #: Entries of the scratch block used to accumulate Gram rows (16 MiB in float64): large enough for efficient
 #: matrix products, small enough to stay in cache and to never allocate a second d × d matrix.
@@ -203,13 +201,6 @@ def _balanced_share(costs: Sequence[float], index: int, count: int) -> list[int]
     return [i for i in range(len(costs)) if owner[i] == index]
 
 
-def _process_share(distributed: bool) -> tuple[int, int]:
-    """(rank, world size) when ``distributed`` and a process group is initialised, else (0, 1)."""
-    if distributed and torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 def planned_factors(
     trace: ProbeTrace, *, chunk_size: int | None = None, budget: int | None = None,
 ) -> tuple[GramPlan, list[LayerFactors]]:
@@ -237,42 +228,14 @@ def planned_factors(
 
 def _local_gram(factors: Sequence[LayerFactors], plan: GramPlan, distributed: bool) -> Tensor:
     """This process's share of the lower triangle of ``plan``'s Gram (:func:`gram_from_factors`)."""
-    return gram_from_factors(factors, plan, lower_only=True, share=_process_share(distributed))
+    return gram_from_factors(factors, plan, lower_only=True, share=process_share(distributed))
 
 
 def _reduced(gram: Tensor, distributed: bool) -> Tensor:
     """The sum of every process's share (one ``all_reduce``), or ``gram`` alone without a process group."""
-    if _process_share(distributed)[1] > 1:
+    if process_share(distributed)[1] > 1:
         torch.distributed.all_reduce(gram, op=torch.distributed.ReduceOp.SUM)
     return gram
-
-
-def _agreed(work: Callable[[], _T], distributed: bool, device: torch.device) -> _T:
-    """``work()``, the local part of a collective. In a process group (``distributed``) every process then learns
-    whether any failed (one ``all_reduce`` of a flag), so that none is left waiting in the all-reduce that follows
-    for one that raised (a memory budget refused on one process only, an out-of-memory error, a stop).
-
-    Raises:
-        GeometryError: on the processes that did not fail, when another one did (its own error says why).
-    """
-    if _process_share(distributed)[1] == 1:
-        return work()
-    failure: Exception | None = None
-    try:
-        result = work()
-    except Exception as err:  # re-raised below, once the others know
-        failure = err
-    flag = torch.tensor([float(failure is not None)], device=device)
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    if failure is not None:
-        raise failure
-    if flag.item():
-        raise GeometryError(
-            "another process of the group failed before the distributed Gram's all-reduce (its own error says why): "
-            "nothing is measured on any process this time; pass distributed=False (GeometryMonitor: "
-            "distributed_gram=False) to measure each process on its own"
-        )
-    return result
 
 
 def gram_matrix(
@@ -297,7 +260,7 @@ def gram_matrix(
         plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
         return plan, _local_gram(factors, plan, distributed)
 
-    plan, gram = _agreed(local, distributed, trace.fm.device)
+    plan, gram = agreed(local, distributed, trace.fm.device)
     gram = _reduced(gram, distributed)
     return (gram if lower_only else gram + gram.tril(-1).T), plan
 
@@ -309,6 +272,11 @@ def _singular_values(gram: Tensor, total: int) -> Tensor:
     eig = torch.linalg.eigvalsh(gram, UPLO="L") if gram.numel() else gram.new_zeros(0)
     sv = eig.clamp_min(0).sqrt().flip(0)
     return torch.cat([sv, sv.new_zeros(total - sv.numel())]) if sv.numel() < total else sv
+
+
+def _agreed_values(gram: Tensor, total: int, distributed: bool, device: torch.device) -> Tensor:
+    """:func:`_singular_values` of ``gram``, agreed among the processes (:func:`.agreement.agreed`)."""
+    return agreed(lambda: _singular_values(gram, total), distributed, device)
 
 
 def gram_spectra(
@@ -331,10 +299,13 @@ def gram_spectra(
         return plan, factors, _local_gram(factors, plan, distributed)
 
     device = trace.fm.device
-    plan, factors, gram = _agreed(local, distributed, device)
+    plan, factors, gram = agreed(local, distributed, device)
     sizes = {name: p.numel() for name, p in trace.fm.params.items()}
-    whole = Spectrum(_singular_values(_reduced(gram, distributed), min(num_outputs, sum(sizes.values()))).cpu(),
-                     trace.fm.dtype, from_gram=True)
+    # every step between two collectives is agreed: a process that fails in one eigendecomposition must not pair
+    # the next Gram's collectives with something else
+    sv = _agreed_values(_reduced(gram, distributed), min(num_outputs, sum(sizes.values())), distributed, device)
+    del gram  # freed before the blocks' Grams
+    whole = Spectrum(sv.cpu(), trace.fm.dtype, from_gram=True)
     parts = {}
     for name, names in (blocks or {}).items():
         members = set(names)
@@ -344,9 +315,10 @@ def gram_spectra(
             parts[name] = Spectrum(torch.zeros(total, dtype=torch.float64), trace.fm.dtype, from_gram=True)
             continue
         sub = replace(plan, layers=tuple(f.layer for f in mine), forced_side=None)
-        local_part = _agreed(lambda mine=mine, sub=sub: _local_gram(mine, sub, distributed), distributed, device)
-        part = _reduced(local_part, distributed)
-        parts[name] = Spectrum(_singular_values(part, total).cpu(), trace.fm.dtype, from_gram=True)
+        local_part = agreed(lambda mine=mine, sub=sub: _local_gram(mine, sub, distributed), distributed, device)
+        sv = _agreed_values(_reduced(local_part, distributed), total, distributed, device)
+        del local_part
+        parts[name] = Spectrum(sv.cpu(), trace.fm.dtype, from_gram=True)
     return whole, parts
 
 
