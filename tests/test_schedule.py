@@ -331,6 +331,25 @@ class ProgressRecorder(L.Callback):
         trainer.should_stop = trainer.should_stop or trainer.max_epochs == -1  # end an endless run after one epoch
 
 
+def test_a_wall_time_bound_counts_the_measurements_in_the_wall_time() -> None:
+    """``max_time`` bounds the wall time, measurements included: the fraction is of the other seconds, those to come
+    at least the remaining wall time less what the budget lets the measurements take."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    timer = Timer(duration={"minutes": 2})
+    timer.time_elapsed = lambda *args: 60.0  # type: ignore[method-assign]
+    timer.time_remaining = lambda *args: 60.0  # type: ignore[method-assign]
+    trainer = SimpleNamespace(callbacks=[timer], max_epochs=-1, num_training_batches=math.inf, max_steps=-1,
+                              global_step=0, current_epoch=0)
+    assert training_progress(trainer, "step", 0) == pytest.approx(0.5)
+    done = training_progress(trainer, "step", 0, measuring_s=3.0, max_overhead=0.05)
+    assert done == pytest.approx(57 / (57 + 60 / 1.05))
+    # the budget's projection from there: 57 s of other seconds so far, ≈ 114.1 s in all, not 120 s
+    assert 57 / done == pytest.approx(57 + 60 / 1.05)
+
+
 @pytest.mark.parametrize(("limits", "expected"), [
     ({"max_epochs": 2}, [("start", None), ("step", 1 / 6), ("step", 2 / 6), ("step", 3 / 6), ("epoch", 0.5),
                          ("step", 4 / 6), ("step", 5 / 6), ("step", 1.0), ("epoch", 1.0)]),

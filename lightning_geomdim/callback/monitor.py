@@ -252,7 +252,8 @@ class GeometryMonitor(Callback):
         if scheduled and trainer.world_size == 1 and self._time.quiet():  # (each process would decide by its clock)
             return []
         if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
-            self._time.observe(training_progress(trainer, event, batch))
+            self._time.observe(training_progress(trainer, event, batch, measuring_s=self._time.measuring_s,
+                                                 max_overhead=self._time.max_overhead))
         if event == "start":  # step 0 is scheduled by the budget's presence, which may differ between processes
             scheduled = from_rank_zero(trainer, scheduled)
         if not scheduled or not self.probes:
