@@ -1,6 +1,7 @@
 """What the dimension measure gives at the monitor's defaults on real networks: ResNet-18 and MobileNetV3-small
 (torchvision, CIFAR-size inputs), a small GPT (token and position embeddings, ``nn.TransformerEncoder`` with GELU and
-LayerNorm), the same GPT with attention written with Linear layers, and an LSTM classifier.
+LayerNorm), the same GPT with attention written with Linear layers, an LSTM classifier and a stacked
+bidirectional GRU classifier.
 
 For each model, in a fresh process (so that its high-water mark is its own), on synthetic inputs (a probe of
 ``--probe-size`` samples, 64 by default as in ``GeometryMonitor``), it runs
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-MODELS = ("resnet18", "mobilenet_v3_small", "gpt", "gpt_linear_attention", "lstm")
+MODELS = ("resnet18", "mobilenet_v3_small", "gpt", "gpt_linear_attention", "lstm", "gru")
 VOCAB, SEQ, WIDTH = 32, 16, 32
 
 
@@ -106,6 +107,17 @@ class LSTMClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.lstm(x)[0][:, -1])
 
+class GRUClassifier(nn.Module):
+    """(N, 20, 8) → a 2-layer bidirectional GRU (32 per direction) → the last step → Linear → 4 classes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = nn.GRU(8, 32, num_layers=2, bidirectional=True, batch_first=True)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.gru(x)[0][:, -1])
+
 
 def build(name: str, n: int, generator: torch.Generator) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     """The model (seeded), n synthetic inputs and targets."""
@@ -122,6 +134,9 @@ def build(name: str, n: int, generator: torch.Generator) -> tuple[nn.Module, tor
     if name == "lstm":
         x = torch.randn(n, 20, 8, generator=generator)
         return LSTMClassifier(), x, (x[:, :, 0].sum(1) > 0).long() * 2 + (x[:, :, 1].sum(1) > 0).long()
+    if name == "gru":
+        x = torch.randn(n, 20, 8, generator=generator)
+        return GRUClassifier(), x, (x[:, :, 0].sum(1) > 0).long() * 2 + (x[:, :, 1].sum(1) > 0).long()
     raise ValueError(f"unknown model {name!r}: choose from {MODELS}")
 
 

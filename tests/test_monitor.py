@@ -924,7 +924,7 @@ def test_a_first_point_over_its_time_allowance_is_stopped_and_retried(tmp_path: 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tr.fit(model, **loaders(train=64, val=None))
-    stopped = [str(w.message) for w in caught if "was stopped after" in str(w.message)]
+    stopped = [str(w.message) for w in caught if "was stopped at its time allowance" in str(w.message)]
     assert sorted(m.split()[1] for m in stopped) == ["dimension", "flatness"], stopped  # once per measure
     acc = events(tr)
     dimension = steps(acc, "geometry/train/batch_functional_dimension")

@@ -231,6 +231,30 @@ def test_a_measure_taken_probe_by_probe_costs_the_sum_of_its_blocks() -> None:
     assert budget.cost_s == {"dimension": 4.0, "flatness": 1.0} and budget.spent_s["dimension"] == 9.0
 
 
+def test_a_measures_allowance_counts_only_its_own_blocks() -> None:
+    """Taken probe by probe, a measure's allowance is spent by its own blocks only: the other measures' blocks
+    between them (flatness on the first probe, before the dimension on the second) are theirs. A GRU's dimension
+    was stopped on its second probe at "-0.566 s" because flatness had spent its clock."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    clock.now = 5.0
+    budget.observe(0.05)
+    clock.now = 10.0
+    budget.observe(0.1)                                # projected run 100 s: first points may take 2 s
+    assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]
+    assert budget.remaining("dimension") == pytest.approx(2.0)
+    measure(budget, clock, "dimension", 0.5)          # probe "train"
+    measure(budget, clock, "flatness", 1.9)
+    assert budget.remaining("dimension") == pytest.approx(1.5) and budget.allowed("dimension") == 2.0
+    measure(budget, clock, "dimension", 1.6)          # probe "random": past what was left
+    assert budget.remaining("dimension") == 0.0
+    with pytest.raises(MeasurementOverTime, match="stopped at its time allowance of 2 s"), time_limit(
+            0.0, timer=clock, allowance=2.0):
+        clock.now += 0.01
+        checkpoint()
+
+
 def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -> None:
     """The first point of a measure may take its share of the projected run, at most FIRST_POINT_SECONDS; one stopped
     there counts twice what it ran, is retried when the budget allows that, with what is left of its share: the

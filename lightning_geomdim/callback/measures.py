@@ -186,7 +186,8 @@ def _measure(
         shared = settings.distributed_gram and dist.is_available() and dist.is_initialized()
         shared = shared and dist.get_world_size() > 1
         try:
-            with budget.measuring(measure), time_limit(math.inf if shared else budget.remaining(measure)):
+            limit = math.inf if shared else budget.remaining(measure)
+            with budget.measuring(measure), time_limit(limit, allowance=budget.allowed(measure)):
                 checkpoint()  # an allowance spent on earlier probes stops before this probe's traced pass
                 body()
         except MeasurementOverTime as err:

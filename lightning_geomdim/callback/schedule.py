@@ -238,7 +238,7 @@ class OverheadBudget:
     _anchor: tuple[float, float, float] | None = field(default=None, repr=False)  # other_s, progress, shared
     _mark: float | None = field(default=None, repr=False)
     _taken: set[str] = field(default_factory=set, repr=False)  # the measures timed since the last select
-    _limits: dict[str, float] = field(default_factory=dict, repr=False)  # deadlines of this measurement
+    _limits: dict[str, float] = field(default_factory=dict, repr=False)  # allowances of this measurement
     stopped: set[str] = field(default_factory=set, repr=False)  # measures stopped at their allowance since select
     _quiet_until: float | None = field(default=None, repr=False)  # other_s before which no measure fits (quiet)
 
@@ -329,10 +329,17 @@ class OverheadBudget:
         self.measures, self._quiet_until = tuple(measures), None
 
     def remaining(self, measure: str) -> float:
-        """Seconds left of ``measure``'s :meth:`allowance` at this measurement (all its probes together)."""
+        """Seconds left of ``measure``'s :meth:`allowance` at this measurement: the allowance (fixed at its first
+        call) less what the measure's own blocks took since :meth:`select` (one per probe; the other measures'
+        blocks between them are theirs)."""
         if measure not in self._limits:
-            self._limits[measure] = self.timer() + self.allowance(measure)
-        return self._limits[measure] - self.timer()
+            self._limits[measure] = self.allowance(measure)
+        used = self.cost_s.get(measure, 0.0) if measure in self._taken else 0.0
+        return max(0.0, self._limits[measure] - used)
+
+    def allowed(self, measure: str) -> float:
+        """``measure``'s whole allowance at this measurement (:meth:`remaining` fixes it), for messages."""
+        return self._limits.get(measure, math.nan)
 
     def overran(self, measure: str, needed: float | None = None) -> None:
         """``measure`` was stopped at its allowance: count twice the time it ran as its cost, so that it is retried

@@ -70,10 +70,14 @@ def interruptible(should_stop: Callable[[], bool]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def time_limit(seconds: float, timer: Callable[[], float] = time.perf_counter) -> Iterator[None]:
+def time_limit(
+    seconds: float, timer: Callable[[], float] = time.perf_counter, *, allowance: float | None = None
+) -> Iterator[None]:
     """Inside, a :func:`checkpoint` reached more than ``seconds`` after entry, or announcing a step that would end
     past that, raises :class:`MeasurementOverTime` (the enclosing check, e.g. SIGTERM's, still applies);
-    ``math.inf``: no limit."""
+    ``math.inf``: no limit. ``allowance``: the whole allowance these ``seconds`` are the rest of (a measure taken
+    probe by probe), for the message; default ``seconds``."""
+    whole = seconds if allowance is None else allowance
     if math.isinf(seconds):
         yield
         return
@@ -84,12 +88,12 @@ def time_limit(seconds: float, timer: Callable[[], float] = time.perf_counter) -
             return True
         now = timer()
         if now > end:
-            raise MeasurementOverTime(f"stopped after {seconds:.3g} s, its time allowance")
+            raise MeasurementOverTime(f"stopped at its time allowance of {whole:.3g} s")
         ahead = flops / machine_flops() if flops >= AHEAD_MIN_FLOPS else 0.0
         if now + ahead > end:
             raise MeasurementOverTime(
                 f"stopped before a step that cannot be interrupted, estimated at {ahead:.3g} s ({flops:.3g} flops at "
-                f"this machine's rate), which would end past its time allowance of {seconds:.3g} s",
+                f"this machine's rate), which would end past its time allowance of {whole:.3g} s",
                 needed=now - (end - seconds) + ahead)
         return False
 
