@@ -255,6 +255,47 @@ def test_a_measures_allowance_counts_only_its_own_blocks() -> None:
         checkpoint()
 
 
+def test_a_stop_before_an_uninterruptible_step_counts_the_earlier_probes() -> None:
+    """Stopped on its second probe before a step estimated to overrun, a measure needs its earlier probes' time too:
+    counting only the last probe's block set its cost too low, and every retry stopped at the same step (a review's
+    simulation: 320 attempts, no point)."""
+    from lightning_geomdim.core.interrupt import machine_flops
+
+    clock = FakeTimer()
+    budget = OverheadBudget(0.05, measures=("dimension",), timer=clock, cost_s={"dimension": 40.0})
+    budget.start()
+    clock.now = 2000.0
+    budget.observe(0.5)
+    assert budget.select(["dimension"]) == ["dimension"] and budget.remaining("dimension") == pytest.approx(100.0)
+    measure(budget, clock, "dimension", 30.0)                       # probe "train"
+    left = budget.remaining("dimension")
+    with pytest.raises(MeasurementOverTime) as stop, budget.measuring("dimension"), time_limit(
+            left, timer=clock, allowance=budget.allowed("dimension")):
+        clock.now += 1.0                                             # probe "random", then a 100-second step
+        checkpoint(flops=100.0 * machine_flops())
+    assert stop.value.needed == pytest.approx(131.0, rel=1e-6)
+    budget.overran("dimension", stop.value.needed)
+    assert budget.cost_s["dimension"] == pytest.approx(131.0, rel=1e-6)
+
+
+def test_a_first_point_left_no_allowance_stays_a_first_point() -> None:
+    clock = FakeTimer()
+    budget = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
+    budget.start()
+    clock.now = 5.0
+    budget.observe(0.05)
+    clock.now = 10.0
+    budget.observe(0.1)                                # projected run 100 s: 2.5 s each, 5 s in all
+    assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]
+    measure(budget, clock, "dimension", 5.2)           # ran past its share: nothing left for flatness
+    assert budget.remaining("flatness") == 0.0
+    with pytest.raises(MeasurementOverTime), budget.measuring("flatness"), time_limit(0.0, timer=clock):
+        clock.now += 0.001
+        checkpoint()
+    budget.overran("flatness")
+    assert "flatness" not in budget.cost_s and budget.stopped == {"flatness"}  # not "a 2 ms measure"
+
+
 def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -> None:
     """The first point of a measure may take its share of the projected run, at most FIRST_POINT_SECONDS; one stopped
     there counts twice what it ran, is retried when the budget allows that, with what is left of its share: the

@@ -102,8 +102,9 @@ class GeometryMonitor(Callback):
             values then equal a single process to the Gram's resolution rather than bit for bit. A process that
             fails in the exact or the Gram engine (its memory budget, out of memory) tells the others at the next
             agreed point (:mod:`~lightning_geomdim.core.agreement`), and none measures that point (a warning on
-            each); a stop (SIGTERM) stops all. One that fails earlier, in the traced pass, or is killed leaves
-            the others waiting until the process group's timeout (the default, ``False``, has no collective). A
+            each); a stop (SIGTERM) there stops all. One that fails or is stopped earlier (the traced pass, the
+            structure checks) or is killed leaves the others waiting until the process group's timeout (the
+            default, ``False``, has no collective). A
             measure that uses it is not stopped at its time allowance (each process's clock would stop it at a
             different place): the budget still decides which points are taken.
         dtype: computation dtype, ``"float64"`` (default) or ``"float32"``.

@@ -241,6 +241,7 @@ class OverheadBudget:
     _limits: dict[str, float] = field(default_factory=dict, repr=False)  # allowances of this measurement
     stopped: set[str] = field(default_factory=set, repr=False)  # measures stopped at their allowance since select
     _quiet_until: float | None = field(default=None, repr=False)  # other_s before which no measure fits (quiet)
+    _starved: set[str] = field(default_factory=set, repr=False)  # first points the others left no headroom
 
     def __post_init__(self) -> None:
         value = self.max_overhead
@@ -334,6 +335,8 @@ class OverheadBudget:
         blocks between them are theirs)."""
         if measure not in self._limits:
             self._limits[measure] = self.allowance(measure)
+            if measure not in self.cost_s and self.headroom(projected=True) < MIN_POINT_SECONDS:
+                self._starved.add(measure)
         used = self.cost_s.get(measure, 0.0) if measure in self._taken else 0.0
         return max(0.0, self._limits[measure] - used)
 
@@ -345,15 +348,19 @@ class OverheadBudget:
         """``measure`` was stopped at its allowance: count twice the time it ran as its cost, so that it is retried
         once the budget allows that much (the allowance doubles until a point completes; the time lost stays
         within the budget), or ``needed``, the least it would take, when known (stopped before a step estimated
-        to overrun). Its other probes are left out of this measurement."""
+        to overrun). Its other probes are left out of this measurement. A first point that the measures before it
+        in this measurement left (almost) no allowance stays a first point (no cost is learnt from it)."""
         ran = self.cost_s.get(measure, FIRST_POINT_SECONDS)
-        self.cost_s[measure] = 2 * ran if needed is None else max(needed, 2 * ran)
         self.stopped.add(measure)
+        if measure in self._starved:  # a first point left no allowance by the measures before it: still one
+            self.cost_s.pop(measure, None)
+            return
+        self.cost_s[measure] = 2 * ran if needed is None else max(needed, 2 * ran)
 
     def select(self, due: Sequence[str]) -> list[str]:
         """The measures of ``due`` (in order) that fit in their share of the budget now; starts a measurement."""
         self._advance()
-        self._taken, self._limits, self.stopped = set(), {}, set()
+        self._taken, self._limits, self.stopped, self._starved = set(), {}, set(), set()
         if self.max_overhead is None:
             return list(due)
         share, whole = self.share(), self.share(projected=True)

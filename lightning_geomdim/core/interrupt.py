@@ -94,7 +94,7 @@ def time_limit(
             raise MeasurementOverTime(
                 f"stopped before a step that cannot be interrupted, estimated at {ahead:.3g} s ({flops:.3g} flops at "
                 f"this machine's rate), which would end past its time allowance of {whole:.3g} s",
-                needed=now - (end - seconds) + ahead)
+                needed=now - (end - seconds) + (whole - seconds) + ahead)  # the earlier blocks' time too
         return False
 
     token = _CHECK.set(check)
