@@ -236,12 +236,7 @@ def test_a_measures_allowance_counts_only_its_own_blocks() -> None:
     between them (flatness on the first probe, before the dimension on the second) are theirs. A GRU's dimension
     was stopped on its second probe at "-0.566 s" because flatness had spent its clock."""
     clock = FakeTimer()
-    budget = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
-    budget.start()
-    clock.now = 5.0
-    budget.observe(0.05)
-    clock.now = 10.0
-    budget.observe(0.1)                                # projected run 100 s: first points may take 2 s
+    budget = paced(clock, (5.0, 0.05), (5.0, 0.1))     # projected run 100 s: first points may take 2 s
     assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]
     assert budget.remaining("dimension") == pytest.approx(2.0)
     measure(budget, clock, "dimension", 0.5)          # probe "train"
@@ -280,12 +275,7 @@ def test_a_stop_before_an_uninterruptible_step_counts_the_earlier_probes() -> No
 
 def test_a_first_point_left_no_allowance_stays_a_first_point() -> None:
     clock = FakeTimer()
-    budget = OverheadBudget(0.05, measures=("dimension", "flatness"), timer=clock)
-    budget.start()
-    clock.now = 5.0
-    budget.observe(0.05)
-    clock.now = 10.0
-    budget.observe(0.1)                                # projected run 100 s: 2.5 s each, 5 s in all
+    budget = paced(clock, (5.0, 0.05), (5.0, 0.1))     # projected run 100 s: 2.5 s each, 5 s in all
     assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]
     measure(budget, clock, "dimension", 5.2)           # ran past its share: nothing left for flatness
     assert budget.remaining("flatness") == 0.0
