@@ -230,7 +230,7 @@ def test_the_images_of_a_measure_count_as_its_time(tmp_path: Path) -> None:
     budget then counts a point's whole cost (on the MNIST example the heatmaps cost as much as the alignment)."""
     from lightning_geomdim.callback.log import log_measurement
     from lightning_geomdim.callback.measures import Measurement
-    from lightning_geomdim.callback.schedule import OverheadBudget
+    from lightning_geomdim.callback.overhead_budget import OverheadBudget
 
     trainer = L.Trainer(logger=TensorBoardLogger(tmp_path), enable_progress_bar=False)
     out = Measurement(spectra={"train": torch.tensor([3.0, 1.0])}, cosines={"net.1": torch.eye(3)})
@@ -899,7 +899,7 @@ def test_a_first_point_over_its_time_allowance_is_stopped_and_retried(tmp_path: 
     """A measure's first point may take FIRST_POINT_SECONDS (here 0.1 ms) beyond what the run has earned: past it the
     measure stops at its next chunk of work, logs nothing, warns once, and is retried with twice the time once the run
     earned it; the training and its weights are as without the monitor."""
-    from lightning_geomdim.callback import schedule
+    from lightning_geomdim.callback import overhead_budget as schedule
 
     monkeypatch.setattr(schedule, "FIRST_POINT_SECONDS", 1e-4)
 

@@ -10,15 +10,9 @@ import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
+from lightning_geomdim.callback.overhead_budget import FIRST_POINT_SECONDS, OverheadBudget
 from lightning_geomdim.callback.progress import training_progress
-from lightning_geomdim.callback.schedule import (
-    FIRST_POINT_SECONDS,
-    MeasurementSchedule,
-    OverheadBudget,
-    Schedule,
-    is_log_spaced,
-    log_spaced_steps,
-)
+from lightning_geomdim.callback.schedule import MeasurementSchedule, Schedule, is_log_spaced, log_spaced_steps
 from lightning_geomdim.core.errors import MeasurementInterrupted, MeasurementOverTime
 from lightning_geomdim.core.interrupt import checkpoint, interruptible, time_limit
 

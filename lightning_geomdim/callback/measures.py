@@ -5,7 +5,7 @@ every probe, flatness on the flatness probe, alignment on the alignment probe. E
 directly (:func:`~lightning_geomdim.core.dimension.batch_functional_dimension`,
 :func:`~lightning_geomdim.core.activation_patterns.linear_regions`, :func:`~lightning_geomdim.core.flatness.flatness`,
 :func:`~lightning_geomdim.core.alignment.neuron_alignment`), under the :class:`~.error_policy.ErrorPolicy` and the
-time account of the :class:`~.schedule.OverheadBudget`, all on the probe's one
+time account of the :class:`~.overhead_budget.OverheadBudget`, all on the probe's one
 :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` (:class:`ProbeData`). Every process measures the whole
 probe by itself (see :mod:`.distributed`): the monitor makes no collective call while measuring, unless
 ``distributed_gram``.
@@ -23,9 +23,9 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
 from lightning_geomdim.callback.error_policy import ErrorPolicy
+from lightning_geomdim.callback.overhead_budget import FIRST_POINT_SECONDS, OverheadBudget
 from lightning_geomdim.callback.probe_data import ProbeData
 from lightning_geomdim.callback.probes import Probe
-from lightning_geomdim.callback.schedule import FIRST_POINT_SECONDS, OverheadBudget
 from lightning_geomdim.core.activation_patterns import linear_regions
 from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.blocks import Blocks

@@ -69,7 +69,7 @@ class GeometryMonitor(Callback):
         max_overhead: the most time spent measuring, as a fraction of the rest of the run's wall time: a scheduled
             point is skipped (one warning) when its last cost would exceed the measure's equal share, and stopped
             past its allowance; a first point waits for the run's length and may take the measure's share of the
-            whole run, at most 2 s more than the run has earned (:class:`~.schedule.OverheadBudget`). ``None``:
+            whole run, at most 2 s more than the run has earned (:class:`~.overhead_budget.OverheadBudget`). ``None``:
             every point, any cost. ``"auto"`` (default): 0.05 on the default schedule (no point at step 0), ``None``
             on one you wrote.
         schedules: per-measure overrides of the five fields above, e.g. ``{"flatness": {"every_n_epochs": 5}}``.

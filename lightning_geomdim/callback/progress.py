@@ -1,5 +1,5 @@
 """How far the training is: the fraction of the run done, from the Trainer's public limits, for the time budget's
-projection of the run's length (:class:`~.schedule.OverheadBudget`). Part of the Lightning layer."""
+projection of the run's length (:class:`~.overhead_budget.OverheadBudget`). Part of the Lightning layer."""
 
 from __future__ import annotations
 

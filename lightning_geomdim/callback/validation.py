@@ -15,8 +15,9 @@ from torch import nn
 
 from lightning_geomdim.callback.error_policy import ON_ERROR
 from lightning_geomdim.callback.measures import MEASURES
+from lightning_geomdim.callback.overhead_budget import OverheadBudget
 from lightning_geomdim.callback.probe_spec import ProbeSpec, parse_probes
-from lightning_geomdim.callback.schedule import MeasurementSchedule, OverheadBudget, Schedule
+from lightning_geomdim.callback.schedule import MeasurementSchedule, Schedule
 from lightning_geomdim.core.dimension import ENGINES
 from lightning_geomdim.core.losses import LOSSES
 
