@@ -933,6 +933,28 @@ def test_a_first_point_over_its_time_allowance_is_stopped_and_retried(tmp_path: 
         assert torch.equal(value, model.state_dict()[key]), key
 
 
+def test_a_max_time_run_counts_in_its_progress_only_what_the_timer_saw(tmp_path: Path, monkeypatch: Any) -> None:
+    """Lightning starts its Timer (max_time) after the monitor's train-start hook has built the probes: the
+    progress subtracts from the Timer's elapsed time only the measuring seconds since then."""
+    from lightning_geomdim.callback import monitor as monitor_module
+
+    seen: list[float] = []
+    real = monitor_module.training_progress
+
+    def recording(*args: Any, **kwargs: Any) -> float | None:
+        seen.append(kwargs["measuring_s"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(monitor_module, "training_progress", recording)
+    monitor = GeometryMonitor(probes=["train"], probe_size=8, measures=["alignment"])
+    tr = trainer(tmp_path, monitor, max_time={"minutes": 5}, max_epochs=2)
+    tr.fit(Classifier(), **loaders(val=None))
+    names = [type(c).__name__ for c in tr.callbacks]
+    assert names.index("GeometryMonitor") < names.index("Timer")
+    building = monitor.state_dict()["overhead"]["measuring_s"] - seen[-1]
+    assert seen and seen[0] < 1e-3 < building  # the probes' time is not in the Timer's
+
+
 class ManualAccumulation(Classifier):
     """Manual optimisation accumulating over 2 batches by hand: the optimizer steps at every 2nd batch, and
     Lightning logs ``self.log`` values at every batch."""

@@ -175,6 +175,7 @@ class GeometryMonitor(Callback):
         self.alignment_probe, self.alignment_threshold = alignment_probe, float(alignment_threshold)
         self.tensorboard_extras, self.seed, self.on_error = tensorboard_extras, int(seed), on_error
         self.probes: dict[str, Probe] = {}
+        self._timer_base = 0.0  # measuring seconds at this fit's train start (see on_train_start)
         self._saved_probes: dict[str, dict[str, Any]] = {}
         self._errors = ErrorPolicy(on_error)
         # built once (Lightning reads it several times per step); unchanged when a measure is dropped at train start
@@ -228,6 +229,8 @@ class GeometryMonitor(Callback):
                     probe.planned = tuple(planned)
             if self.tensorboard_extras:
                 log_layout(trainer, list(self.probes), self.measures, measured_module(pl_module, self.module))
+        # Lightning adds its Timer (max_time) after the user's callbacks: its time holds what is measured from here on
+        self._timer_base = self._time.measuring_s
         self._measure(trainer, pl_module, "start")
 
     @override
@@ -253,8 +256,8 @@ class GeometryMonitor(Callback):
         if scheduled and trainer.world_size == 1 and self._time.quiet():  # (each process would decide by its clock)
             return []
         if scheduled or not self._time.anchored:  # the pace of the run, from the first batch on
-            self._time.observe(training_progress(trainer, event, batch, measuring_s=self._time.measuring_s,
-                                                 max_overhead=self._time.max_overhead))
+            self._time.observe(training_progress(trainer, event, batch, max_overhead=self._time.max_overhead,
+                                                 measuring_s=self._time.measuring_s - self._timer_base))
         if event == "start":  # step 0 is scheduled by the budget's presence, which may differ between processes
             scheduled = from_rank_zero(trainer, scheduled)
         if not scheduled or not self.probes:
