@@ -951,8 +951,7 @@ def test_a_max_time_run_counts_in_its_progress_only_what_the_timer_saw(tmp_path:
     tr.fit(Classifier(), **loaders(val=None))
     names = [type(c).__name__ for c in tr.callbacks]
     assert names.index("GeometryMonitor") < names.index("Timer")
-    building = monitor.state_dict()["overhead"]["measuring_s"] - seen[-1]
-    assert seen and seen[0] < 1e-3 < building  # the probes' time is not in the Timer's
+    assert monitor._timer_base > 0.0 and seen[0] == 0.0  # building the probes took time: not in the Timer's
 
 
 class ManualAccumulation(Classifier):
