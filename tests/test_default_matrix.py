@@ -279,6 +279,7 @@ def test_defaults_finish_stay_bit_identical_and_warn_once_per_cause(
         # something geometric is logged, unless warnings say why nothing could be
         finite = [k for k, v in values.items() if any(math.isfinite(x) for _, x in v)]
         assert finite or any(" failed " in m or "not applicable" in m or "was stopped at its time allowance" in m
-                             or "too little to try a point" in m for m in messages), (values, messages)
+                             or "was not begun" in m or "too little to try a point" in m for m in messages), (
+            values, messages)
         if name == "every point":  # step 0 and the end of both epochs
             assert len({s for v in values.values() for s, _ in v}) == 3, values

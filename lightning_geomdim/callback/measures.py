@@ -22,8 +22,9 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch import Tensor, nn
 
+from lightning_geomdim.callback.calibration import calibrate_first_points
 from lightning_geomdim.callback.error_policy import ErrorPolicy
-from lightning_geomdim.callback.overhead_budget import FIRST_POINT_SECONDS, OverheadBudget
+from lightning_geomdim.callback.overhead_budget import OverheadBudget
 from lightning_geomdim.callback.probe_data import ProbeData
 from lightning_geomdim.callback.probes import Probe
 from lightning_geomdim.core.activation_patterns import linear_regions
@@ -143,6 +144,9 @@ def measure_probes(
     end the run at once. What was measured before is kept in ``out``."""
     try:
         with interruptible(should_stop):
+            if not _collective(settings):  # (every process would decide by its own clock)
+                calibrate_first_points(steps, budget, policy, lambda probe, measure, quiet: measure_probe(
+                    module, probe, [measure], settings, quiet, budget, Measurement()))
             for probe, measures in steps:
                 measure_probe(module, probe, measures, settings, policy, budget, out)
     except MeasurementInterrupted:
@@ -150,6 +154,12 @@ def measure_probes(
     picked = getattr(settings.output_fn, "picked", None)
     if picked is not None:
         policy.warn_once(("output", picked), f"GeometryMonitor: {picked} (pass output_fn=... to choose another)")
+
+
+def _collective(settings: MeasureSettings) -> bool:
+    """Whether the dimension is a collective of several processes (``distributed_gram`` under DDP)."""
+    dist = torch.distributed
+    return settings.distributed_gram and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def measure_probe(
@@ -180,13 +190,10 @@ def _measure(
         if measure in budget.stopped:
             return
         kept, spectra = dict(out.scalars[measure]), dict(out.spectra)
-        # the processes of a distributed Gram meet in its all-reduce: one stopped by its own clock would leave the
-        # others waiting there, so such a measurement runs to its end (the budget still decides what is taken)
-        dist = torch.distributed
-        shared = settings.distributed_gram and dist.is_available() and dist.is_initialized()
-        shared = shared and dist.get_world_size() > 1
         try:
-            limit = math.inf if shared else budget.remaining(measure)
+            # the processes of a distributed Gram meet in its all-reduce: one stopped by its own clock would leave
+            # the others waiting there, so such a measurement runs to its end (the budget still decides what is taken)
+            limit = math.inf if _collective(settings) else budget.remaining(measure)
             with budget.measuring(measure), time_limit(limit, allowance=budget.allowed(measure)):
                 checkpoint()  # an allowance spent on earlier probes stops before this probe's traced pass
                 body()
@@ -194,13 +201,7 @@ def _measure(
             out.scalars[measure], out.spectra = kept, spectra  # nothing of a stopped measure on this probe
             budget.overran(measure, err.needed)
             stopped = str(err)
-            policy.warn_once(("over time", measure), lambda: (
-                f"GeometryMonitor: {measure} was {stopped} (max_overhead={budget.max_overhead}: a measure's first "
-                f"point may take its share of the budget over the whole run, at most {FIRST_POINT_SECONDS:g} s, a "
-                "later one its share so far); nothing is logged for it this time. It is retried if the run trains "
-                "long enough for twice that time (no further warning); pass max_overhead=None or a schedule "
-                "(every_n_epochs=...) to take every point whatever it costs, a larger max_overhead, or smaller "
-                "probes"))
+            policy.warn_once(("over time", measure), lambda: budget.over_time_warning(measure, stopped))
 
     def dimension_and_regions() -> None:
         out.scalars["dimension"].update(policy.attempt(

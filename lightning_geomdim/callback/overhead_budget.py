@@ -77,6 +77,7 @@ class OverheadBudget:
     stopped: set[str] = field(default_factory=set, repr=False)  # measures stopped at their allowance since select
     _quiet_until: float | None = field(default=None, repr=False)  # other_s before which no measure fits (quiet)
     _starved: set[str] = field(default_factory=set, repr=False)  # first points the others left no headroom
+    _first: set[str] = field(default_factory=set, repr=False)  # chosen at the last select without a cost
 
     def __post_init__(self) -> None:
         value = self.max_overhead
@@ -209,7 +210,12 @@ class OverheadBudget:
             elif cost is None and min(whole - spent, whole_room) >= MIN_POINT_SECONDS:
                 chosen.append(m)
         self._quiet_until = None if chosen else self._next_fit()
+        self._first = {m for m in chosen if m not in self.cost_s}
         return chosen
+
+    def first_point(self, measure: str) -> bool:
+        """Whether ``measure`` was chosen at the last :meth:`select` without a known cost (its first point)."""
+        return measure in self._first
 
     def _next_fit(self) -> float | None:
         """The least ``other_s`` at which some measure could fit again, when every measure has a cost (the shared
@@ -244,6 +250,16 @@ class OverheadBudget:
                 self._taken.add(measure)
                 self.spent_s[measure] = self.spent_s.get(measure, 0.0) + end - begin
             self._mark = end
+
+    def over_time_warning(self, measure: str, what: str) -> str:
+        """The warning that ``measure`` was not taken this time, ``what`` saying how it was stopped."""
+        return (
+            f"GeometryMonitor: {measure} was {what} (max_overhead={self.max_overhead}: a measure's first point may "
+            f"take its share of the budget over the whole run, at most {FIRST_POINT_SECONDS:g} s, a later one its "
+            "share so far); nothing is logged for it this time. It is retried once the run has trained long enough "
+            "for that (no further warning); pass max_overhead=None or a schedule (every_n_epochs=...) to take every "
+            "point whatever it costs, a larger max_overhead, or smaller probes"
+        )
 
     def skip_warning(self, skipped: Sequence[str], step: int) -> str:
         """The warning that ``skipped`` were skipped at ``step`` to stay within the budget."""
