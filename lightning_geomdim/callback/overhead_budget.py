@@ -42,12 +42,14 @@ class OverheadBudget:
     (after the first batch, so that its warm-up is not taken for the pace of the run), the shared seconds projected
     alike, or from ``other_s`` while no projection exists. It is tried once that share, less what the measure spent,
     is at least :data:`MIN_POINT_SECONDS`, and may take it (at most :data:`FIRST_POINT_SECONDS` more than the run
-    has earned so far). A measurement that runs past its :meth:`allowance` is stopped at its next chunk of work and
-    logs nothing (:meth:`overran`); it counts twice the time it ran as its cost, so it is retried only once the
-    share earned covers that. So a run of T seconds spends at most about ``max_overhead · T`` measuring, and each
-    measure gets points in inverse proportion to its cost (none, with a warning, when one point costs more than its
-    share of the run: ResNet-18 on 2 CPU cores in a 2-minute run). With ``max_overhead=None`` every scheduled
-    measure is taken, without time limit. The account is checkpointed, so a resumed run keeps it.
+    has earned so far); the monitor first estimates it on an eighth of its probe and does not begin one estimated
+    past that (:mod:`.calibration`, :meth:`first_point`). A measurement that runs past its :meth:`allowance` is
+    stopped at its next chunk of work and logs nothing (:meth:`overran`); it counts twice the time it ran as its
+    cost, so it is retried only once the share earned covers that. So a run of T seconds spends at most about
+    ``max_overhead · T`` measuring, and each measure gets points in inverse proportion to its cost (none, with a
+    warning, when one point costs more than its share of the run: ResNet-18 on 2 CPU cores in a 2-minute run). With
+    ``max_overhead=None`` every scheduled measure is taken, without time limit. The account is checkpointed, so a
+    resumed run keeps it.
 
     Attributes:
         max_overhead: largest ratio of measuring time to the other wall time, > 0; ``None`` for no limit.
@@ -56,7 +58,8 @@ class OverheadBudget:
         other_s: seconds of the run outside measurements so far (up to the last :meth:`select` or measurement).
         spent_s: seconds spent so far on each measure.
         cost_s: the duration of each measure's last measurement, in seconds: the sum of its :meth:`measuring`
-            blocks since the last :meth:`select` (one block per probe, when a measure is taken probe by probe).
+            blocks since the last :meth:`select` (one block per probe, when a measure is taken probe by probe); for a
+            point that was stopped, or not begun, what it would need (:meth:`overran`).
         timer: the time source, in seconds (``time.perf_counter``).
         progress: the fraction of the training done, in (0, 1], when the run's length is known (:meth:`observe`);
             ``None`` while unknown (before the first batch, or a run without ``max_epochs`` / ``max_steps``).
@@ -265,7 +268,7 @@ class OverheadBudget:
         """The warning that ``skipped`` were skipped at ``step`` to stay within the budget."""
         whole = self.share(projected=True)
         costs = ", ".join(
-            f"{m} took {self.cost_s[m]:.2f} s last time" if m in self.cost_s else
+            f"{m} needs about {self.cost_s[m]:.2f} s a point" if m in self.cost_s else
             f"{m} has no share before the run's length is known" if self.projected_other_s() is None else
             f"{m}'s share of the whole run is {max(0.0, whole - self.spent_s.get(m, 0.0)):.2f} s, too little to try a "
             "point" for m in skipped)
