@@ -143,3 +143,43 @@ def test_the_traced_pass_stops_between_modules_and_leaves_the_model_as_it_was() 
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert len(model[0]._forward_hooks) == 0 and len(model[5]._forward_hooks) == 1  # only the user's hook is left
     assert ProbeTrace.of(model, torch.randn(8, 16)).output.shape == (8, 16)
+
+
+def test_a_traces_first_vjp_batches_a_few_cotangents_and_announces_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The first call on a trace times one plain backward and a batch of TRIAL, announced to the time limit (a
+    batched backward cannot be interrupted: batching all the others ran 9.3 s past a 1 s allowance on ResNet-18);
+    the rows equal one backward per cotangent."""
+    from lightning_geomdim.core import backward
+
+    torch.manual_seed(0)
+    model = net().double()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    out = model(x)
+    params = list(model.parameters())
+    cotangents = torch.randn(7, *out.shape, dtype=torch.float64)
+    reference = [torch.stack([torch.autograd.grad(out, p, c, retain_graph=True)[0] for c in cotangents])
+                 for p in params]
+    batches, announced = [], []
+    real_grad, real_checkpoint = torch.autograd.grad, backward.checkpoint
+
+    def grad(*args: object, **kwargs: object) -> object:
+        if kwargs.get("is_grads_batched"):
+            batches.append(len(args[2]))  # type: ignore[arg-type]
+        return real_grad(*args, **kwargs)
+
+    def spy(flops: float = 0.0) -> None:
+        announced.append(flops)
+        real_checkpoint(flops)
+
+    monkeypatch.setattr(torch.autograd, "grad", grad)
+    monkeypatch.setattr(backward, "checkpoint", spy)
+    memo: dict = {}
+    rows = backward.vjp(out, params, cotangents, memo=memo, model="net")
+    for got, want in zip(rows, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert batches[0] == backward.TRIAL and memo["vjp"] in ("batched", "loop") and memo["vjp_pace"] > 0
+    assert announced[1] > 0  # after the plain backward's checkpoint: the trial, at TRIAL_SLOWDOWN × its time
+    if memo["vjp"] == "batched":
+        assert batches[1:] == [len(cotangents) - 1 - backward.TRIAL]
+    else:
+        assert batches[1:] == []

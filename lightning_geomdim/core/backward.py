@@ -3,8 +3,10 @@
 ``torch.autograd.grad(..., is_grads_batched=True)`` vmaps the backward over B cotangents; for some models it is
 much slower than B plain backward passes (convolutions on CPU: 4 batched cotangents took 4.2 s against 0.23 s for
 one on MobileNetV3-small, 11.9 s against 1.6 s on ResNet-18), and it cannot be interrupted. :func:`vjp` times one
-of each on a trace's first call and keeps the faster for that trace; one at a time, it reaches a
-:func:`~lightning_geomdim.core.interrupt.checkpoint` between cotangents.
+plain backward and a batch of :data:`TRIAL` on a trace's first call and keeps the faster for that trace; one at a
+time, it reaches a :func:`~lightning_geomdim.core.interrupt.checkpoint` between cotangents, and a batched call is
+announced to the time limit first. (The trial used to batch all the other cotangents: on 8 images of ResNet-18 that
+ran 9.3 s past a 1 s allowance.)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_geomdim.core.interrupt import checkpoint
+from lightning_geomdim.core.interrupt import checkpoint, machine_flops
 from lightning_geomdim.core.memory import is_out_of_memory
 
 
@@ -27,8 +29,10 @@ def vjp(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *, memo: Muta
     tensors (zeros for an input ``out`` does not reach), keeping the graph.
 
     ``memo["vjp"]`` (the trace's): ``"batched"`` or ``"loop"`` once decided; undecided, a call with B > 1 runs
-    one backward, then the B − 1 others batched, and keeps the faster per cotangent. A backward that cannot be
-    batched (an op without a batching rule) warns once (``model`` names it) and goes one at a time. Out of memory
+    one backward, then the next :data:`TRIAL` batched, keeps the faster per cotangent and takes the rest so. A
+    batched call cannot be interrupted: it is announced to the time limit first (:func:`.checkpoint`), the trial at
+    :data:`TRIAL_SLOWDOWN` times one backward per cotangent, later calls at the trial's pace. A backward that cannot
+    be batched (an op without a batching rule) warns once (``model`` names it) and goes one at a time. Out of memory
     is raised as it is.
     """
     mode = memo.get("vjp")
@@ -36,17 +40,39 @@ def vjp(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *, memo: Muta
         start = time.perf_counter()
         first = _one_at_a_time(out, inputs, cotangents[:1])
         one = time.perf_counter() - start
-        rest = _batched(out, inputs, cotangents[1:], memo, model)
-        if rest is None:
-            rest = _one_at_a_time(out, inputs, cotangents[1:])
-        else:
-            memo["vjp"] = "batched" if time.perf_counter() - start - one < one * (len(cotangents) - 1) else "loop"
-        return [torch.cat(pair) for pair in zip(first, rest, strict=True)]
+        _announce(TRIAL_SLOWDOWN * one * min(TRIAL, len(cotangents) - 1))
+        start = time.perf_counter()
+        trial = _batched(out, inputs, cotangents[1:1 + TRIAL], memo, model)
+        if trial is None:  # no batching rule: one at a time from now on (memo["vjp"] == "loop")
+            return _joined(first, _one_at_a_time(out, inputs, cotangents[1:]))
+        pace = (time.perf_counter() - start) / len(cotangents[1:1 + TRIAL])
+        memo["vjp"], memo["vjp_pace"] = ("batched" if pace < one else "loop"), pace
+        done = _joined(first, trial)
+        if len(cotangents) <= 1 + TRIAL:
+            return done
+        return _joined(done, vjp(out, inputs, cotangents[1 + TRIAL:], memo=memo, model=model))
     if mode != "loop":
+        _announce(memo.get("vjp_pace", 0.0) * len(cotangents))
         grads = _batched(out, inputs, cotangents, memo, model)
         if grads is not None:
             return grads
     return _one_at_a_time(out, inputs, cotangents)
+
+
+#: Cotangents batched in the trial of a trace's first call (then the faster way takes the rest).
+TRIAL = 2
+#: How much slower than one plain backward a batched cotangent may be, for the time limit's estimate of the trial
+#: (convolutions on CPU: about 2×, ResNet-18's 4 batched cotangents took 11.9 s against 1.6 s for one).
+TRIAL_SLOWDOWN = 2.0
+
+
+def _announce(seconds: float) -> None:
+    """Tell the time limit that an uninterruptible step of about ``seconds`` follows (:func:`.checkpoint`)."""
+    checkpoint(flops=seconds * machine_flops() if seconds > 0 else 0.0)
+
+
+def _joined(a: list[Tensor], b: list[Tensor]) -> list[Tensor]:
+    return [torch.cat(pair) for pair in zip(a, b, strict=True)]
 
 
 def _batched(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, memo: MutableMapping[str, Any],
