@@ -40,14 +40,14 @@ def test_a_first_point_estimated_past_its_allowance_is_not_begun() -> None:
     policy = ErrorPolicy()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        # dimension: 8 samples in 0.16 s → 2 probes × 64 samples ≈ 2.56 s > 2 − 0.16; flatness: 0.08 s → 0.64 s
+        # dimension: 8 samples in 0.16 s → 2 probes × 64 samples ≈ 2.56 s > 2 − 0.16
         calibrate_first_points(steps, budget, policy, taker(clock, budget, {"dimension": 0.02, "flatness": 0.01},
                                                              seen))
-    assert seen == [("train", "dimension", 64 // CALIBRATION_FRACTION), ("train", "flatness", 8)]
+    assert seen == [("train", "dimension", 64 // CALIBRATION_FRACTION)]  # flatness: not estimated (ESTIMATED)
     assert budget.stopped == {"dimension"}
     assert budget.cost_s["dimension"] == pytest.approx(0.16 + 2.56)  # what it took and its estimate
-    assert budget.spent_s == pytest.approx({"dimension": 0.16, "flatness": 0.08})
-    assert budget.remaining("flatness") == pytest.approx(2.0 - 0.08)  # it goes on, its allowance less the estimate
+    assert budget.spent_s == pytest.approx({"dimension": 0.16})
+    assert budget.remaining("flatness") == pytest.approx(2.0)  # taken as it is
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1 and "dimension was not begun: on 8 of its 64 samples it took 0.16 s" in messages[0]
     assert "would take about 2.56 s, past its time allowance of 2 s" in messages[0]
@@ -56,12 +56,15 @@ def test_a_first_point_estimated_past_its_allowance_is_not_begun() -> None:
 def test_only_first_points_of_large_enough_probes_are_estimated() -> None:
     clock = FakeTimer()
     budget = paced(clock, (5.0, 0.05), (5.0, 0.1))
-    budget.cost_s["flatness"] = 0.1                    # flatness has a cost: no estimate
-    assert budget.select(["dimension", "flatness"]) == ["dimension", "flatness"]
+    budget.cost_s["dimension"] = 0.1                   # a dimension with a cost: no estimate
+    assert budget.select(["dimension"]) == ["dimension"]
     seen: list = []
-    take = taker(clock, budget, {"dimension": 0.001, "flatness": 0.001}, seen)
-    calibrate_first_points([(probe("train", CALIBRATION_FRACTION - 1), ["dimension", "flatness"])], budget,
-                           ErrorPolicy(), take)
+    take = taker(clock, budget, {"dimension": 0.001}, seen)
+    calibrate_first_points([(probe("train"), ["dimension"])], budget, ErrorPolicy(), take)
+    assert seen == []
+    del budget.cost_s["dimension"]
+    assert budget.select(["dimension"]) == ["dimension"]
+    calibrate_first_points([(probe("train", CALIBRATION_FRACTION - 1), ["dimension"])], budget, ErrorPolicy(), take)
     assert seen == []                                  # 7 samples: no eighth to take
     calibrate_first_points([(None, ["alignment"]), (probe("train"), ["dimension", "flatness"])], budget,
                            ErrorPolicy(), take)

@@ -1,14 +1,14 @@
-"""A first point's cost, estimated before it is taken: the measure on the first eighth of its first probe.
+"""A dimension's first point, estimated before it is taken: the measure on the first eighth of its first probe.
 
 A measure's first point has no known cost. Taken at once, a point that does not fit its time allowance is stopped
 there and its time is lost: on the MNIST example (a 6-second run) the dimension's and the flatness's first points
-took 2 % of the run and logged nothing. So a first point is first taken on the first ``N // CALIBRATION_FRACTION``
-samples of its first probe (N samples; nothing of it is logged, and its warnings are not shown), and the whole point
-is estimated as that time × N / n × the number of probes it is taken on. Work that grows at least linearly with the
-samples (the forward and backward passes; a Gram's products grow faster) makes this a lower bound; the fixed costs
-that dominate a small model make it an overestimate, so that such a point waits for a larger share. A point
-estimated past its allowance is not begun: the estimate becomes its cost (:meth:`.OverheadBudget.overran`), so it is
-tried once the budget allows that much, with one warning.
+took 2 % of the run and logged nothing. So a first point of the dimension (:data:`ESTIMATED`) is first taken on
+the first ``N // CALIBRATION_FRACTION`` samples of its first probe (N samples; nothing of it is logged, and its
+warnings are not shown), and the whole point is estimated as that time × N / n × the number of probes it is taken
+on. Work that grows at least linearly with the samples (the forward and backward passes; a Gram's products grow
+faster) makes this a lower bound; the fixed costs that dominate a small model make it an overestimate, so that
+such a point waits for a larger share. A point estimated past its allowance is not begun: the estimate becomes its
+cost (:meth:`.OverheadBudget.overran`), so it is tried once the budget allows that much, with one warning.
 
 Part of the Lightning layer.
 """
@@ -24,6 +24,12 @@ from lightning_geomdim.callback.probes import Probe
 
 #: A first point is estimated from the measure on 1 / CALIBRATION_FRACTION of its first probe's samples.
 CALIBRATION_FRACTION = 8
+#: The measures whose first point is estimated: those whose cost shrinks with the probe. The dimension's engines grow
+#: with its rows (a Gram's products faster than linearly). Flatness repeats the same number of Hessian-vector
+#: products whatever the probe, so its small point costs about as much as a whole one on a small model (0.05 s on
+#: MNIST), and one product on ResNet-18 cannot be interrupted for seconds (its small point ran 6 s past a 1.9 s
+#: allowance); alignment costs milliseconds.
+ESTIMATED = ("dimension",)
 
 
 class _Quiet(ErrorPolicy):
@@ -48,7 +54,7 @@ def calibrate_first_points(
         on = [probe for probe, measures in steps if probe is not None and measure in measures]
         samples = on[0].num_samples
         n = samples // CALIBRATION_FRACTION
-        if not budget.first_point(measure) or measure in budget.stopped or n < 1:
+        if measure not in ESTIMATED or not budget.first_point(measure) or measure in budget.stopped or n < 1:
             continue
         small = replace(on[0], state=dict(on[0].state), fit_memory=False)
         small.keep_first(n)
