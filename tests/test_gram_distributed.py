@@ -16,6 +16,7 @@ from lightning_geomdim import DimensionResult, GeometryError, batch_functional_d
 from lightning_geomdim.core.errors import MeasurementInterrupted
 from lightning_geomdim.core.functional_model import FunctionalModel, ProbeInputs, measurement_mode
 from lightning_geomdim.core.gram import _balanced_share, gram_from_factors
+from lightning_geomdim.core.interrupt import machine_flops
 from lightning_geomdim.core.layer_factors import layer_factors
 from lightning_geomdim.core.probe_trace import ProbeTrace
 from lightning_geomdim.core.structure import gram_plan
@@ -131,6 +132,7 @@ def _worker_failures_between_collectives(rank: int, world: int, port: int, out_d
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
+        machine_flops()  # measured once with eigvalsh: the injected fault is for the Gram's eigendecomposition
         faults = {"eigvalsh": rank == 1, "local": False}
         eigvalsh, local_gram = torch.linalg.eigvalsh, gram_module.gram_from_factors
 

@@ -178,8 +178,13 @@ def test_a_traces_first_vjp_batches_a_few_cotangents_and_announces_them(monkeypa
     for got, want in zip(rows, reference, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert batches[0] == backward.TRIAL and memo["vjp"] in ("batched", "loop") and memo["vjp_pace"] > 0
-    assert announced[1] > 0  # after the plain backward's checkpoint: the trial, at TRIAL_SLOWDOWN × its time
     if memo["vjp"] == "batched":
         assert batches[1:] == [len(cotangents) - 1 - backward.TRIAL]
     else:
         assert batches[1:] == []
+    # the plain backward, then the trial at TRIAL_SLOWDOWN × its time (the first positive announcement)
+    assert announced[:2] == [0.0, 0.0] and announced[2] > 0  # no forward time in this memo: nothing to estimate
+    memo = {"forward_s": 1.0}
+    announced.clear()
+    backward.vjp(out, params, cotangents[:2], memo=memo, model="net")
+    assert announced[0] == pytest.approx(backward.BACKWARD_PER_FORWARD * backward.machine_flops())

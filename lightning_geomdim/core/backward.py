@@ -31,20 +31,24 @@ def vjp(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *, memo: Muta
     ``memo["vjp"]`` (the trace's): ``"batched"`` or ``"loop"`` once decided; undecided, a call with B > 1 runs
     one backward, then the next :data:`TRIAL` batched, keeps the faster per cotangent and takes the rest so. A
     batched call cannot be interrupted: it is announced to the time limit first (:func:`.checkpoint`), the trial at
-    :data:`TRIAL_SLOWDOWN` times one backward per cotangent, later calls at the trial's pace. A backward that cannot
+    :data:`TRIAL_SLOWDOWN` times one backward per cotangent, later calls at the trial's pace; so is each plain
+    backward, the first at :data:`BACKWARD_PER_FORWARD` times the traced pass's forward (``memo["forward_s"]``), the
+    others at the first one's time (on 8 images of ResNet-18 one takes 1.4–1.7 s). A backward that cannot
     be batched (an op without a batching rule) warns once (``model`` names it) and goes one at a time. Out of memory
     is raised as it is.
     """
     mode = memo.get("vjp")
     if mode is None and len(cotangents) > 1:
+        _announce(BACKWARD_PER_FORWARD * memo.get("forward_s", 0.0))  # the plain backward, before it is timed
         start = time.perf_counter()
         first = _one_at_a_time(out, inputs, cotangents[:1])
         one = time.perf_counter() - start
+        memo["vjp_one"] = one
         _announce(TRIAL_SLOWDOWN * one * min(TRIAL, len(cotangents) - 1))
         start = time.perf_counter()
         trial = _batched(out, inputs, cotangents[1:1 + TRIAL], memo, model)
         if trial is None:  # no batching rule: one at a time from now on (memo["vjp"] == "loop")
-            return _joined(first, _one_at_a_time(out, inputs, cotangents[1:]))
+            return _joined(first, _one_at_a_time(out, inputs, cotangents[1:], one))
         pace = (time.perf_counter() - start) / len(cotangents[1:1 + TRIAL])
         memo["vjp"], memo["vjp_pace"] = ("batched" if pace < one else "loop"), pace
         done = _joined(first, trial)
@@ -56,9 +60,13 @@ def vjp(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *, memo: Muta
         grads = _batched(out, inputs, cotangents, memo, model)
         if grads is not None:
             return grads
-    return _one_at_a_time(out, inputs, cotangents)
+    one = memo.get("vjp_one", BACKWARD_PER_FORWARD * memo.get("forward_s", 0.0))
+    return _one_at_a_time(out, inputs, cotangents, one)
 
 
+#: A plain backward's time in forward passes, to announce the first one of a trace (a backward costs about two
+#: forwards; the traced pass's forward time is in ``memo["forward_s"]``).
+BACKWARD_PER_FORWARD = 2.0
 #: Cotangents batched in the trial of a trace's first call (then the faster way takes the rest).
 TRIAL = 2
 #: How much slower than one plain backward a batched cotangent may be, for the time limit's estimate of the trial
@@ -92,10 +100,12 @@ def _batched(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, memo: Mu
             if g is None else g for g, x in zip(grads, inputs, strict=True)]
 
 
-def _one_at_a_time(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor) -> list[Tensor]:
+def _one_at_a_time(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor,
+                   seconds: float = 0.0) -> list[Tensor]:
+    """One backward per cotangent, each announced to the time limit at ``seconds``."""
     rows = []
     for c in cotangents:
-        checkpoint()
+        _announce(seconds)
         grads = torch.autograd.grad(out, inputs, c, retain_graph=True, allow_unused=True)
         rows.append([torch.zeros_like(x, dtype=c.dtype) if g is None else g
                      for g, x in zip(grads, inputs, strict=True)])

@@ -26,6 +26,7 @@ layers' inputs and zero δ of their outputs, until :meth:`ProbeTrace.release`.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -234,7 +235,9 @@ class ProbeTrace:
                     handles.append(sub.register_forward_pre_hook(lambda m, *a, _n=name: pre(_n, m, *a), with_kwargs=kw))
                     handles.append(sub.register_forward_hook(lambda m, a, *o: post(m, a, o[-1]), with_kwargs=kw))
             with torch.set_grad_enabled(grad), recorder:
+                start = time.perf_counter()
                 out = fm(fm.params, inputs)
+                forward_s = time.perf_counter() - start
         except (ProbeError, MeasurementInterrupted):
             raise
         except Exception as err:
@@ -262,8 +265,10 @@ class ProbeTrace:
         }
         functions = recorder.functions
         del recorder
-        return ProbeTrace(fm, inputs, theta, calls, readers, layer_inputs, deltas, out, probe_version, numel[0],
-                          grad=grad, factors=factors and grad, functions=functions)
+        trace = ProbeTrace(fm, inputs, theta, calls, readers, layer_inputs, deltas, out, probe_version, numel[0],
+                           grad=grad, factors=factors and grad, functions=functions)
+        trace.memo["forward_s"] = forward_s  # a backward's time is announced from it (:func:`.backward.vjp`)
+        return trace
 
     def vjp(self, out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor) -> list[Tensor]:
         """∂⟨c, out⟩/∂inputs for each cotangent c of ``cotangents`` (B, *out.shape): a list of (B, *input.shape)
