@@ -49,12 +49,13 @@ def calibrate_first_points(
     ``take(probe, measure, policy)``: the measure on ``probe`` as the monitor takes it (timed as the measure's time,
     within its allowance; its values discarded).
     """
-    due = dict.fromkeys(m for probe, measures in steps if probe is not None for m in measures)
-    for measure in due:
+    for measure in ESTIMATED:
         on = [probe for probe, measures in steps if probe is not None and measure in measures]
+        if not on or not budget.first_point(measure) or measure in budget.stopped:
+            continue
         samples = on[0].num_samples
         n = samples // CALIBRATION_FRACTION
-        if measure not in ESTIMATED or not budget.first_point(measure) or measure in budget.stopped or n < 1:
+        if n < 1:
             continue
         small = replace(on[0], state=dict(on[0].state), fit_memory=False)
         small.keep_first(n)

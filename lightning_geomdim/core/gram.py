@@ -238,6 +238,25 @@ def _reduced(gram: Tensor, distributed: bool) -> Tensor:
     return gram
 
 
+def _agreed_gram(
+    trace: ProbeTrace, *, chunk_size: int | None, budget: int | None, distributed: bool, num_outputs: int | None = None,
+) -> tuple[GramPlan, list[LayerFactors], Tensor]:
+    """The plan, the per-layer factors and the lower triangle of the whole Gram, summed over the processes of a
+    group; the local work before the all-reduce is agreed (:func:`.agreement.agreed`). ``num_outputs``: the rows the
+    caller expects, checked against the plan's."""
+
+    def local() -> tuple[GramPlan, list[LayerFactors], Tensor]:
+        plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
+        if num_outputs is not None and num_outputs != plan.num_outputs:
+            raise NotApplicableError(
+                f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"
+            )
+        return plan, factors, _local_gram(factors, plan, distributed)
+
+    plan, factors, gram = agreed(local, distributed, trace.fm.device)
+    return plan, factors, _reduced(gram, distributed)
+
+
 def gram_matrix(
     trace: ProbeTrace, *, chunk_size: int | None = None, budget: int | None = None, lower_only: bool = False,
     distributed: bool = False,
@@ -256,12 +275,7 @@ def gram_matrix(
         NotApplicableError: the engine is not exact for this model (:mod:`.structure`, :mod:`.factor_check`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
-    def local() -> tuple[GramPlan, Tensor]:
-        plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
-        return plan, _local_gram(factors, plan, distributed)
-
-    plan, gram = agreed(local, distributed, trace.fm.device)
-    gram = _reduced(gram, distributed)
+    plan, _, gram = _agreed_gram(trace, chunk_size=chunk_size, budget=budget, distributed=distributed)
     return (gram if lower_only else gram + gram.tril(-1).T), plan
 
 
@@ -290,20 +304,13 @@ def gram_spectra(
         NotApplicableError: the engine is not exact for this model (:mod:`.structure`, :mod:`.factor_check`).
         MemoryBudgetError: before allocating, when :func:`gram_bytes` exceeds ``budget``.
     """
-    def local() -> tuple[GramPlan, list[LayerFactors], Tensor]:
-        plan, factors = planned_factors(trace, chunk_size=chunk_size, budget=budget)
-        if num_outputs != plan.num_outputs:
-            raise NotApplicableError(
-                f"the Gram engine saw {plan.num_outputs} outputs but the probe has {num_outputs}: use engine='jacrev'"
-            )
-        return plan, factors, _local_gram(factors, plan, distributed)
-
     device = trace.fm.device
-    plan, factors, gram = agreed(local, distributed, device)
+    plan, factors, gram = _agreed_gram(trace, chunk_size=chunk_size, budget=budget, distributed=distributed,
+                                       num_outputs=num_outputs)
     sizes = {name: p.numel() for name, p in trace.fm.params.items()}
     # every step between two collectives is agreed: a process that fails in one eigendecomposition must not pair
     # the next Gram's collectives with something else
-    sv = _agreed_values(_reduced(gram, distributed), min(num_outputs, sum(sizes.values())), distributed, device)
+    sv = _agreed_values(gram, min(num_outputs, sum(sizes.values())), distributed, device)
     del gram  # freed before the blocks' Grams
     whole = Spectrum(sv.cpu(), trace.fm.dtype, from_gram=True)
     parts = {}
