@@ -732,6 +732,32 @@ def test_state_key_is_built_once_and_alignment_threshold_matches_the_core() -> N
             GeometryMonitor(alignment_threshold=bad)
 
 
+def test_lightning_dispatches_only_the_batch_hook_the_monitor_uses(tmp_path: Path) -> None:
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.profilers import SimpleProfiler
+
+    from lightning_geomdim.callback.monitor import UNUSED_BATCH_HOOKS
+
+    class Counting(GeometryMonitor):  # a subclass that uses one of the masked hooks keeps it
+        calls = 0
+
+        def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+            Counting.calls += 1
+
+    profiler = SimpleProfiler()
+    tr = trainer(tmp_path, GeometryMonitor(max_overhead=None), max_epochs=1, limit_train_batches=3,
+                 limit_val_batches=2, profiler=profiler)
+    tr.callbacks.append(Counting(max_overhead=None, at_start=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # BoringModel has no targets: flatness is dropped with a warning
+        tr.fit(BoringModel())
+    dispatched = {name.split(".")[-1] for name in profiler.recorded_durations if "]GeometryMonitor" in name}
+    assert "on_train_batch_end" in dispatched and "on_validation_end" in dispatched
+    assert not dispatched & set(UNUSED_BATCH_HOOKS), dispatched & set(UNUSED_BATCH_HOOKS)
+    assert Counting.calls == 3  # one per batch
+    assert "geometry/train/batch_functional_dimension" in events(tr).Tags()["scalars"]  # the measures still ran
+
+
 class KeywordTextClassifier(L.LightningModule):
     """A Hugging Face style module: ``forward(input_ids, attention_mask)``, dict batches with ``labels``."""
 

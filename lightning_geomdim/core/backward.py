@@ -1,8 +1,10 @@
 """Vector-Jacobian products of a traced pass: many cotangents through one graph, batched or one at a time.
 
-``torch.autograd.grad(..., is_grads_batched=True)`` vmaps the backward over B cotangents; for some models it is
+``torch.autograd.grad(..., is_grads_batched=True)`` vmaps the backward over B cotangents; for some models it was
 much slower than B plain backward passes (convolutions on CPU: 4 batched cotangents took 4.2 s against 0.23 s for
-one on MobileNetV3-small, 11.9 s against 1.6 s on ResNet-18), and it cannot be interrupted. :func:`vjp` times one
+one on MobileNetV3-small, 11.9 s against 1.6 s on ResNet-18, both with the gradient taken through the flat θ; at θ's
+views, :meth:`.ProbeTrace.theta_views`, 8 images: 0.048 against 0.08 s per cotangent on ResNet-18, 0.036 against
+0.040 s on MobileNet), and it cannot be interrupted. :func:`vjp` times one
 plain backward and a batch of :data:`TRIAL` on a trace's first call and keeps the faster for that trace; one at a
 time, it reaches a :func:`~lightning_geomdim.core.interrupt.checkpoint` between cotangents, and a batched call is
 announced to the time limit first. (The trial used to batch all the other cotangents: on 8 images of ResNet-18 that
@@ -33,9 +35,9 @@ def vjp(out: Tensor, inputs: Sequence[Tensor], cotangents: Tensor, *, memo: Muta
     batched call cannot be interrupted: it is announced to the time limit first (:func:`.checkpoint`), the trial at
     :data:`TRIAL_SLOWDOWN` times one backward per cotangent, later calls at the trial's pace; so is each plain
     backward, the first at :data:`BACKWARD_PER_FORWARD` times the traced pass's forward (``memo["forward_s"]``), the
-    others at the first one's time (on 8 images of ResNet-18 one takes 1.4–1.7 s). A backward that cannot
-    be batched (an op without a batching rule) warns once (``model`` names it) and goes one at a time. Out of memory
-    is raised as it is.
+    others at the first one's time (on 8 images of ResNet-18 one took 1.4–1.7 s through θ, 0.08 s at its views). A
+    backward that cannot be batched (an op without a batching rule) warns once (``model`` names it) and goes one at
+    a time. Out of memory is raised as it is.
     """
     mode = memo.get("vjp")
     if mode is None and len(cotangents) > 1:
@@ -70,7 +72,8 @@ BACKWARD_PER_FORWARD = 2.0
 #: Cotangents batched in the trial of a trace's first call (then the faster way takes the rest).
 TRIAL = 2
 #: How much slower than one plain backward a batched cotangent may be, for the time limit's estimate of the trial
-#: (convolutions on CPU: about 2×, ResNet-18's 4 batched cotangents took 11.9 s against 1.6 s for one).
+#: (convolutions on CPU, through the flat θ: about 2×, ResNet-18's 4 batched cotangents took 11.9 s against 1.6 s
+#: for one).
 TRIAL_SLOWDOWN = 2.0
 
 
