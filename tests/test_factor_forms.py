@@ -437,3 +437,31 @@ def test_the_traced_pass_counts_the_recurrent_cells() -> None:
         model = nn.Sequential(kind(8, 16, num_layers=2, bidirectional=True, batch_first=True))
         one = ProbeTrace.of(model, torch.randn(1, 50, 8, generator=gen(54)), grad=False, output_fn=lambda o: o[0])
         assert one.activation_numel >= 50 * 2 * 2 * 18 * 16
+
+
+@pytest.mark.parametrize("case", ["batchnorm2d_eval", "groupnorm", "grouped_and_depthwise_conv",
+                                  "embedding_with_padding", "lstm_bidirectional_time_major", "gru",
+                                  "transformer_encoder_layer", "layernorm_sequence"])
+def test_the_summed_row_of_each_form_is_jt_c_without_per_sample_rows(case: str) -> None:
+    """The factor check's Jᵀ c from the forms, with the samples merged into the positions (no per-sample rows),
+    equals the sum of the rows the forms give (whose equality to the dense Jacobian is tested above)."""
+    from lightning_geomdim.core.factor_forms import LayerFactors, summed_row
+
+    model, x = _cases()[case]
+    _randomise(model, 37)
+    with measurement_mode(model):
+        trace = ProbeTrace.of(model, x)
+        plan = gram_plan(trace)
+        factors = layer_factors(trace, plan)
+    n, k = plan.num_samples, plan.outputs_per_sample
+    c = torch.randn(n, k, generator=gen(51), dtype=torch.float64)
+    ours = []
+    for f in factors:  # the signals of the cotangent c: Σ_k c[n, k] ∂f_k(x_n)/∂z
+        signals = torch.einsum("tnko,nk->tno", f.signals.view(f.signals.shape[0], n, k, -1), c)
+        one = LayerFactors(f.layer, f.inputs, signals.contiguous())
+        ours.append(summed_row(one))
+        torch.testing.assert_close(ours[-1], jacobian_rows([one], slice(0, n), 1).sum(0), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(torch.cat(ours), c.reshape(-1) @ jacobian_rows(factors, slice(0, n), k),
+                               rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="one output per sample"):
+        summed_row(LayerFactors(f.layer, f.inputs, f.signals[:, :1]))  # one row for n > 1 samples

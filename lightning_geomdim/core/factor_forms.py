@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -304,6 +304,19 @@ def jacobian_rows(factors: Sequence[LayerFactors], samples: slice, k: int, field
         if lay.bias:
             blocks.extend([position_sum(sig, field)] * len(lay.bias_names))
     return torch.cat(blocks, dim=1)
+
+
+def summed_row(f: LayerFactors) -> Tensor:
+    """Σ_n of the rows of J restricted to ``f``'s layer, for factors of one output per sample (K = 1): the layer's
+    part of Jᵀ c for the cotangent c its signals carry, in the layer's column order. The samples are merged into
+    the positions (Σ_n Σ_t g_{n,t} ⊗ u_{n,t} is one sample's sum over N · T positions), so no per-sample row is
+    formed: on ResNet-18 those were N × 11 M values per cotangent."""
+    n, t = f.inputs.shape[0], f.inputs.shape[1]
+    if f.signals.shape[1] != n:
+        raise ValueError(f"summed_row needs one output per sample: signals {tuple(f.signals.shape)} for {n} samples")
+    merged = LayerFactors(replace(f.layer, positions=n * t), f.inputs.reshape(1, n * t, -1),
+                          f.signals.transpose(0, 1).reshape(n * t, 1, -1))
+    return jacobian_rows([merged], slice(0, 1), 1)[0]
 
 
 def parameter_gradients(layer: GramLayer, row: Tensor, params: Mapping[str, Tensor]) -> dict[str, Tensor]:
