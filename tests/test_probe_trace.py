@@ -236,3 +236,50 @@ def test_gradients_with_respect_to_theta_are_taken_at_its_views_with_the_values_
         torch.testing.assert_close(batched, v @ dense)
         torch.testing.assert_close(single, dense @ v[0])
         trace.release()
+
+
+class ClampsInForward(nn.Module):
+    """A forward that clamps a weight in place under no_grad after another parameter was used (no value changes):
+    θ's version moves, and a gradient at the views read before would miss those uses (found by review)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x))
+        with torch.no_grad():
+            self.b.weight.clamp_(-10, 10)
+        return self.b(h)
+
+
+def test_a_parameter_changed_in_place_by_the_forward_is_differentiated_through_theta() -> None:
+    from conftest import dense_jacobian, numpy_rank
+
+    torch.manual_seed(0)
+    net, x = ClampsInForward(), torch.randn(30, 4, generator=torch.Generator().manual_seed(3))
+    with measurement_mode(net):
+        trace = ProbeTrace.of(net, x)
+        assert trace.theta._version != 0 and trace.theta_views() is None
+        trace.release()
+    expected = numpy_rank(dense_jacobian(net, x))
+    assert expected == 35  # P − hidden = 35 < M = 90
+    for engine in ("auto", "gram", "jacrev"):
+        result = batch_functional_dimension(net, x, engine=engine)
+        assert (result.rank, result.engine) == (expected, "jacrev" if engine == "jacrev" else "gram"), engine
+    y = torch.randint(0, 3, (30,), generator=torch.Generator().manual_seed(4))
+    ours = flatness(net, F.cross_entropy, x, y, top_k=2, method="dense", flat_dimension=False)
+    reference = net.double()
+    names = [n for n, _ in reference.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in reference.parameters()])
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:
+        pieces, start = {}, 0
+        for name, p in zip(names, reference.parameters(), strict=True):
+            pieces[name], start = flat[start : start + p.numel()].view_as(p), start + p.numel()
+        return F.cross_entropy(torch.func.functional_call(nn.Sequential(reference.a, nn.Tanh(), reference.b),
+                                                          {k.replace("a.", "0.").replace("b.", "2."): v
+                                                           for k, v in pieces.items()}, (x.double(),)), y)
+
+    top = torch.linalg.eigvalsh(torch.autograd.functional.hessian(loss, theta)).flip(0)[:2]
+    torch.testing.assert_close(ours.top_eigenvalues.to(top.dtype), top, rtol=1e-8, atol=1e-10)

@@ -63,7 +63,9 @@ class GeometryMonitor(Callback):
     measured (linear regions and alignment need ``nn.ReLU`` / ``nn.LeakyReLU`` modules), in eval mode, as an
     observer: the trained weights are bit-identical with or without the monitor (:mod:`.observer`). A failing
     measure warns and logs NaN (:mod:`.error_policy`). Single device and DDP; sharded strategies are refused
-    (:mod:`.distributed`).
+    (:mod:`.distributed`). The per-batch hooks it does not use (:data:`UNUSED_BATCH_HOOKS`) are ``None`` on the
+    instance, so that Lightning, which skips a hook that is not callable, does not dispatch them at every batch; code
+    that calls a callback's hooks itself should skip them likewise.
 
     Args:
         every_n_steps: measure after every n-th optimizer step (``trainer.global_step``; a multiple the counter

@@ -287,9 +287,15 @@ class ProbeTrace:
         """``fm.params`` when they are the per-tensor views of θ that cover it in order (as :meth:`record` left
         them), else None. Take gradients with respect to θ at these and join them with :func:`flat_gradient`: a
         backward through θ itself runs each view's slice backward, which fills a zero (P,) tensor and adds it
-        (on ResNet-18, 62 views of 11 M values: 1.5 s of a 1.6 s backward on 8 images)."""
+        (on ResNet-18, 62 views of 11 M values: 1.5 s of a 1.6 s backward on 8 images).
+
+        None also when θ was changed in place since it was recorded (``_version``: an ``nn.Embedding(max_norm=...)``
+        renormalising its rows, a forward that clamps a weight under ``no_grad``): θ and its views share one version
+        counter, so every view read after the change got a new ``grad_fn`` and a gradient at the views would miss
+        the uses recorded before it (zeros, silently); through θ it is right."""
         views = list(self.fm.params.values())
-        if any(v._base is not self.theta for v in views) or sum(v.numel() for v in views) != self.theta.numel():
+        if (self.theta._version != 0 or any(v._base is not self.theta for v in views)
+                or sum(v.numel() for v in views) != self.theta.numel()):
             return None
         return views
 
