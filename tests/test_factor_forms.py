@@ -465,3 +465,22 @@ def test_the_summed_row_of_each_form_is_jt_c_without_per_sample_rows(case: str) 
                                rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="one output per sample"):
         summed_row(LayerFactors(f.layer, f.inputs, f.signals[:, :1]))  # one row for n > 1 samples
+
+
+class EmptySlice(nn.Module):
+    """A measured Linear applied to an empty slice of the sequence (zero positions): no signal, zero columns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 3), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.a(x[:, :0]).sum(1) + self.b(x.mean(1))
+
+
+def test_a_layer_applied_at_no_position_is_measured_by_the_gram_engine() -> None:
+    """Found by review: the factor check's interaction test took the max of an empty signal and raised."""
+    torch.manual_seed(0)
+    model, x = EmptySlice(), torch.randn(6, 5, 4, generator=gen(52))
+    result = batch_functional_dimension(model, x, engine="gram")
+    assert (result.engine, result.rank) == ("gram", numpy_rank(dense_jacobian(model, x))) == ("gram", 15)

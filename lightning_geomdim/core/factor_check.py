@@ -73,7 +73,7 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
     theta_grads, *signals = (torch.cat(column) for column in zip(*parts, strict=True))
     for layer, g in zip(plan.layers, signals, strict=True):
         for b, inside in enumerate(sets):
-            scale = g[b].abs().max()
+            scale = g[b].abs().max() if g[b].numel() else 0  # a layer applied at no position has no signal
             if scale > 0 and bool((~inside).any()) and g[b][~inside].abs().max() > INTERACTION_TOLERANCE * scale:
                 return (f"samples interact in the forward pass: the outputs of some samples depend on the output of "
                         f"module {layer.name or '<root>'!r} ({type(layer.module).__name__}) at other samples (batch "

@@ -314,8 +314,8 @@ def summed_row(f: LayerFactors) -> Tensor:
     n, t = f.inputs.shape[0], f.inputs.shape[1]
     if f.signals.shape[1] != n:
         raise ValueError(f"summed_row needs one output per sample: signals {tuple(f.signals.shape)} for {n} samples")
-    merged = LayerFactors(replace(f.layer, positions=n * t), f.inputs.reshape(1, n * t, -1),
-                          f.signals.transpose(0, 1).reshape(n * t, 1, -1))
+    merged = LayerFactors(replace(f.layer, positions=n * t), f.inputs.reshape(1, n * t, f.inputs.shape[-1]),
+                          f.signals.transpose(0, 1).reshape(n * t, 1, f.signals.shape[-1]))
     return jacobian_rows([merged], slice(0, 1), 1)[0]
 
 
