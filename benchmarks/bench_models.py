@@ -222,6 +222,8 @@ def monitor_one(name: str, seconds: float) -> dict[str, Any]:
         "model": name, "wall": wall, "steps": trainer.global_step, "points": points,
         "nan": sorted(t for t, v in values.items() if any(math.isnan(a) for a in v)),
         "monitor_seconds": account.get("measuring_s", math.nan),
+        # the account: other seconds, each measure's seconds (stopped points included), the rest is shared
+        "other_seconds": account.get("other_s", math.nan), "spent_seconds": account.get("spent_s", {}),
         "warnings": sorted({str(w.message)[:240] for w in caught if "GeometryMonitor" in str(w.message)}),
     }
 
