@@ -56,11 +56,12 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
+from lightning_geomdim.core import backward
 from lightning_geomdim.core.errors import NonFiniteError, Remedy
 from lightning_geomdim.core.functional_model import FunctionalModel
 from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.memory import check_memory, is_out_of_memory
-from lightning_geomdim.core.probe_trace import ProbeTrace, flat_gradient
+from lightning_geomdim.core.probe_trace import ProbeTrace
 
 LossFn = Callable[[Tensor, Any], Tensor]
 """``loss_fn(outputs, targets) -> scalar``, e.g. ``torch.nn.functional.cross_entropy`` (mean reduction)."""
@@ -161,13 +162,13 @@ class HessianOperator:
     # --- reverse-over-reverse on a cached gradient graph ---------------------------------------------------
 
     def _gradient_graph(self) -> tuple[list[Tensor], Tensor | None]:
-        """(θ as its views (:meth:`.ProbeTrace.theta_views`), ∇L(θ) flat with its graph), built once on the trace's
+        """(θ as its views (:func:`.backward.parameter_views`), ∇L(θ) flat with its graph), built once on the trace's
         output; the gradient is None when it does not depend on θ (H = 0)."""
         if self._graph is None:
             leaves = self.trace.theta_views() or [self.theta]  # θ's views: no (P,) fill per view and product
             loss = self.loss_fn(self.trace.output.clone(), self.targets)  # the trace's output stays as recorded
             parts = torch.autograd.grad(loss, leaves, create_graph=True, retain_graph=True, materialize_grads=True)
-            gradient = flat_gradient(parts) if any(g.requires_grad for g in parts) else None
+            gradient = backward.flat_gradient(parts) if any(g.requires_grad for g in parts) else None
             self._graph = (leaves, gradient)
         return self._graph
 
@@ -180,7 +181,7 @@ class HessianOperator:
             gradient, leaves, v, retain_graph=True, allow_unused=True, materialize_grads=True,
             is_grads_batched=batched,
         )
-        return flat_gradient(parts, len(v) if batched else None).detach()
+        return backward.flat_gradient(parts, len(v) if batched else None).detach()
 
     # --- forward-over-reverse (fallback) ----------------------------------------------------------------------
 

@@ -275,29 +275,16 @@ class ProbeTrace:
         tensors (zeros for an input ``out`` does not reach), keeping the graph; batched or one backward at a time,
         whichever is faster for this trace (:func:`~lightning_geomdim.core.backward.vjp`); with respect to θ at its
         views (:meth:`theta_views`)."""
-        views = self.theta_views()
-        if not any(x is self.theta for x in inputs) or views is None:
-            return backward.vjp(out, inputs, cotangents, memo=self.memo, model=type(self.fm.module).__name__)
-        expanded = [v for x in inputs for v in (views if x is self.theta else [x])]
-        grads = iter(backward.vjp(out, expanded, cotangents, memo=self.memo, model=type(self.fm.module).__name__))
-        return [flat_gradient([next(grads) for _ in views], len(cotangents)) if x is self.theta else next(grads)
-                for x in inputs]
+        model = type(self.fm.module).__name__
+        views = self.theta_views() if any(x is self.theta for x in inputs) else None
+        if views is None:
+            return backward.vjp(out, inputs, cotangents, memo=self.memo, model=model)
+        return backward.vjp_at_views(out, inputs, cotangents, self.theta, views, memo=self.memo, model=model)
 
     def theta_views(self) -> list[Tensor] | None:
-        """``fm.params`` when they are the per-tensor views of θ that cover it in order (as :meth:`record` left
-        them), else None. Take gradients with respect to θ at these and join them with :func:`flat_gradient`: a
-        backward through θ itself runs each view's slice backward, which fills a zero (P,) tensor and adds it
-        (on ResNet-18, 62 views of 11 M values: 1.5 s of a 1.6 s backward on 8 images).
-
-        None also when θ was changed in place since it was recorded (``_version``: an ``nn.Embedding(max_norm=...)``
-        renormalising its rows, a forward that clamps a weight under ``no_grad``): θ and its views share one version
-        counter, so every view read after the change got a new ``grad_fn`` and a gradient at the views would miss
-        the uses recorded before it (zeros, silently); through θ it is right."""
-        views = list(self.fm.params.values())
-        if (self.theta._version != 0 or any(v._base is not self.theta for v in views)
-                or sum(v.numel() for v in views) != self.theta.numel()):
-            return None
-        return views
+        """``fm.params`` when gradients with respect to θ may be taken at them
+        (:func:`~lightning_geomdim.core.backward.parameter_views`), else None."""
+        return backward.parameter_views(self.theta, list(self.fm.params.values()))
 
     def leaf_calls(self) -> list[TracedCall]:
         """The calls of leaf modules, in call order (positions as in ``input_readers``)."""
@@ -408,9 +395,3 @@ def _measured_affine(fm: FunctionalModel) -> set[str]:
                 names.add(name)
     return names
 
-
-def flat_gradient(grads: Sequence[Tensor], batch: int | None = None) -> Tensor:
-    """The gradients with respect to :meth:`ProbeTrace.theta_views` (in order) as one flat tensor:
-    shape (P,), or (batch, P) for gradients batched over a leading dimension of ``batch``."""
-    lead = () if batch is None else (batch,)
-    return torch.cat([g.reshape(*lead, -1) for g in grads], dim=-1)
