@@ -190,6 +190,10 @@ def test_tensorboard_tags_extras_and_values(tmp_path: Path) -> None:
     assert steps(acc, "geometry/train/block/net.2/numerical_rank") == [0, 2]
     assert not any("block/net.0" in t for t in tags["scalars"])
     assert acc.Scalars("geometry/train/block/net.2/numerical_rank")[-1].value == res.blocks["net.2"].numerical_rank
+    # and its exact rank (the exact engine's draws), beside the numerical one
+    assert steps(acc, "geometry/train/block/net.2/batch_functional_dimension") == [0, 2]
+    assert (acc.Scalars("geometry/train/block/net.2/batch_functional_dimension")[-1].value
+            == res.block_dimensions["net.2"])
     assert acc.Scalars("geometry/train/block/net.2/bound")[-1].value == 21
 
     # custom-scalars layout: each probe's dimension beside its bounds, and the probes on one chart

@@ -29,6 +29,8 @@ key                                                           value
                                                               parameters (``blocks``; the module tree's
                                                               blocks with at most as many parameters as rows)
 ``geometry/<probe>/block/<block>/bound``                       min(rows, the block's parameters)
+``geometry/<probe>/block/<block>/batch_functional_dimension``  the rank of those columns, exact (exact
+                                                              engine only; no tolerance)
 ``geometry/<probe>/linear_regions``                           distinct ReLU activation patterns on X
 ``geometry/flatness/max_eigenvalue``                          λ_max of the loss Hessian
 ``geometry/flatness/eigenvalue_<i>``                          i-th largest eigenvalue (``flatness_top_k``

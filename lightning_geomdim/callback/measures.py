@@ -251,6 +251,8 @@ def _dimension(
         })
     for name, block in res.blocks.items():
         values.update({f"block/{name}/numerical_rank": block.numerical_rank, f"block/{name}/bound": block.bound})
+    for name, rank in res.block_dimensions.items():  # exact engine: the block's dimension, no tolerance
+        values[f"block/{name}/batch_functional_dimension"] = rank
     return {f"geometry/{probe.name}/{k}": float(v) for k, v in values.items()}
 
 

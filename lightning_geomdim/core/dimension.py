@@ -59,6 +59,8 @@ class DimensionResult:
             (0 when it reached ``upper_bound``); nan for floating-point engines, whose error is not bounded.
         blocks: block name → the numerical rank of J restricted to the block's columns (``blocks=``; computed
             with the floating-point spectrum, :mod:`lightning_geomdim.core.blocks`).
+        block_dimensions: exact engine with ``blocks=``: block name → the exact rank of J restricted to the
+            block's columns (the same draws; no tolerance), with ``block_failure_bounds`` as ``failure_bound``.
     """
 
     rank: int
@@ -72,6 +74,8 @@ class DimensionResult:
     exact_ranks: tuple[int, ...] = ()
     failure_bound: float = math.nan
     blocks: dict[str, BlockSpectrum] = field(default_factory=dict)
+    block_dimensions: dict[str, int] = field(default_factory=dict)
+    block_failure_bounds: dict[str, float] = field(default_factory=dict)
 
     @property
     def exact(self) -> bool:
@@ -222,7 +226,8 @@ def batch_functional_dimension(
             the floating-point spectrum's factors or dense J (so with ``spectrum=True`` or a float engine):
             "auto" for the blocks :func:`~lightning_geomdim.core.blocks.parameter_blocks` finds in the module tree
             that have at most as many parameters as J has rows (the others' rank is their row bound), or a dict
-            block name → module names. Each costs a Gram (or SVD) of size min(rows, P_b).
+            block name → module names. Each costs a Gram (or SVD) of size min(rows, P_b). With the exact engine also
+            their exact ranks (``DimensionResult.block_dimensions``, from the same draws: one Gram mod p each).
         trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
             (with these ``params``, ``dtype`` and ``output_fn``), shared with the other measures of a step; ``x`` is
             then not read again. Default: record one.
@@ -258,17 +263,17 @@ def batch_functional_dimension(
             upper_bound = symmetries.upper_bound(trace.inputs.num_samples, tuple(out.shape), num_params)
             budget = memory_budget(fm.device, max_memory_bytes)
             resolved, program = select_engine(engine, trace)
+            chosen = resolve_blocks(blocks, model, list(fm.params), num_rows)
             exact = None
             if program is not None:  # agreed: a distributed Gram may follow (:mod:`.agreement`)
                 exact = agreed(lambda: exact_rank(trace, upper_bound=upper_bound, program=program, seed=seed,
-                                                  draws=draws, chunk_size=chunk_size, budget=budget),
+                                                  draws=draws, chunk_size=chunk_size, budget=budget, blocks=chosen),
                                distributed, fm.device)
                 del program
             numerical, parts = None, {}
             if spectrum or exact is None:
                 # the exact engine applies only where the Gram engine's structural conditions hold: no second check
                 float_engine = select_float_engine(resolved, trace) if exact is None else "gram"
-                chosen = resolve_blocks(blocks, model, list(fm.params), num_rows)
                 raw, raw_parts = compute_spectrum(float_engine, trace, num_rows, chunk_size=chunk_size, budget=budget,
                                                   distributed=distributed, blocks=chosen)
                 numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
@@ -286,4 +291,6 @@ def batch_functional_dimension(
         num_hidden_neurons=symmetries.num_hidden_neurons, upper_bound=upper_bound, spectrum=numerical,
         exact_ranks=exact.ranks if exact is not None else (),
         failure_bound=exact.failure_bound if exact is not None else math.nan, blocks=parts,
+        block_dimensions=exact.blocks if exact is not None else {},
+        block_failure_bounds=exact.block_failure_bounds if exact is not None else {},
     )

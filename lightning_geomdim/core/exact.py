@@ -50,7 +50,8 @@ p, eliminated in place) plus the Gram engine's per-layer factors (:func:`~lightn
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -65,11 +66,11 @@ from lightning_geomdim.core.exact_program import (
     exact_program,
     residue_of_constant,
 )
-from lightning_geomdim.core.factor_forms import factors_of
+from lightning_geomdim.core.factor_forms import LayerFactors, factors_of
 from lightning_geomdim.core.finite_field import DEFAULT_PRIME, PrimeField, _is_prime
 from lightning_geomdim.core.functional_model import FunctionalModel
-from lightning_geomdim.core.gram import gram_from_factors
-from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, gram_bytes
+from lightning_geomdim.core.gram import block_part, gram_from_factors
+from lightning_geomdim.core.gram_plan import FACTOR_REMEDIES, GramPlan, gram_bytes
 from lightning_geomdim.core.interrupt import checkpoint
 from lightning_geomdim.core.memory import rows_at_once
 from lightning_geomdim.core.probe_trace import ProbeTrace
@@ -88,12 +89,17 @@ class ExactRank:
         ranks: the rank over GF(p_i) of each draw, in order.
         primes: the prime of each draw.
         failure_bound: an upper bound on the probability that ``rank`` is below the true value (module doc).
+        blocks: block name → the exact rank of J restricted to the block's columns (``blocks=``), max over the
+            same draws; its own failure bound in ``block_failure_bounds`` (the formula above with the block's
+            bound min(rows, P_b); 0 when a draw reached it).
     """
 
     rank: int
     ranks: tuple[int, ...]
     primes: tuple[int, ...]
     failure_bound: float
+    blocks: dict[str, int] = field(default_factory=dict)
+    block_failure_bounds: dict[str, float] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------------------------- one draw
@@ -147,8 +153,8 @@ def _seeds(shape: tuple[int, ...], head: bool, device: torch.device) -> Tensor:
 
 def _draw(
     fm: FunctionalModel, program: ExactProgram, field: PrimeField, generator: torch.Generator, chunk_size: int | None,
-) -> Tensor:
-    """J Jᵀ (or Jᵀ J) mod p at one random point: residues, float64, the lower triangle (the upper one zeros)."""
+) -> list[LayerFactors]:
+    """The per-layer factors of J mod p at one random point (residues, float64), in the plan's layer order."""
     steps = _field_steps(program, field)
     theta = _parameters(fm, field, generator)
     n = program.plan.num_samples
@@ -199,12 +205,19 @@ def _draw(
         checkpoint()
         i = by_name[layer.name]
         factors.append(factors_of(layer, inputs[i], torch.cat(signals.pop(i), dim=0), n, k, normalized=True))
-    return gram_from_factors(factors, program.plan, lower_only=True, field=field)
+    return factors
+
+
+def _rank(factors: Sequence[LayerFactors], plan: GramPlan, field: PrimeField, upper_bound: int) -> int:
+    """The rank over GF(p) of J restricted to ``plan``'s layers: its Gram's lower triangle, eliminated in place."""
+    gram = gram_from_factors(factors, plan, lower_only=True, field=field)
+    return rank_mod_p_symmetric(gram, field, upper_bound=upper_bound, overwrite=True)
 
 
 def exact_rank(
     trace: ProbeTrace, *, upper_bound: int, program: ExactProgram | None = None,
     seed: int = 0, draws: int = 2, chunk_size: int | None = None, budget: int | None = None,
+    blocks: Mapping[str, Sequence[str]] | None = None,
 ) -> ExactRank:
     """The exact batch functional dimension of the traced model on its probe (method and guarantees in the module
     doc).
@@ -217,6 +230,8 @@ def exact_rank(
         chunk_size: output coordinate classes backpropagated at once (bounds the backward's memory); default as
             many as fit ``budget``.
         budget: memory budget in bytes, checked before anything is allocated.
+        blocks: block name → parameter names: also the exact rank of J restricted to each block's columns, from the
+            same draws' factors (one Gram of size min(rows, P_b) each, after the whole one is freed).
 
     Raises:
         NotApplicableError: the engine does not apply (see :func:`exact_program`).
@@ -238,18 +253,31 @@ def exact_rank(
                     lambda n: gram_bytes(plan.on_samples(n).with_cheaper_side(), 8, chunk_size=1, copies=1)),
     )
     generator = torch.Generator().manual_seed(int(seed))
+    sizes = {name: p.numel() for name, p in trace.fm.params.items()}
+    rows = plan.num_samples * plan.outputs_per_sample
+    bounds = {name: min(rows, sum(sizes[n] for n in names)) for name, names in (blocks or {}).items()}
     ranks: list[int] = []
     primes: list[int] = []
+    block_ranks: dict[str, list[int]] = {name: [] for name in bounds}
     for p in PRIMES[:draws]:
         checkpoint()
         field = PrimeField(p)
-        gram = _draw(trace.fm, program, field, generator, chunk)
-        ranks.append(rank_mod_p_symmetric(gram, field, upper_bound=upper_bound, overwrite=True))
+        factors = _draw(trace.fm, program, field, generator, chunk)
+        ranks.append(_rank(factors, plan, field, upper_bound))
         primes.append(p)
-        del gram
+        for name, names in (blocks or {}).items():
+            checkpoint()
+            part = block_part(factors, plan, names)  # None: the block's layers did not run, zero columns
+            block_ranks[name].append(0 if part is None else _rank(*part, field, bounds[name]))
+        del factors
         if ranks[-1] >= upper_bound:
             break
+    degree = 2 * max(program.depth - 1, 0)
+
+    def failure(rank: int, bound: int) -> float:
+        return 0.0 if rank >= bound or degree == 0 else math.prod(min(1.0, degree * bound / p) for p in primes)
+
     rank = max(ranks)
-    degree = 2 * max(program.depth - 1, 0) * upper_bound
-    failure = 0.0 if rank >= upper_bound or degree == 0 else math.prod(min(1.0, degree / p) for p in primes)
-    return ExactRank(rank, tuple(ranks), tuple(primes), failure)
+    best = {name: max(r) for name, r in block_ranks.items()}
+    return ExactRank(rank, tuple(ranks), tuple(primes), failure(rank, upper_bound), best,
+                     {name: failure(best[name], bounds[name]) for name in best})

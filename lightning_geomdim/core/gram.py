@@ -315,13 +315,12 @@ def gram_spectra(
     whole = Spectrum(sv.cpu(), trace.fm.dtype, from_gram=True)
     parts = {}
     for name, names in (blocks or {}).items():
-        members = set(names)
-        mine = [f for f in factors if _layer_params(f) <= members]
         total = min(num_outputs, sum(sizes[n] for n in names))
-        if not mine:  # the block's layers did not run (or do not reach the output): zero columns
+        part = block_part(factors, plan, names)
+        if part is None:  # the block's layers did not run (or do not reach the output): zero columns
             parts[name] = Spectrum(torch.zeros(total, dtype=torch.float64), trace.fm.dtype, from_gram=True)
             continue
-        sub = replace(plan, layers=tuple(f.layer for f in mine), forced_side=None)
+        mine, sub = part
         local_part = agreed(lambda mine=mine, sub=sub: _local_gram(mine, sub, distributed), distributed, device)
         sv = _agreed_values(_reduced(local_part, distributed), total, distributed, device)
         del local_part
@@ -329,5 +328,13 @@ def gram_spectra(
     return whole, parts
 
 
-def _layer_params(f: LayerFactors) -> set[str]:
-    return {*f.layer.weight_names, *f.layer.bias_names}
+def block_part(
+    factors: Sequence[LayerFactors], plan: GramPlan, names: Sequence[str],
+) -> tuple[list[LayerFactors], GramPlan] | None:
+    """The factors of the layers whose parameters all belong to the block ``names`` (parameter names) and the plan
+    of J restricted to their columns, on its cheaper side; None when no such layer ran."""
+    members = set(names)
+    mine = [f for f in factors if {*f.layer.weight_names, *f.layer.bias_names} <= members]
+    if not mine:
+        return None
+    return mine, replace(plan, layers=tuple(f.layer for f in mine), forced_side=None)
