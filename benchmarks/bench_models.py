@@ -7,9 +7,9 @@ For each model, in a fresh process (so that its high-water mark is its own), on 
 ``--probe-size`` samples, 64 by default as in ``GeometryMonitor``), it runs
 ``batch_functional_dimension(model, x, spectrum=True, blocks="auto")`` — the monitor's defaults — and prints the
 engine used, the dimension (exact engine) or numerical rank (float engines) against its bound, whether it is
-saturated, the effective rank of the spectrum, the per-block numerical ranks, the seconds of the point and the peak
-memory it added (``ru_maxrss`` after the measure minus before). A measure that refuses (memory budget, no engine)
-prints its reason instead of numbers.
+saturated, the effective rank of the spectrum, the per-block numerical ranks (and exact ranks, exact engine), the
+seconds of the point and the peak memory it added (``ru_maxrss`` after the measure minus before). A measure that
+refuses (memory budget, no engine) prints its reason instead of numbers.
 
 With ``--monitor-seconds S`` it also trains each model for about S seconds with ``GeometryMonitor()`` at its
 defaults (Adam, batches of 32) and reads the TensorBoard events back: how many points each measure took, which
@@ -169,7 +169,7 @@ def measure_one(name: str, probe_size: int) -> dict[str, Any]:
         exact=res.exact, upper_bound=res.upper_bound, rows=res.num_rows, saturated=res.saturated,
         effective_rank=res.spectrum.effective_rank if res.spectrum else math.nan,
         numerical_rank=res.spectrum.numerical_rank if res.spectrum else None,
-        blocks={k: [b.numerical_rank, b.bound] for k, b in res.blocks.items()},
+        blocks={k: [b.numerical_rank, b.bound, res.block_dimensions.get(k)] for k, b in res.blocks.items()},
         warnings=sorted({str(w.message)[:200] for w in caught}),
     )
     return out
@@ -273,7 +273,8 @@ def main() -> None:
                   f"{r.get('peak_added', 0) / 2**20:.0f} MiB |")
             continue
         what = "BFD" if r["exact"] else "numerical rank"
-        blocks = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in r["blocks"].items()) or "none ≤ rows"
+        blocks = ", ".join(f"{k} {v[0]}/{v[1]}" + (f" (exact {v[2]})" if v[2] is not None else "")
+                           for k, v in r["blocks"].items()) or "none ≤ rows"
         print(f"| {name} | {r['params']:,} | {r['engine']} | {what} {r['rank']:,} / {r['upper_bound']:,} "
               f"({r['rows']:,}) | {r['saturated']} | {r['effective_rank']:.1f} | {blocks} | {r['seconds']:.1f} | "
               f"{r['peak_added'] / 2**20:.0f} MiB |")
