@@ -109,7 +109,8 @@ class GeometryMonitor(Callback):
             is exact wherever it applies, else a float engine (logged as ``numerical_rank`` only).
         spectrum: also log the float spectrum (``numerical_rank``, tolerance, ``resolution``, gap, stable and
             effective rank, histogram); ``False`` halves the cost of the dimension.
-        blocks: with the spectrum, J's numerical rank per block of parameters (:mod:`~lightning_geomdim.core.blocks`).
+        blocks: with the spectrum, J's numerical rank per block of parameters (:mod:`~lightning_geomdim.core.blocks`),
+            and with the exact engine each block's exact dimension (from the same draws).
         distributed_gram: under DDP, share the Gram engine's accumulation among the processes (one all-reduce);
             values then equal a single process to the Gram's resolution rather than bit for bit. A process that
             fails in the exact or the Gram engine (its memory budget, out of memory) tells the others at the next
