@@ -198,3 +198,19 @@ def test_exact_block_dimensions_match_the_dense_svd_rank_of_the_block_columns(ca
         assert res.blocks[m].numerical_rank == expected, m  # the gaps are clear on these small blocks
         resolved += expected < min(jac.shape[0], len(offsets[m]))
     assert case == "tiny_resnet_few_samples" or resolved  # some block below its bound: not only full ranks
+
+
+def test_blocks_below_their_bound_get_every_draw_though_the_whole_rank_reached_its_bound() -> None:
+    """The whole J reaches its row bound at the first draw (a proof), a block with a dead unit does not: the draws go
+    on for it (its failure bound is a product over two primes), on the exact engine's cheaper Gram side."""
+    torch.manual_seed(55)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 40), nn.ReLU(), nn.Linear(40, 2))
+    with torch.no_grad():
+        model[0].bias[1] = -100.0  # unit 1 never fires: 4 zero columns in block "0"
+    x = torch.randn(10, 3, generator=gen(56))  # 20 rows < P − hidden
+    res = batch_functional_dimension(model, x, blocks={"first": "0"}, spectrum=True)
+    assert res.engine == "exact" and res.rank == res.upper_bound == 20 and len(res.exact_ranks) == 1
+    expected = numpy_rank(dense_jacobian(model, x)[:, :20])
+    assert res.block_dimensions["first"] == expected <= 16 < 20
+    assert 0 < res.block_failure_bounds["first"] < 1e-8  # two primes: one alone gives about 2e-5
+    assert batch_functional_dimension(model, x, blocks={"first": "0"}).block_dimensions == {}  # spectrum=False

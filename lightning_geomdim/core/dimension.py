@@ -59,8 +59,9 @@ class DimensionResult:
             (0 when it reached ``upper_bound``); nan for floating-point engines, whose error is not bounded.
         blocks: block name → the numerical rank of J restricted to the block's columns (``blocks=``; computed
             with the floating-point spectrum, :mod:`lightning_geomdim.core.blocks`).
-        block_dimensions: exact engine with ``blocks=``: block name → the exact rank of J restricted to the
-            block's columns (the same draws; no tolerance), with ``block_failure_bounds`` as ``failure_bound``.
+        block_dimensions: exact engine with ``blocks=`` and ``spectrum=True``: block name → the exact rank of J
+            restricted to the block's columns (the same draws; no tolerance), with ``block_failure_bounds`` as
+            ``failure_bound``.
     """
 
     rank: int
@@ -227,7 +228,8 @@ def batch_functional_dimension(
             "auto" for the blocks :func:`~lightning_geomdim.core.blocks.parameter_blocks` finds in the module tree
             that have at most as many parameters as J has rows (the others' rank is their row bound), or a dict
             block name → module names. Each costs a Gram (or SVD) of size min(rows, P_b). With the exact engine also
-            their exact ranks (``DimensionResult.block_dimensions``, from the same draws: one Gram mod p each).
+            their exact ranks (``DimensionResult.block_dimensions``, from the same draws: one Gram mod p each; the
+            draws go on until each block's rank reaches its bound min(rows, P_b), at most ``draws``).
         trace: a :class:`~lightning_geomdim.core.probe_trace.ProbeTrace` of ``model`` on ``x`` already recorded
             (with these ``params``, ``dtype`` and ``output_fn``), shared with the other measures of a step; ``x`` is
             then not read again. Default: record one.
@@ -263,7 +265,8 @@ def batch_functional_dimension(
             upper_bound = symmetries.upper_bound(trace.inputs.num_samples, tuple(out.shape), num_params)
             budget = memory_budget(fm.device, max_memory_bytes)
             resolved, program = select_engine(engine, trace)
-            chosen = resolve_blocks(blocks, model, list(fm.params), num_rows)
+            # blocks come with the float spectrum (and then their exact ranks too): spectrum=False keeps its cost
+            chosen = resolve_blocks(blocks, model, list(fm.params), num_rows) if spectrum or program is None else {}
             exact = None
             if program is not None:  # agreed: a distributed Gram may follow (:mod:`.agreement`)
                 exact = agreed(lambda: exact_rank(trace, upper_bound=upper_bound, program=program, seed=seed,

@@ -86,8 +86,8 @@ class ExactRank:
 
     Attributes:
         rank: the generic rank of J with the activation patterns fixed: max over the draws.
-        ranks: the rank over GF(p_i) of each draw, in order.
-        primes: the prime of each draw.
+        ranks: the rank over GF(p_i) of each draw that ranked the whole J, in order.
+        primes: the prime of each draw (more than ``ranks`` when draws continued for the blocks).
         failure_bound: an upper bound on the probability that ``rank`` is below the true value (module doc).
         blocks: block name → the exact rank of J restricted to the block's columns (``blocks=``), max over the
             same draws; its own failure bound in ``block_failure_bounds`` (the formula above with the block's
@@ -223,7 +223,9 @@ def exact_rank(
     doc).
 
     Args:
-        upper_bound: a proven bound on the rank (min(rows, P − hidden neurons)): a draw reaching it stops.
+        upper_bound: a proven bound on the rank (min(rows, P − hidden neurons)): a draw reaching it stops (with
+            ``blocks``, once every block reached its own bound min(rows, P_b) too; later draws rank only the
+            blocks that did not).
         program: :func:`exact_program` of the same trace, when already built.
         seed: seeds the private generator of the random residues; the global RNG is not used.
         draws: independent evaluations (each with its own prime), at least 2; the maximum is returned.
@@ -263,14 +265,17 @@ def exact_rank(
         checkpoint()
         field = PrimeField(p)
         factors = _draw(trace.fm, program, field, generator, chunk)
-        ranks.append(_rank(factors, plan, field, upper_bound))
+        if not ranks or ranks[-1] < upper_bound:  # a rank that reached its bound is exact: a draw for the blocks
+            ranks.append(_rank(factors, plan, field, upper_bound))  # does not rank the whole J again
         primes.append(p)
         for name, names in (blocks or {}).items():
             checkpoint()
             part = block_part(factors, plan, names)  # None: the block's layers did not run, zero columns
-            block_ranks[name].append(0 if part is None else _rank(*part, field, bounds[name]))
+            done = block_ranks[name] and block_ranks[name][-1] >= bounds[name]
+            block_ranks[name].append(bounds[name] if done else 0 if part is None else
+                                     _rank(part[0], part[1].with_cheaper_side(), field, bounds[name]))
         del factors
-        if ranks[-1] >= upper_bound:
+        if ranks[-1] >= upper_bound and all(r[-1] >= bounds[name] for name, r in block_ranks.items()):
             break
     degree = 2 * max(program.depth - 1, 0)
 
