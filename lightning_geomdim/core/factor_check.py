@@ -20,6 +20,8 @@ probability-zero event for random cotangents.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -64,13 +66,16 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
     c = torch.randn(out.shape, generator=generator, dtype=out.dtype, device=out.device)
     names = [layer.name for layer in plan.layers]
     deltas = [trace.deltas[name] for name in names]
+    # autograd's gradient per parameter tensor, at θ's views when it may be (no flat copy to split again)
+    views = trace.theta_views()
+    wrt = views if views is not None else [trace.theta]
     parts = []
     for start in range(0, len(sets), COTANGENTS_AT_ONCE):  # a few rows of backward at a time (memory)
         chunk = sets[start : start + COTANGENTS_AT_ONCE]
-        parts.append(trace.vjp(out, [trace.theta, *deltas], c * chunk.reshape(*chunk.shape, *([1] * (out.dim() - 1)))
+        parts.append(trace.vjp(out, [*wrt, *deltas], c * chunk.reshape(*chunk.shape, *([1] * (out.dim() - 1)))
                                .to(out.dtype)))
     del out
-    theta_grads, *signals = (torch.cat(column) for column in zip(*parts, strict=True))
+    signals = [torch.cat(column) for column in list(zip(*parts, strict=True))[len(wrt):]]
     for layer, g in zip(plan.layers, signals, strict=True):
         for b, inside in enumerate(sets):
             scale = g[b].abs().max() if g[b].numel() else 0  # a layer applied at no position has no signal
@@ -81,12 +86,14 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
     tolerance = torch.finfo(c.dtype).eps ** 0.5
     for b in range(len(sets)):  # Jᵀ c from the forms, set by set (summed over the samples, no per-sample rows)
         checkpoint()  # the check stops between sets when the caller asks (a time limit, SIGTERM)
-        expected = {name: torch.zeros_like(p) for name, p in fm.params.items()}
+        grads = [g[b % COTANGENTS_AT_ONCE] for g in parts[b // COTANGENTS_AT_ONCE][: len(wrt)]]
+        actual = dict(zip(fm.params, grads, strict=True)) if views is not None else fm.unflatten(grads[0])
+        scale = math.sqrt(sum(float(a.norm()) ** 2 for a in actual.values()))
+        errors = {name: _relative_error(None, a, scale) for name, a in actual.items()}  # a parameter no form gives
         for layer, g in zip(plan.layers, signals, strict=True):
             factors = factors_of(layer, trace.layer_inputs[layer.name], g[b : b + 1], n, 1, fm.frozen)
-            expected.update(parameter_gradients(layer, summed_row(factors), fm.params))
-        actual, scale = fm.unflatten(theta_grads[b]), float(theta_grads[b].norm())
-        errors = {name: _relative_error(expected[name], actual[name], scale) for name in fm.params}
+            for name, e in parameter_gradients(layer, summed_row(factors), fm.params).items():
+                errors[name] = _relative_error(e, actual[name], scale)
         worst = max(errors, key=lambda name: errors[name])
         if errors[worst] > tolerance:
             return (f"the gradient of parameter {worst!r} is not what its layer's factor form gives (relative error "
@@ -95,7 +102,8 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
     return None
 
 
-def _relative_error(expected: Tensor, actual: Tensor, scale: float) -> float:
-    """‖expected − actual‖ relative to ``scale``, the whole gradient's norm (0 when both vanish)."""
-    diff = float((expected.to(actual.dtype) - actual).norm())
+def _relative_error(expected: Tensor | None, actual: Tensor, scale: float) -> float:
+    """‖expected − actual‖ relative to ``scale``, the whole gradient's norm (0 when both vanish); ``expected``
+    None for zero."""
+    diff = float((actual if expected is None else expected.to(actual.dtype) - actual).norm())
     return 0.0 if diff == 0 else diff / max(scale, torch.finfo(actual.dtype).tiny)
