@@ -954,8 +954,11 @@ def test_a_first_point_over_its_time_allowance_is_stopped_and_retried(tmp_path: 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tr.fit(model, **loaders(train=64, val=None))
-    stopped = [str(w.message) for w in caught if "was stopped at its time allowance" in str(w.message)]
-    assert sorted(m.split()[1] for m in stopped) == ["dimension", "flatness"], stopped  # once per measure
+    # once per measure: stopped at the allowance, or (the dimension) not begun, its estimate on an eighth of the
+    # probe being past it (which of the two depends on how fast the machine is at that moment)
+    stopped = [str(w.message) for w in caught
+               if "was stopped at its time allowance" in str(w.message) or "was not begun" in str(w.message)]
+    assert sorted(m.split()[1] for m in stopped) == ["dimension", "flatness"], stopped
     acc = events(tr)
     dimension = steps(acc, "geometry/train/batch_functional_dimension")
     assert 0 not in dimension and dimension, dimension  # stopped at step 0, measured once the budget allowed
