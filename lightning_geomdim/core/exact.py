@@ -260,7 +260,7 @@ def exact_rank(
     bounds = {name: min(rows, sum(sizes[n] for n in names)) for name, names in (blocks or {}).items()}
     ranks: list[int] = []
     primes: list[int] = []
-    block_ranks: dict[str, list[int]] = {name: [] for name in bounds}
+    best = dict.fromkeys(bounds, 0)  # each block's rank, max over the draws so far
     for p in PRIMES[:draws]:
         checkpoint()
         field = PrimeField(p)
@@ -269,13 +269,14 @@ def exact_rank(
             ranks.append(_rank(factors, plan, field, upper_bound))  # does not rank the whole J again
         primes.append(p)
         for name, names in (blocks or {}).items():
+            if best[name] >= bounds[name]:  # reached its bound: exact
+                continue
             checkpoint()
             part = block_part(factors, plan, names)  # None: the block's layers did not run, zero columns
-            done = block_ranks[name] and block_ranks[name][-1] >= bounds[name]
-            block_ranks[name].append(bounds[name] if done else 0 if part is None else
-                                     _rank(part[0], part[1].with_cheaper_side(), field, bounds[name]))
+            if part is not None:
+                best[name] = max(best[name], _rank(part[0], part[1].with_cheaper_side(), field, bounds[name]))
         del factors
-        if ranks[-1] >= upper_bound and all(r[-1] >= bounds[name] for name, r in block_ranks.items()):
+        if ranks[-1] >= upper_bound and all(best[name] >= bound for name, bound in bounds.items()):
             break
     degree = 2 * max(program.depth - 1, 0)
 
@@ -283,6 +284,5 @@ def exact_rank(
         return 0.0 if rank >= bound or degree == 0 else math.prod(min(1.0, degree * bound / p) for p in primes)
 
     rank = max(ranks)
-    best = {name: max(r) for name, r in block_ranks.items()}
     return ExactRank(rank, tuple(ranks), tuple(primes), failure(rank, upper_bound), best,
                      {name: failure(best[name], bounds[name]) for name in best})

@@ -88,8 +88,9 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
         checkpoint()  # the check stops between sets when the caller asks (a time limit, SIGTERM)
         grads = [g[b % COTANGENTS_AT_ONCE] for g in parts[b // COTANGENTS_AT_ONCE][: len(wrt)]]
         actual = dict(zip(fm.params, grads, strict=True)) if views is not None else fm.unflatten(grads[0])
-        scale = math.sqrt(sum(float(a.norm()) ** 2 for a in actual.values()))
-        errors = {name: _relative_error(None, a, scale) for name, a in actual.items()}  # a parameter no form gives
+        norms = {name: float(a.norm()) for name, a in actual.items()}
+        scale = math.sqrt(sum(v * v for v in norms.values()))
+        errors = {name: _ratio(v, scale, actual[name].dtype) for name, v in norms.items()}  # no form: expected 0
         for layer, g in zip(plan.layers, signals, strict=True):
             factors = factors_of(layer, trace.layer_inputs[layer.name], g[b : b + 1], n, 1, fm.frozen)
             for name, e in parameter_gradients(layer, summed_row(factors), fm.params).items():
@@ -102,8 +103,11 @@ def _problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
     return None
 
 
-def _relative_error(expected: Tensor | None, actual: Tensor, scale: float) -> float:
-    """‖expected − actual‖ relative to ``scale``, the whole gradient's norm (0 when both vanish); ``expected``
-    None for zero."""
-    diff = float((actual if expected is None else expected.to(actual.dtype) - actual).norm())
-    return 0.0 if diff == 0 else diff / max(scale, torch.finfo(actual.dtype).tiny)
+def _relative_error(expected: Tensor, actual: Tensor, scale: float) -> float:
+    """‖expected − actual‖ relative to ``scale``, the whole gradient's norm (0 when both vanish)."""
+    return _ratio(float((expected.to(actual.dtype) - actual).norm()), scale, actual.dtype)
+
+
+def _ratio(diff: float, scale: float, dtype: torch.dtype) -> float:
+    """``diff`` / ``scale``, 0 when ``diff`` is (``scale`` at least ``dtype``'s smallest normal number)."""
+    return 0.0 if diff == 0 else diff / max(scale, torch.finfo(dtype).tiny)

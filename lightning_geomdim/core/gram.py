@@ -332,7 +332,8 @@ def block_part(
     factors: Sequence[LayerFactors], plan: GramPlan, names: Sequence[str],
 ) -> tuple[list[LayerFactors], GramPlan] | None:
     """The factors of the layers whose parameters all belong to the block ``names`` (parameter names) and the plan
-    of J restricted to their columns, on its cheaper side; None when no such layer ran."""
+    of J restricted to their columns, on its smaller side (the exact engine takes its cheaper one); None when no
+    such layer ran."""
     members = set(names)
     mine = [f for f in factors if {*f.layer.weight_names, *f.layer.bias_names} <= members]
     if not mine:
