@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import functools
 import glob
+import io
 import math
 import os
 import random
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lightning_geomdim import GeometryError, GeometryMonitor, batch_functional_dimension
 from lightning_geomdim.callback.probes import probe_seed, select_indices
 from lightning_geomdim.callback.schedule import log_spaced_steps
-from lightning_geomdim.callback.tensorboard import cosine_heatmap
+from lightning_geomdim.callback.tensorboard import cosine_heatmap, encode_heatmap, log_heatmap
 
 IN, HIDDEN, CLASSES = 4, 6, 3
 
@@ -237,7 +238,7 @@ def test_the_images_of_a_measure_count_as_its_time(tmp_path: Path) -> None:
     from lightning_geomdim.callback.overhead_budget import OverheadBudget
 
     trainer = L.Trainer(logger=TensorBoardLogger(tmp_path), enable_progress_bar=False)
-    out = Measurement(spectra={"train": torch.tensor([3.0, 1.0])}, cosines={"net.1": torch.eye(3)})
+    out = Measurement(spectra={"train": torch.tensor([3.0, 1.0])}, heatmaps={"net.1": encode_heatmap(torch.eye(3))})
     out.scalars["alignment"]["geometry/alignment/num_clusters"] = 3.0
     budget = OverheadBudget(0.05, measures=("dimension", "alignment"))
     budget.start()
@@ -250,6 +251,66 @@ def test_the_images_of_a_measure_count_as_its_time(tmp_path: Path) -> None:
     acc.Reload()
     assert acc.Tags()["images"] == ["geometry/alignment/net.1/cosine_similarity"]
     assert acc.Tags()["histograms"] == ["geometry/train/log10_singular_values"]
+
+
+def decoded_images(log_dir: str) -> dict[str, np.ndarray]:
+    """Each image tag's last image, as TensorBoard's reader gives it, decoded to (H, W, 3) uint8."""
+    from PIL import Image
+
+    acc = EventAccumulator(log_dir, size_guidance={"images": 0})
+    acc.Reload()
+    out = {}
+    for name in acc.Tags()["images"]:
+        with Image.open(io.BytesIO(acc.Images(name)[-1].encoded_image_string)) as img:
+            out[name] = np.array(img.convert("RGB"))
+    return out
+
+
+@pytest.mark.parametrize("closed", [False, True], ids=["open writer", "closed writer: add_image"])
+def test_an_encoded_heatmap_reads_back_as_its_colours(tmp_path: Path, closed: bool) -> None:
+    """The PNG the alignment encodes is the heatmap, pixel for pixel, read back with TensorBoard's own reader,
+    whether written as it is or, through a closed writer (no event file writer), decoded and given to add_image."""
+    gen = torch.Generator().manual_seed(0)
+    cos = (torch.rand(40, 40, generator=gen, dtype=torch.float64) * 2 - 1).fill_diagonal_(1.0)
+    cos[3, 5] = math.nan
+    logger = TensorBoardLogger(tmp_path, name="heat", prefix="run")
+    if closed:
+        logger.experiment.close()
+    log_heatmap(logger, "net.0", encode_heatmap(cos), 3)
+    logger.experiment.flush()
+    images = decoded_images(logger.log_dir)
+    expected = (cosine_heatmap(cos) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    assert list(images) == ["run-geometry/alignment/net.0/cosine_similarity"]
+    np.testing.assert_array_equal(images["run-geometry/alignment/net.0/cosine_similarity"], expected)
+    assert expected.shape == (160, 160, 3) and (expected[4 * 3, 4 * 5] == 128).all()  # upsampled ×4; NaN grey
+
+
+def test_the_heatmaps_are_encoded_within_the_alignments_time_limit() -> None:
+    """The PNGs are part of the alignment's measurement: a time limit that ends after the first heatmap stops the
+    measure there (on ResNet-18 the 17 heatmaps took 0.69 s at PNG's default level, outside any limit, and its first
+    point ran past its allowance)."""
+    from dataclasses import fields, replace
+
+    from lightning_geomdim.callback.measures import Measurement, MeasureSettings, _alignment
+    from lightning_geomdim.callback.probe_data import ProbeData
+    from lightning_geomdim.core.errors import MeasurementOverTime
+    from lightning_geomdim.core.interrupt import time_limit
+
+    monitor = GeometryMonitor()
+    own = {f.name for f in fields(MeasureSettings)} - {"max_memory_bytes", "heatmaps"}  # the monitor's arguments
+    settings = MeasureSettings(max_memory_bytes=None, heatmaps=True, **{name: getattr(monitor, name) for name in own})
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+    out = Measurement()
+    values = _alignment(model, ProbeData(model, None, settings, ["alignment"]), settings, out)
+    assert list(out.heatmaps) == ["0", "2"] and values["geometry/alignment/num_clusters"] >= 2
+    out = Measurement()
+    with pytest.raises(MeasurementOverTime), time_limit(1.0, timer=lambda: 1e9 if out.heatmaps else 0.0):
+        _alignment(model, ProbeData(model, None, settings, ["alignment"]), settings, out)
+    assert list(out.heatmaps) == ["0"]  # stopped at the checkpoint before the second
+    out = Measurement()
+    quiet = replace(settings, heatmaps=False)
+    _alignment(model, ProbeData(model, None, quiet, ["alignment"]), quiet, out)
+    assert out.heatmaps == {}  # no TensorBoardLogger (or not rank 0): nothing encoded
 
 
 @pytest.mark.parametrize(

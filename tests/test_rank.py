@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_geomdim.core.rank import effective_rank, numerical_rank, rank_tolerance, spectral_gap, stable_rank
+from lightning_geomdim.core.rank import (
+    effective_rank,
+    matrix_stable_rank,
+    numerical_rank,
+    rank_tolerance,
+    spectral_gap,
+    stable_rank,
+)
 
 
 def test_svd_rule_is_numpys_matrix_rank() -> None:
@@ -53,3 +60,20 @@ def test_gap_stable_and_effective_rank() -> None:
     assert effective_rank(s) == pytest.approx(float(torch.exp(-(p * p.log()).sum())), rel=1e-6)
     zero = torch.zeros(3, dtype=torch.float64)
     assert stable_rank(zero) == 0.0 and effective_rank(zero) == 0.0
+
+
+@pytest.mark.parametrize("shape", [(7, 40), (40, 7), (12, 12), (1, 5)])
+def test_matrix_stable_rank_is_the_ratio_of_numpys_singular_values(shape: tuple[int, int]) -> None:
+    gen = torch.Generator().manual_seed(sum(shape))
+    a = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    a[:, 0] *= 30.0  # a dominant direction: the ratio is far from its maximum min(m, n)
+    s = np.linalg.svd(a.numpy(), compute_uv=False)
+    assert matrix_stable_rank(a) == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-12)
+    assert matrix_stable_rank(a.float()) == pytest.approx(float((s**2).sum() / s[0] ** 2), rel=1e-6)
+
+
+def test_matrix_stable_rank_of_a_rank_one_zero_and_empty_matrix() -> None:
+    u, v = torch.arange(1.0, 6.0, dtype=torch.float64), torch.tensor([2.0, -1.0, 0.5], dtype=torch.float64)
+    assert matrix_stable_rank(torch.outer(u, v)) == pytest.approx(1.0, rel=1e-12)
+    assert matrix_stable_rank(torch.zeros(4, 9)) == 0.0
+    assert matrix_stable_rank(torch.zeros(0, 9)) == 0.0

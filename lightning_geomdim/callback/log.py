@@ -111,7 +111,7 @@ def log_measurement(
                 with charge("dimension"):
                     for name, sv in measurement.spectra.items():
                         tb.log_spectrum(logger, name, sv, step)
-            if measurement.cosines:
+            if measurement.heatmaps:
                 with charge("alignment"):
-                    for layer, cos in measurement.cosines.items():
-                        tb.log_heatmap(logger, layer, cos, step)
+                    for layer, image in measurement.heatmaps.items():
+                        tb.log_heatmap(logger, layer, image, step)

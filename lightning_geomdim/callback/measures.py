@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor, nn
 
 from lightning_geomdim.callback.calibration import calibrate_first_points
@@ -27,6 +28,7 @@ from lightning_geomdim.callback.error_policy import ErrorPolicy
 from lightning_geomdim.callback.overhead_budget import OverheadBudget
 from lightning_geomdim.callback.probe_data import ProbeData
 from lightning_geomdim.callback.probes import Probe
+from lightning_geomdim.callback.tensorboard import encode_heatmap
 from lightning_geomdim.core.activation_patterns import linear_regions
 from lightning_geomdim.core.alignment import neuron_alignment
 from lightning_geomdim.core.blocks import Blocks
@@ -83,7 +85,8 @@ class DefaultOutput:
 @dataclass(frozen=True)
 class MeasureSettings:
     """The monitor's arguments that the measures read (see :class:`~.monitor.GeometryMonitor`);
-    ``max_memory_bytes`` is the budget the processes agreed on at setup."""
+    ``max_memory_bytes`` is the budget the processes agreed on at setup; ``heatmaps``, whether the alignment encodes
+    its cosine heatmaps (``tensorboard_extras`` with a ``TensorBoardLogger``, on rank 0), within its allowance."""
 
     output_fn: OutputFn | None
     params: Sequence[str] | None
@@ -100,6 +103,7 @@ class MeasureSettings:
     alignment_threshold: float
     seed: int
     max_memory_bytes: int | None
+    heatmaps: bool = False
 
     def dimension_options(self) -> dict[str, Any]:
         """The settings of the dimension, shared by the dimension measure and flatness' flat dimension."""
@@ -112,7 +116,7 @@ class Measurement:
 
     scalars: dict[str, dict[str, float]] = field(default_factory=lambda: {m: {} for m in MEASURES})
     spectra: dict[str, Tensor] = field(default_factory=dict)  # probe → singular values
-    cosines: dict[str, Tensor] = field(default_factory=dict)  # layer → (n, n) neuron cosines
+    heatmaps: dict[str, Summary.Image] = field(default_factory=dict)  # layer → its neurons' cosines as a PNG
 
     def metrics(self) -> dict[str, float]:
         """Every scalar, measure by measure (dimension and linear regions of each probe, flatness, alignment)."""
@@ -189,7 +193,7 @@ def _measure(
         """``body`` as ``measure``'s measuring time, stopped at its time allowance (:class:`OverheadBudget`)."""
         if measure in budget.stopped:
             return
-        kept, spectra = dict(out.scalars[measure]), dict(out.spectra)
+        kept, spectra, heatmaps = dict(out.scalars[measure]), dict(out.spectra), dict(out.heatmaps)
         try:
             # the processes of a distributed Gram meet in its all-reduce: one stopped by its own clock would leave
             # the others waiting there, so such a measurement runs to its end (the budget still decides what is taken)
@@ -198,7 +202,7 @@ def _measure(
                 checkpoint()  # an allowance spent on earlier probes stops before this probe's traced pass
                 body()
         except MeasurementOverTime as err:
-            out.scalars[measure], out.spectra = kept, spectra  # nothing of a stopped measure on this probe
+            out.scalars[measure], out.spectra, out.heatmaps = kept, spectra, heatmaps  # nothing of a stopped measure
             budget.overran(measure, err.needed)
             stopped = str(err)
             policy.warn_once(("over time", measure), lambda: budget.over_time_warning(measure, stopped))
@@ -331,6 +335,8 @@ def _alignment(module: nn.Module, inputs: ProbeData, settings: MeasureSettings, 
     for layer, s in stats.items():
         for key, value in s.scalars().items():
             values[f"geometry/alignment/{layer}/{key}"] = float(value)
-        out.cosines[layer] = s.cosines
     values["geometry/alignment/num_clusters"] = float(sum(s.num_clusters for s in stats.values()))
+    for layer, s in stats.items() if settings.heatmaps else ():
+        checkpoint()  # the PNGs are the alignment's time: its allowance covers them (0.2 s for ResNet-18's 17)
+        out.heatmaps[layer] = encode_heatmap(s.cosines)
     return values

@@ -27,6 +27,7 @@ from lightning_geomdim.callback.probe_set import alignment_probe, build_probes, 
 from lightning_geomdim.callback.probes import Probe, default_input_fn, default_target_fn
 from lightning_geomdim.callback.progress import training_progress
 from lightning_geomdim.callback.schedule import Event
+from lightning_geomdim.callback.tensorboard import tensorboard_loggers
 from lightning_geomdim.callback.validation import (
     check_measures,
     check_probes,
@@ -298,8 +299,11 @@ class GeometryMonitor(Callback):
         self._schedule.mark(due, step)
         module, out = measured_module(pl_module, self.module), Measurement()
         # agreed at each measurement, when the model, optimizer and batches are on the device (not at setup)
-        settings = MeasureSettings(max_memory_bytes=agreed_memory_budget(trainer, self.max_memory_bytes), **{
-            f.name: getattr(self, f.name) for f in fields(MeasureSettings) if f.name != "max_memory_bytes"})
+        heatmaps = self.tensorboard_extras and trainer.is_global_zero and bool(tensorboard_loggers(trainer.loggers))
+        settings = MeasureSettings(
+            max_memory_bytes=agreed_memory_budget(trainer, self.max_memory_bytes), heatmaps=heatmaps,
+            **{f.name: getattr(self, f.name) for f in fields(MeasureSettings)
+               if f.name not in ("max_memory_bytes", "heatmaps")})
         steps = plan(self.probes, due, flatness_probe(self.probes, self.flatness_probe),
                      alignment_probe(self.probes, self.alignment_probe))
         try:

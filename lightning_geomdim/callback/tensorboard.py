@@ -14,16 +14,24 @@ Other loggers only receive the scalars.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Iterable
 
+import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
+from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
 #: Heatmaps smaller than this many pixels per side are upsampled (nearest) to at least this size.
 MIN_HEATMAP_PIXELS = 128
+#: zlib level of the heatmaps' PNGs: level 1 encodes a 512 × 512 heatmap in 24 ms against 100 ms at PIL's default
+#: (level 6, what ``SummaryWriter.add_image`` uses), for 16 % more bytes; ResNet-18's 17 heatmaps cost as much as
+#: its whole alignment at level 6.
+PNG_COMPRESS_LEVEL = 1
 #: Layers with more neurons are averaged down to this many pixels per side (a 3 × n × n image of a layer with
 #: 16,384 channels would take 3 GiB; aligned blocks stay visible as blocks).
 MAX_HEATMAP_PIXELS = 1024
@@ -108,8 +116,28 @@ def cosine_heatmap(cosines: Tensor) -> Tensor:
     return img.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2).float()
 
 
-def log_heatmap(logger: TensorBoardLogger, layer: str, cosines: Tensor, step: int) -> None:
-    logger.experiment.add_image(
-        tag(logger, f"geometry/alignment/{layer}/cosine_similarity"), cosine_heatmap(cosines), step,
-        dataformats="CHW",
-    )
+def encode_heatmap(cosines: Tensor) -> Summary.Image:
+    """The :func:`cosine_heatmap` of a (n, n) cosine matrix as a PNG, ready to log (:func:`log_heatmap`); the
+    monitor encodes it as part of the alignment's measurement, within its time allowance."""
+    rgb = (cosine_heatmap(cosines) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
+    with io.BytesIO() as png:
+        Image.fromarray(rgb, mode="RGB").save(png, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        encoded = png.getvalue()
+    return Summary.Image(height=rgb.shape[0], width=rgb.shape[1], colorspace=3, encoded_image_string=encoded)
+
+
+def log_heatmap(logger: TensorBoardLogger, layer: str, image: Summary.Image, step: int) -> None:
+    """Write an encoded heatmap (:func:`encode_heatmap`) under ``geometry/alignment/<layer>/cosine_similarity``.
+
+    ``SummaryWriter.add_image`` takes pixels and encodes them again, at the slow default level; a torch
+    ``SummaryWriter`` takes the summary as it is through its event file writer (``file_writer``, None once the
+    writer is closed), and any other writer gets the decoded pixels through ``add_image``."""
+    writer = logger.experiment
+    name = tag(logger, f"geometry/alignment/{layer}/cosine_similarity")
+    file_writer = getattr(writer, "file_writer", None)
+    if file_writer is not None and hasattr(file_writer, "add_summary"):
+        file_writer.add_summary(Summary(value=[Summary.Value(tag=name, image=image)]), step)
+        return
+    with io.BytesIO(image.encoded_image_string) as png, Image.open(png) as decoded:
+        pixels = torch.from_numpy(np.array(decoded.convert("RGB")))
+    writer.add_image(name, pixels, step, dataformats="HWC")

