@@ -10,7 +10,7 @@ import pytest
 from lightning.pytorch.demos.boring_classes import BoringModel
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
-from lightning_geomdim.callback.overhead_budget import FIRST_POINT_SECONDS, OverheadBudget
+from lightning_geomdim.callback.overhead_budget import COST_MARGIN, FIRST_POINT_SECONDS, OverheadBudget
 from lightning_geomdim.callback.progress import training_progress
 from lightning_geomdim.callback.schedule import MeasurementSchedule, Schedule, is_log_spaced, log_spaced_steps
 from lightning_geomdim.core.errors import MeasurementInterrupted, MeasurementOverTime
@@ -145,18 +145,21 @@ def test_overhead_budget_shares_the_budget_among_the_measures() -> None:
     # other 46 s: each measure may have spent (0.1 · 46 − 1) / 2 = 1.8 s; dimension 2 + 2, flatness 1 + 1
     assert budget.select(["dimension", "flatness"]) == []
     assert (budget.measuring_s, budget.other_s, budget.share()) == (4.0, 46.0, pytest.approx(1.8))
-    clock.now += 4.0
-    assert budget.select(["dimension", "flatness"]) == ["flatness"]  # share 2.0: flatness 2 fits, dimension 4 not
+    clock.now += 4.0                                  # share 2.0 ≥ 1 + 1, but not with room for a slower point
+    assert budget.select(["dimension", "flatness"]) == [] and COST_MARGIN == 1.5
+    clock.now += 10.0
+    assert budget.select(["dimension", "flatness"]) == ["flatness"]  # share 2.5: 1 + 1.5 · 1 fits, 2 + 1.5 · 2 not
+    assert budget.allowance("flatness") == pytest.approx(1.5)
     measure(budget, clock, "flatness", 1.5)
     assert budget.spent_s == {"dimension": 2.0, "flatness": 2.5} and budget.cost_s["flatness"] == 1.5
 
     state = budget.state_dict()
-    assert state == {"measuring_s": 5.5, "other_s": 50.0, "spent_s": {"dimension": 2.0, "flatness": 2.5},
+    assert state == {"measuring_s": 5.5, "other_s": 60.0, "spent_s": {"dimension": 2.0, "flatness": 2.5},
                      "cost_s": {"dimension": 2.0, "flatness": 1.5}}
     resumed = OverheadBudget(0.2, measures=("dimension", "flatness"), timer=FakeTimer())
     resumed.load_state_dict(state)
-    resumed.start()                                   # the account goes on: (0.2 · 50 − 1) / 2 = 4.5 ≥ 2 + 2
-    assert resumed.select(["dimension"]) == ["dimension"] and resumed.other_s == 50.0
+    resumed.start()                                   # the account goes on: (0.2 · 60 − 1) / 2 = 5.5 ≥ 2 + 1.5 · 2
+    assert resumed.select(["dimension"]) == ["dimension"] and resumed.other_s == 60.0
 
 
 def test_overhead_budget_cheap_measures_do_not_starve_expensive_ones() -> None:
@@ -300,10 +303,10 @@ def test_a_point_is_stopped_at_its_allowance_and_retried_with_twice_the_time() -
     budget.overran("dimension")
     assert budget.stopped == {"dimension"} and budget.cost_s["dimension"] == 2 * 2.5
     clock.now += 10.0
-    assert budget.select(["dimension"]) == [] and budget.stopped == set()  # share 1 s < 2.5 + 5
-    clock.now += 130.0                                                     # share 7.5 s ≥ 2.5 + 5: retried
+    assert budget.select(["dimension"]) == [] and budget.stopped == set()  # share 1 s < 2.5 + 1.5 · 5
+    clock.now += 180.0                                                     # share 10 s ≥ 2.5 + 1.5 · 5: retried
     assert budget.select(["dimension"]) == ["dimension"]
-    assert budget.allowance("dimension") == 7.5 - 2.5 == budget.cost_s["dimension"]  # what is left of its share
+    assert budget.allowance("dimension") == 10 - 2.5 == COST_MARGIN * budget.cost_s["dimension"]  # its share's rest
     assert OverheadBudget(None).allowance("dimension") == math.inf
 
 
@@ -320,14 +323,33 @@ def test_a_measure_past_its_share_leaves_the_others_less() -> None:
     budget.observe(None)
     assert budget.share() == pytest.approx(5.0) and budget.headroom() == pytest.approx(0.0)
     assert budget.select(["flatness"]) == []         # its own share has room (2 + 2 ≤ 5), the run has none
-    clock.now += 20.0                                # shares 6 s: 12 s in all, 2 s left
+    clock.now += 20.0                                # shares 6 s: 12 s in all, 2 s left, < 1.5 · 2
+    assert budget.select(["flatness", "dimension"]) == []
+    clock.now += 20.0                                # shares 7 s: 14 s in all, 4 s left
     assert budget.select(["flatness", "dimension"]) == ["flatness"]
-    assert budget.allowance("flatness") == pytest.approx(2.0)  # its share has 6 − 2 left, the run only 2
+    assert budget.allowance("flatness") == pytest.approx(4.0)  # its share has 7 − 2 left, the run only 4
     measure(budget, clock, "flatness", 2.0)
     assert budget.measuring_s <= 0.1 * budget.other_s
     budget.share_among(["flatness"])                 # dimension dropped: its 8 s still count
     assert budget.headroom() == pytest.approx(0.1 * budget.other_s - budget.measuring_s)
     assert OverheadBudget(None).headroom() == math.inf
+
+
+def test_a_later_point_slower_than_the_last_is_not_stopped() -> None:
+    """A point is taken once its share has room for COST_MARGIN times its last cost: one 40 % slower (a loaded
+    machine) completes within its allowance, where one taken at exactly its last cost would have been stopped."""
+    clock = FakeTimer()
+    budget = OverheadBudget(0.05, measures=("alignment",), timer=clock, cost_s={"alignment": 0.5})
+    budget.start()
+    waited = 0
+    while not budget.select(["alignment"]):
+        clock.now += 0.5
+        waited += 1
+    assert budget.share() == pytest.approx(0.75) and waited == 30   # 0.05 · 15 s: room for 1.5 × 0.5 s
+    with budget.measuring("alignment"), time_limit(budget.remaining("alignment"), timer=clock):
+        clock.now += 0.7
+        checkpoint()                                 # 0.7 s < 0.75 s: not stopped
+    assert budget.cost_s["alignment"] == pytest.approx(0.7) and budget.stopped == set()
 
 
 def test_a_first_point_waits_for_a_share_of_the_run_and_never_takes_more() -> None:
