@@ -13,7 +13,7 @@ from conftest import assert_matches_dense, dense_jacobian, gen, numpy_rank
 from torch import nn
 
 from lightning_geomdim import NotApplicableError, batch_functional_dimension
-from lightning_geomdim.core.factor_check import factorization_problem
+from lightning_geomdim.core.factor_check import factorization_problem, sample_sets
 from lightning_geomdim.core.factor_forms import jacobian_rows
 from lightning_geomdim.core.functional_model import measurement_mode
 from lightning_geomdim.core.layer_factors import layer_factors
@@ -484,3 +484,15 @@ def test_a_layer_applied_at_no_position_is_measured_by_the_gram_engine() -> None
     model, x = EmptySlice(), torch.randn(6, 5, 4, generator=gen(52))
     result = batch_functional_dimension(model, x, engine="gram")
     assert (result.engine, result.rank) == ("gram", numpy_rank(dense_jacobian(model, x))) == ("gram", 15)
+
+
+@pytest.mark.parametrize("n", [*range(1, 72), 256, 600])
+def test_the_checks_sample_sets_separate_every_ordered_pair_with_the_fewest_sets(n: int) -> None:
+    sets = sample_sets(n)
+    m = sets.shape[0]
+    assert sets.shape == (m, n) and sets.dtype == torch.bool and bool(sets.any(dim=0).all())  # each sample checked
+    separated = (sets[:, :, None] & ~sets[:, None, :]).any(dim=0)  # (i, j): a set holds i and not j
+    assert bool((separated | torch.eye(n, dtype=torch.bool)).all())
+    if n > 1:  # Sperner: m − 1 sets cannot separate n samples when C(m − 1, ⌊(m − 1)/2⌋) < n
+        assert math.comb(m - 1, (m - 1) // 2) < n
+    assert {64: 8, 256: 11, 600: 12}.get(n, m) == m

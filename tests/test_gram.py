@@ -353,6 +353,35 @@ def test_reason_names_the_module(case: str, named: str) -> None:
     assert reason is not None and named in reason
 
 
+class OnePairMix(CenterBatch):
+    """Mixes one ordered pair of samples only: sample ``to`` reads module ``a``'s output at sample ``source``."""
+
+    def __init__(self, source: int, to: int) -> None:
+        super().__init__()
+        self.source, self.to = source, to
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        mix = torch.zeros(h.shape[0], 1, dtype=h.dtype)
+        mix[self.to] = 0.5
+        return self.b(h + mix * h[self.source])
+
+
+def test_the_check_finds_a_mix_of_any_one_ordered_pair_of_samples() -> None:
+    """The check's sets (4 for 6 samples, where the bits of the index and their complements took 6) separate every
+    ordered pair: a model that mixes a single pair of samples, in either direction, is found."""
+    x = torch.randn(6, 3, generator=gen(30))
+    for source in range(6):
+        for to in range(6):
+            model = OnePairMix(source, to)
+            with measurement_mode(model):
+                reason = gram_unsupported_reason(ProbeTrace.of(model, x))
+            if source == to:
+                assert reason is None, (source, to)  # h[n] + 0.5 h[n]: no interaction
+            else:
+                assert reason is not None and "samples interact" in reason, (source, to)
+
+
 def test_model_state_untouched() -> None:
     model = small_cnn(seed=17)
     model.train()

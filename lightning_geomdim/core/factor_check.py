@@ -9,17 +9,18 @@ of :mod:`lightning_geomdim.core.factor_forms`. That is exact when two things hol
    tying through functional code, a hook, a reparametrisation).
 
 Both are checked with random cotangents c (a private generator; the global RNG is untouched) restricted to a set S
-of samples — for each bit of the sample index, the samples with the bit 0 and those with it 1 (:func:`sample_sets`,
-2·⌈log2 N⌉ sets), so that every ordered pair (n, n') is tested with n in S and n' not: the signals at samples
-outside S must vanish (1), and Jᵀ c assembled from the forms must equal autograd's gradient with respect to θ (2),
-to √eps of the computation dtype. Batched backwards of :data:`COTANGENTS_AT_ONCE` cotangents
-(:meth:`~lightning_geomdim.core.probe_trace.ProbeTrace.vjp`): 12 rows for N = 64; the result is kept on the
-trace. A function that mixes two samples fails (1) for every cotangent unless it is exactly cancelled, a
-probability-zero event for random cotangents.
+of samples, such that every ordered pair (n, n') is tested with n in S and n' not (:func:`sample_sets`: m sets, the
+fewest with C(m, ⌊m/2⌋) ≥ N, 8 for N = 64 where the bits of the index and their complements take 12): the signals
+at samples outside S must vanish (1), and Jᵀ c assembled from the forms must equal autograd's gradient with respect
+to θ (2), to √eps of the computation dtype. Batched backwards of :data:`COTANGENTS_AT_ONCE` cotangents
+(:meth:`~lightning_geomdim.core.probe_trace.ProbeTrace.vjp`); the result is kept on the trace. A function that
+mixes two samples fails (1) for every cotangent unless it is exactly cancelled, a probability-zero event for random
+cotangents.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -37,13 +38,23 @@ COTANGENTS_AT_ONCE = 4
 
 
 def sample_sets(n: int, device: torch.device | str = "cpu") -> Tensor:
-    """(2·⌈log2 n⌉, n) bool: for each bit of the sample index, the samples with that bit 0, then those with it 1;
-    every ordered pair of distinct samples (n, n') has a set holding n and not n' (one all-true set for n = 1)."""
+    """(m, n) bool: m sets of samples such that every ordered pair of distinct samples (i, j) has a set holding i
+    and not j; one all-true set for n = 1.
+
+    Sample i is in set b when b is in its code, the i-th ⌊m/2⌋-subset of {0, …, m − 1} in lexicographic order.
+    Distinct subsets of one size never contain one another, so some b is in i's code and not in j's; m is the
+    fewest with C(m, ⌊m/2⌋) ≥ n, the fewest sets that can do this (Sperner's theorem): 8 for n = 64, 11 for 256.
+    """
     if n == 1:
         return torch.ones(1, 1, dtype=torch.bool, device=device)
-    index = torch.arange(n, device=device)
-    bits = [(index >> b) & 1 == 0 for b in range(max(1, (n - 1).bit_length()))]
-    return torch.stack([s for bit in bits for s in (bit, ~bit)])
+    m = 2
+    while math.comb(m, m // 2) < n:
+        m += 1
+    codes = itertools.islice(itertools.combinations(range(m), m // 2), n)
+    sets = torch.zeros(m, n, dtype=torch.bool)
+    for i, code in enumerate(codes):
+        sets[list(code), i] = True
+    return sets.to(device)
 
 
 def factorization_problem(trace: ProbeTrace, plan: GramPlan) -> str | None:
