@@ -13,6 +13,7 @@ import random
 import re
 import warnings
 from collections import namedtuple
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -286,31 +287,49 @@ def test_an_encoded_heatmap_reads_back_as_its_colours(tmp_path: Path, closed: bo
 
 
 def test_the_heatmaps_are_encoded_within_the_alignments_time_limit() -> None:
-    """The PNGs are part of the alignment's measurement: a time limit that ends after the first heatmap stops the
-    measure there (on ResNet-18 the 17 heatmaps took 0.69 s at PNG's default level, outside any limit, and its first
-    point ran past its allowance)."""
+    """The PNGs are part of the alignment's measurement: a time limit that ends at the checkpoint before the last
+    heatmap stops the measure there, and a stop (time limit or SIGTERM) leaves out every image, not some (on
+    ResNet-18 the 17 heatmaps took 0.69 s at PNG's default level, outside any limit, and its first point ran past
+    its allowance)."""
     from dataclasses import fields, replace
 
     from lightning_geomdim.callback.measures import Measurement, MeasureSettings, _alignment
     from lightning_geomdim.callback.probe_data import ProbeData
-    from lightning_geomdim.core.errors import MeasurementOverTime
-    from lightning_geomdim.core.interrupt import time_limit
+    from lightning_geomdim.core.errors import MeasurementInterrupted, MeasurementOverTime
+    from lightning_geomdim.core.interrupt import interruptible, time_limit
 
     monitor = GeometryMonitor()
     own = {f.name for f in fields(MeasureSettings)} - {"max_memory_bytes", "heatmaps"}  # the monitor's arguments
     settings = MeasureSettings(max_memory_bytes=None, heatmaps=True, **{name: getattr(monitor, name) for name in own})
     model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2))
+
+    def checks(options: MeasureSettings) -> tuple[int, Measurement]:
+        """How often the time limit reads its clock in a whole measure (at entry and at every checkpoint)."""
+        calls, out = [], Measurement()
+        with time_limit(1.0, timer=lambda: calls.append(1) or 0.0):
+            _alignment(model, ProbeData(model, None, options, ["alignment"]), options, out)
+        return len(calls), out
+
+    total, out = checks(settings)
+    without, quiet = checks(replace(settings, heatmaps=False))
+    assert list(out.heatmaps) == ["0", "2"] and quiet.heatmaps == {}  # no TensorBoardLogger (or not rank 0): none
+    assert total - without == 2  # one checkpoint before each heatmap: the last two clock readings
+
+    def late(after: int) -> Callable[[], float]:
+        count = iter(range(1, 10**6))
+        return lambda: 1e9 if next(count) >= after else 0.0
+
     out = Measurement()
-    values = _alignment(model, ProbeData(model, None, settings, ["alignment"]), settings, out)
-    assert list(out.heatmaps) == ["0", "2"] and values["geometry/alignment/num_clusters"] >= 2
-    out = Measurement()
-    with pytest.raises(MeasurementOverTime), time_limit(1.0, timer=lambda: 1e9 if out.heatmaps else 0.0):
+    with pytest.raises(MeasurementOverTime), time_limit(1.0, timer=late(total)):  # at the last heatmap's checkpoint
         _alignment(model, ProbeData(model, None, settings, ["alignment"]), settings, out)
-    assert list(out.heatmaps) == ["0"]  # stopped at the checkpoint before the second
-    out = Measurement()
-    quiet = replace(settings, heatmaps=False)
-    _alignment(model, ProbeData(model, None, quiet, ["alignment"]), quiet, out)
-    assert out.heatmaps == {}  # no TensorBoardLogger (or not rank 0): nothing encoded
+    assert out.heatmaps == {}  # the first heatmap, encoded, is left out with the rest
+    with time_limit(1.0, timer=late(total + 1)):  # one reading later: the whole measure fits
+        _alignment(model, ProbeData(model, None, settings, ["alignment"]), settings, out)
+    assert list(out.heatmaps) == ["0", "2"]
+    out, asked = Measurement(), iter(range(1, 10**6))
+    with pytest.raises(MeasurementInterrupted), interruptible(lambda: next(asked) >= total - 1):  # SIGTERM there
+        _alignment(model, ProbeData(model, None, settings, ["alignment"]), settings, out)
+    assert out.heatmaps == {}
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ warnings are not shown), and the whole point is estimated as that time × N / n 
 on. Work that grows at least linearly with the samples (the forward and backward passes; a Gram's products grow
 faster) makes this a lower bound; the fixed costs that dominate a small model make it an overestimate, so that
 such a point waits for a larger share. A point estimated past its allowance is not begun: the estimate becomes its
-cost (:meth:`.OverheadBudget.overran`), so it is tried once the budget allows that much, with one warning.
+cost (:meth:`.OverheadBudget.overran`), so it is tried once the budget allows that much (with its margin,
+:data:`.COST_MARGIN`), with one warning.
 
 Part of the Lightning layer.
 """

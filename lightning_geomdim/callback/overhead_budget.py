@@ -51,9 +51,10 @@ class OverheadBudget:
     has earned so far); the monitor first estimates it on an eighth of its probe and does not begin one estimated
     past that (:mod:`.calibration`, :meth:`first_point`). A measurement that runs past its :meth:`allowance` is
     stopped at its next chunk of work and logs nothing (:meth:`overran`); it counts twice the time it ran as its
-    cost, so it is retried only once the share earned covers that. So a run of T seconds spends at most about
-    ``max_overhead · T`` measuring, and each measure gets points in inverse proportion to its cost (none, with a
-    warning, when one point costs more than its share of the run: ResNet-18 on 2 CPU cores in a 2-minute run). With
+    cost, so it is retried only once the share earned covers :data:`COST_MARGIN` times that. So a run of T seconds
+    spends at most about ``max_overhead · T`` measuring, and each measure gets points in inverse proportion to its
+    cost (none, with a warning, when one point costs more than its share of the run: ResNet-18 on 2 CPU cores in a
+    2-minute run). With
     ``max_overhead=None`` every scheduled measure is taken, without time limit. The account is checkpointed, so a
     resumed run keeps it.
 
@@ -192,10 +193,11 @@ class OverheadBudget:
 
     def overran(self, measure: str, needed: float | None = None) -> None:
         """``measure`` was stopped at its allowance: count twice the time it ran as its cost, so that it is retried
-        once the budget allows that much (the allowance doubles until a point completes; the time lost stays
-        within the budget), or ``needed``, the least it would take, when known (stopped before a step estimated
-        to overrun). Its other probes are left out of this measurement. A first point that the measures before it
-        in this measurement left (almost) no allowance stays a first point (no cost is learnt from it)."""
+        once the budget allows :data:`COST_MARGIN` times that (the allowance triples until a point completes; the
+        time lost stays within the budget), or ``needed``, the least it would take, when known (stopped before a
+        step estimated to overrun). Its other probes are left out of this measurement. A first point that the
+        measures before it in this measurement left (almost) no allowance stays a first point (no cost is learnt
+        from it)."""
         ran = self.cost_s.get(measure, FIRST_POINT_SECONDS)
         self.stopped.add(measure)
         if measure in self._starved:  # a first point left no allowance by the measures before it: still one

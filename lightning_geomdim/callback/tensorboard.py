@@ -22,7 +22,6 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from lightning.pytorch.loggers import Logger, TensorBoardLogger
-from PIL import Image
 from tensorboard.compat.proto.summary_pb2 import Summary
 from torch import Tensor
 
@@ -119,6 +118,8 @@ def cosine_heatmap(cosines: Tensor) -> Tensor:
 def encode_heatmap(cosines: Tensor) -> Summary.Image:
     """The :func:`cosine_heatmap` of a (n, n) cosine matrix as a PNG, ready to log (:func:`log_heatmap`); the
     monitor encodes it as part of the alignment's measurement, within its time allowance."""
+    from PIL import Image  # only where images are written (as torch's SummaryWriter imports it)
+
     rgb = (cosine_heatmap(cosines) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
     with io.BytesIO() as png:
         Image.fromarray(rgb, mode="RGB").save(png, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -132,6 +133,8 @@ def log_heatmap(logger: TensorBoardLogger, layer: str, image: Summary.Image, ste
     ``SummaryWriter.add_image`` takes pixels and encodes them again, at the slow default level; a torch
     ``SummaryWriter`` takes the summary as it is through its event file writer (``file_writer``, None once the
     writer is closed), and any other writer gets the decoded pixels through ``add_image``."""
+    from PIL import Image
+
     writer = logger.experiment
     name = tag(logger, f"geometry/alignment/{layer}/cosine_similarity")
     file_writer = getattr(writer, "file_writer", None)
