@@ -336,9 +336,10 @@ def _alignment(module: nn.Module, inputs: ProbeData, settings: MeasureSettings, 
         for key, value in s.scalars().items():
             values[f"geometry/alignment/{layer}/{key}"] = float(value)
     values["geometry/alignment/num_clusters"] = float(sum(s.num_clusters for s in stats.values()))
-    heatmaps = {}  # all or none: a stop (time limit, SIGTERM) or an error while encoding leaves out every image
-    for layer, s in stats.items() if settings.heatmaps else ():
-        checkpoint()  # the PNGs are the alignment's time: its allowance covers them (0.13 s for ResNet-18's 17)
-        heatmaps[layer] = encode_heatmap(s.cosines)
-    out.heatmaps.update(heatmaps)
+    if settings.heatmaps:
+        heatmaps = {}  # all or none: a stop (time limit, SIGTERM) or an error while encoding leaves out every image
+        for layer, s in stats.items():
+            checkpoint()  # the PNGs are the alignment's time: its allowance covers them (0.13 s for ResNet-18's 17)
+            heatmaps[layer] = encode_heatmap(s.cosines)
+        out.heatmaps.update(heatmaps)
     return values

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from torch import nn
+from torch import Tensor, nn
 
 from lightning_geomdim.core.rank import NumericalSpectrum
 
@@ -43,6 +43,11 @@ class BlockSpectrum:
     @property
     def numerical_rank(self) -> int:
         return self.spectrum.numerical_rank
+
+
+def block_size(params: Mapping[str, Tensor], names: Sequence[str]) -> int:
+    """P_b: the number of parameters (columns of J) of the block ``names`` among the measured ``params``."""
+    return sum(params[name].numel() for name in names)
 
 
 def _holders(module: nn.Module, prefix: str, params: set[str]) -> list[tuple[str, nn.Module]]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_geomdim.core.agreement import agreed
-from lightning_geomdim.core.blocks import Blocks, BlockSpectrum, resolve_blocks
+from lightning_geomdim.core.blocks import Blocks, BlockSpectrum, block_size, resolve_blocks
 from lightning_geomdim.core.errors import NotApplicableError, Remedy
 from lightning_geomdim.core.exact import exact_rank
 from lightning_geomdim.core.exact_program import ExactProgram, exact_program
@@ -280,9 +280,8 @@ def batch_functional_dimension(
                 raw, raw_parts = compute_spectrum(float_engine, trace, num_rows, chunk_size=chunk_size, budget=budget,
                                                   distributed=distributed, blocks=chosen)
                 numerical = numerical_spectrum(raw, num_rows, num_params, engine=float_engine, rtol=rtol)
-                sizes = {name: p.numel() for name, p in fm.params.items()}
                 for name, sv in raw_parts.items():
-                    p_block = sum(sizes[n] for n in chosen[name])
+                    p_block = block_size(fm.params, chosen[name])
                     parts[name] = BlockSpectrum(p_block, min(num_rows, p_block), numerical_spectrum(
                         sv, num_rows, p_block, engine=float_engine, rtol=rtol))
         finally:

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from lightning_geomdim.core.blocks import block_size
 from lightning_geomdim.core.exact_program import (
     Affine,
     ChannelAffine,
@@ -255,9 +256,8 @@ def exact_rank(
                     lambda n: gram_bytes(plan.on_samples(n).with_cheaper_side(), 8, chunk_size=1, copies=1)),
     )
     generator = torch.Generator().manual_seed(int(seed))
-    sizes = {name: p.numel() for name, p in trace.fm.params.items()}
     rows = plan.num_samples * plan.outputs_per_sample
-    bounds = {name: min(rows, sum(sizes[n] for n in names)) for name, names in (blocks or {}).items()}
+    bounds = {name: min(rows, block_size(trace.fm.params, names)) for name, names in (blocks or {}).items()}
     ranks: list[int] = []
     primes: list[int] = []
     best = dict.fromkeys(bounds, 0)  # each block's rank, max over the draws so far

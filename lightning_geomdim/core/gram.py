@@ -65,6 +65,7 @@ import torch
 from torch import Tensor
 
 from lightning_geomdim.core.agreement import agreed, process_share
+from lightning_geomdim.core.blocks import block_size
 from lightning_geomdim.core.errors import NotApplicableError
 from lightning_geomdim.core.factor_check import factorization_problem
 from lightning_geomdim.core.factor_forms import LayerFactors, jacobian_rows, per_sample_gradients, position_sum
@@ -307,15 +308,14 @@ def gram_spectra(
     device = trace.fm.device
     plan, factors, gram = _agreed_gram(trace, chunk_size=chunk_size, budget=budget, distributed=distributed,
                                        num_outputs=num_outputs)
-    sizes = {name: p.numel() for name, p in trace.fm.params.items()}
     # every step between two collectives is agreed: a process that fails in one eigendecomposition must not pair
     # the next Gram's collectives with something else
-    sv = _agreed_values(gram, min(num_outputs, sum(sizes.values())), distributed, device)
+    sv = _agreed_values(gram, min(num_outputs, trace.fm.num_params), distributed, device)
     del gram  # freed before the blocks' Grams
     whole = Spectrum(sv.cpu(), trace.fm.dtype, from_gram=True)
     parts = {}
     for name, names in (blocks or {}).items():
-        total = min(num_outputs, sum(sizes[n] for n in names))
+        total = min(num_outputs, block_size(trace.fm.params, names))
         part = block_part(factors, plan, names)
         if part is None:  # the block's layers did not run (or do not reach the output): zero columns
             parts[name] = Spectrum(torch.zeros(total, dtype=torch.float64), trace.fm.dtype, from_gram=True)

@@ -394,4 +394,3 @@ def _measured_affine(fm: FunctionalModel) -> set[str]:
             if any(prefix + p in fm.params for p, _ in own):
                 names.add(name)
     return names
-
